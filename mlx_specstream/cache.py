@@ -1,0 +1,84 @@
+"""Per-layer KV cache: a preallocated buffer and an offset, with trim and gather-compaction.
+
+Tree steps write every tree node's main-stream K/V after the offset; once the accepted path is
+known, :meth:`KVCache.compact` gathers those rows into contiguous slots. Speculative-stream K/V
+never enter the cache.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import mlx.core as mx
+
+
+class KVCache:
+    step = 256  # growth granularity when not preallocated (as mlx-lm)
+
+    def __init__(self, max_size: Optional[int] = None):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0
+        self._reserve = max_size
+
+    def reserve(self, size: int) -> None:
+        """Preallocate room for ``size`` rows on the next write (one allocation per generation)."""
+        self._reserve = size
+
+    def _grow(self, k: mx.array, v: mx.array, need: int) -> None:
+        B, H, _, Dk = k.shape
+        Dv = v.shape[3]
+        size = max(need, self._reserve or 0)
+        size = ((size + self.step - 1) // self.step) * self.step
+        new_k = mx.zeros((B, H, size, Dk), k.dtype)
+        new_v = mx.zeros((B, H, size, Dv), v.dtype)
+        if self.keys is not None and self.offset:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        prev, L = self.offset, keys.shape[2]
+        if self.keys is None or prev + L > self.keys.shape[2] or self.keys.dtype != keys.dtype:
+            self._grow(keys, values, prev + L)
+        self.keys[..., prev : prev + L, :] = keys
+        self.values[..., prev : prev + L, :] = values
+        self.offset = prev + L
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def compact(self, start: int, indices: mx.array) -> None:
+        """Keep rows ``start + indices`` (in that order) at ``start, start+1, ...``; drop the rest.
+
+        Example: a 3-node tree written at rows 10..12 whose accepted path is nodes [0, 2]:
+        ``compact(10, mx.array([0, 2]))`` leaves rows 10, 11 = old 10, 12 and offset 12.
+        """
+        n = int(indices.shape[0])
+        if n:
+            src = indices.astype(mx.int32) + start
+            k = mx.take(self.keys, src, axis=2)
+            v = mx.take(self.values, src, axis=2)
+            self.keys[..., start : start + n, :] = k
+            self.values[..., start : start + n, :] = v
+        self.offset = start + n
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return None, None
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(model, max_size: Optional[int] = None) -> List[KVCache]:
+    return [KVCache(max_size) for _ in model.layers]

@@ -1,0 +1,312 @@
+"""Decoding: ``generate_step`` (autoregressive), ``stream_generate``, ``generate`` and the
+``specstream generate`` verb."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, make_cache
+from .sample import SamplingParams
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_PREFILL_STEP = 512
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of output (mlx-lm's fields, plus speculation stats)."""
+
+    text: str
+    token: Optional[int]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop" | "length" | None while running
+    tokens: List[int] = field(default_factory=list)  # tokens emitted by this response
+    accepted: int = 1  # tokens emitted by the decode step that produced this response
+    steps: int = 0  # decode forward passes so far
+    mean_accepted: float = 1.0  # generation_tokens / steps
+
+
+def context_limit(model) -> Optional[int]:
+    return getattr(model.args, "max_position_embeddings", None)
+
+
+def _prefill(model, prompt: mx.array, cache: List[KVCache], step: int) -> mx.array:
+    """Run all but the last ``1`` prompt tokens through the cache in chunks; return the rest."""
+    while prompt.size > step:
+        model(prompt[:step][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[step:]
+    return prompt
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    prompt_cache: Optional[List[KVCache]] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+) -> Generator[Tuple[int, mx.array], None, None]:
+    """Yield ``(token, logprobs)`` autoregressively. One host sync per token; the next token's
+    graph is queued with ``mx.async_eval`` before the current one is read back."""
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    for c in cache:
+        c.reserve(c.offset + prompt.size + max_tokens + 1)
+    tokens = prompt if logits_processors else None
+
+    def _step(y):
+        nonlocal tokens
+        logits = model(y[None], cache=cache)[:, -1, :]
+        if logits_processors:
+            for p in logits_processors:
+                logits = p(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tok = sampler(logprobs)
+        if logits_processors:
+            tokens = mx.concatenate([tokens, tok])
+        return tok, logprobs.squeeze(0)
+
+    y = _prefill(model, prompt, cache, prefill_step_size)
+    y, logprobs = _step(y)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while n < max_tokens:
+        if n + 1 < max_tokens:
+            next_y, next_lp = _step(y)
+            mx.async_eval(next_y, next_lp)
+        yield y.item(), logprobs  # the one host sync per token
+        n += 1
+        if n < max_tokens:
+            y, logprobs = next_y, next_lp
+
+
+class StopMatcher:
+    """Cuts streamed text at stop strings and holds back a possible partial match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.emitted = 0
+
+    def feed(self, text: str) -> Tuple[str, bool]:
+        """Given the full text so far, return (new safe text, stopped)."""
+        best = None
+        for s in self.stops:
+            i = text.find(s, max(0, self.emitted - len(s) + 1))
+            if i >= 0 and (best is None or i < best):
+                best = i
+        if best is not None:
+            out = text[self.emitted : best]
+            self.emitted = max(self.emitted, best)
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        end = max(self.emitted, len(text) - hold)
+        out = text[self.emitted : end]
+        self.emitted = end
+        return out, False
+
+    def flush(self, text: str) -> str:
+        out = text[self.emitted :]
+        self.emitted = len(text)
+        return out
+
+
+def _encode_prompt(tokenizer, prompt: Union[str, List[int], mx.array]) -> mx.array:
+    if isinstance(prompt, str):
+        prompt = tokenizer.encode(prompt)
+    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("prompt must be a non-empty string or 1-D list of token ids")
+    return prompt.astype(mx.int32)
+
+
+def check_prompt_length(model, n_prompt: int, max_tokens: int) -> int:
+    """Raise for a prompt that does not fit the model's context; clamp ``max_tokens`` to it."""
+    limit = context_limit(model)
+    if limit is None:
+        return max_tokens
+    if n_prompt >= limit:
+        raise ValueError(
+            f"prompt is {n_prompt} tokens; the model's context is {limit} tokens "
+            "(max_position_embeddings): shorten the prompt"
+        )
+    return min(max_tokens, limit - n_prompt)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, List[int], mx.array],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Callable] = None,
+    stop: Optional[Sequence[str]] = None,
+    prompt_cache: Optional[List[KVCache]] = None,
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream a completion, one :class:`GenerationResponse` per decode step.
+
+    Stops at an EOS token (not emitted), at a stop string (cut before it), or at ``max_tokens``.
+    """
+    prompt = _encode_prompt(tokenizer, prompt)
+    max_tokens = check_prompt_length(model, prompt.size + (prompt_cache[0].offset if prompt_cache else 0), max_tokens)
+    steps = _ar_steps(model, prompt, max_tokens=max_tokens, sampler=sampler,
+                      prompt_cache=prompt_cache, **kwargs)
+    yield from _responses(steps, tokenizer, prompt.size, max_tokens, stop or ())
+
+
+def _ar_steps(model, prompt, **kwargs):
+    for tok, _ in generate_step(prompt, model, **kwargs):
+        yield [tok], {}
+
+
+def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[str]):
+    """Turn a stream of decode steps (lists of tokens) into responses: detokenize, apply stops,
+    count, time. A step's tokens are cut at the first EOS/stop/limit inside it."""
+    detok = tokenizer.detokenizer
+    matcher = StopMatcher(stops)
+    eos = tokenizer.eos_token_ids
+    tic = time.perf_counter()
+    prompt_tps = gen_tic = None
+    n = n_steps = 0
+    for toks, info in steps:
+        if gen_tic is None:
+            prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
+            gen_tic = time.perf_counter()
+        n_steps += 1
+        emitted, finish, text, by_string = [], None, "", False
+        for t in toks:
+            if t in eos:
+                finish = "stop"
+                break
+            emitted.append(t)
+            n += 1
+            detok.add_token(t)
+            piece, by_string = matcher.feed(detok.text)
+            text += piece
+            if by_string:
+                finish = "stop"
+                break
+            if n >= max_tokens:
+                finish = "length"
+                break
+        if finish is not None and not by_string:
+            detok.finalize()  # flushes bytes held for an incomplete character
+            piece, by_string = matcher.feed(detok.text)
+            text += piece if by_string else piece + matcher.flush(detok.text)
+        elapsed = max(time.perf_counter() - gen_tic, 1e-9)
+        yield GenerationResponse(
+            text=text,
+            token=emitted[-1] if emitted else None,
+            tokens=emitted,
+            prompt_tokens=n_prompt,
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            accepted=len(emitted),
+            steps=n_steps,
+            mean_accepted=n / n_steps,
+            **info,
+        )
+        if finish is not None:
+            return
+
+
+def generate(model: nn.Module, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
+    """The whole completion as a string (see :func:`stream_generate` for the options)."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s")
+        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s")
+        print(f"Peak memory: {last.peak_memory:.3f} GB")
+    return text
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    parser.add_argument("--temp", type=float, default=d.temp, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--min-p", type=float, default=d.min_p)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(description="Generate text")
+    parser.add_argument("--model", default=None, help="model folder or hub repo (default: embedded model)")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--prompt", "-p", default="-", help="prompt text ('-' reads stdin)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    add_sampling_args(parser)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="wrap the prompt as a user message with the tokenizer's chat template")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize at load time")
+    parser.add_argument("--q-bits", type=int, default=4)
+    parser.add_argument("--q-group-size", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="print one JSON object with text and stats")
+    return parser
+
+
+def main(argv=None) -> int:
+    from .utils import load
+
+    args = setup_arg_parser().parse_args(argv)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load(args.model, revision=args.revision,
+                            quantize=args.q_bits if args.quantize else None,
+                            q_group_size=args.q_group_size)
+    if args.chat_template:
+        if not tokenizer.has_chat_template:
+            raise SystemExit("error: this model's tokenizer has no chat template")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    sampler = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p).sampler()
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                                sampler=sampler, stop=args.stop):
+        text += last.text
+        if not args.json:
+            print(last.text, end="", flush=True)
+    stats = {} if last is None else {
+        k: getattr(last, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens",
+                                      "generation_tps", "peak_memory", "finish_reason",
+                                      "steps", "mean_accepted")
+    }
+    if args.json:
+        print(json.dumps({"text": text, **stats}))
+    else:
+        print()
+        if last is not None:
+            print("=" * 10, file=sys.stderr)
+            print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
+                  f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
+                  f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+    return 0

@@ -1,0 +1,106 @@
+"""Pieces shared by every model family: config parsing, RoPE at explicit positions, attention.
+
+Every layer is called as ``layer(x, mask, cache, positions)``:
+
+- ``x``: (B, L, h) hidden states.
+- ``mask``: ``None`` (single query), ``"causal"`` (lower-right aligned over cache + L), or an
+  array broadcastable to (B, heads, L, S) — boolean (True = attend) or additive. Trees need it.
+- ``cache``: a :class:`mlx_specstream.cache.KVCache` or ``None``.
+- ``positions``: ``None`` for contiguous positions starting at the cache offset (the AR fast
+  path), or an int array (L,) / (B, L) with one position per query token (trees need it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+
+
+@dataclass
+class BaseModelArgs:
+    @classmethod
+    def from_dict(cls, params: dict) -> "BaseModelArgs":
+        names = inspect.signature(cls).parameters
+        missing = [
+            n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in params
+        ]
+        if missing:
+            raise ValueError(f"config.json is missing required keys for {cls.__module__}: {missing}")
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+def normalize_rope_config(config: dict) -> dict:
+    """Fold transformers-5 ``rope_parameters`` into the older ``rope_theta`` / ``rope_scaling`` /
+    ``partial_rotary_factor`` keys (which mlx-lm also reads). Older configs pass through."""
+    config = dict(config)
+    rp = config.get("rope_parameters")
+    if isinstance(rp, dict):
+        rp = dict(rp)
+        if "rope_theta" in rp:
+            config.setdefault("rope_theta", rp.pop("rope_theta"))
+        if "partial_rotary_factor" in rp:
+            config.setdefault("partial_rotary_factor", rp.pop("partial_rotary_factor"))
+        rope_type = rp.get("rope_type", rp.get("type", "default"))
+        if rope_type != "default" and config.get("rope_scaling") is None:
+            config["rope_scaling"] = rp
+    rs = config.get("rope_scaling")
+    if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default":
+        config["rope_scaling"] = None
+    return config
+
+
+def apply_rope(rope, x: mx.array, offset: int, positions: Optional[mx.array]) -> mx.array:
+    """RoPE on (B, H, L, D) at contiguous positions from ``offset`` or at explicit ``positions``.
+
+    ``mx.fast.rope`` takes one offset per batch row, so explicit positions lay the L tokens out
+    as B*L rows of length 1.
+    """
+    if positions is None:
+        return rope(x, offset=offset)
+    B, H, L, D = x.shape
+    rows = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+    rows = rope(rows, offset=positions.reshape(-1).astype(mx.int32))
+    return rows.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+def attention(queries, keys, values, *, scale: float, mask: Any) -> mx.array:
+    if mask is not None and not isinstance(mask, str) and mask.ndim == 2:
+        mask = mask[None, None]
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def causal_mask_for(L: int) -> Optional[str]:
+    return None if L == 1 else "causal"
+
+
+class CausalLM:
+    """Mixin: the family-independent forward. Families provide ``layers``, ``embed``,
+    ``final_norm`` and ``head`` — the same seams the speculative-stream forward uses."""
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[list] = None,
+        *,
+        mask: Any = None,
+        positions: Optional[mx.array] = None,
+    ) -> mx.array:
+        h = self.embed(inputs, cache=cache, positions=positions)
+        if mask is None:
+            mask = causal_mask_for(inputs.shape[1])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, cache[i] if cache else None, positions)
+        return self.head(self.final_norm(h))
+
+    def sanitize(self, weights: dict) -> dict:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if getattr(self.args, "tie_word_embeddings", False):
+            weights.pop("lm_head.weight", None)
+        return weights
+
+
+def cache_offset(cache: Optional[list]) -> int:
+    return cache[0].offset if cache else 0

@@ -1,0 +1,86 @@
+"""Tokenizers: HF files through mlx-lm's ``TokenizerWrapper`` (streaming detokenizers, chat
+templates), and a bare sentencepiece ``tokenizer.model`` through a small HF-shaped adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as _load_hf
+
+
+class SentencePieceTokenizer:
+    """Just enough of the HF tokenizer interface for ``TokenizerWrapper`` and generation."""
+
+    chat_template = None
+
+    def __init__(self, model_file: Path, add_bos: bool = True):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except Exception as e:
+            raise ValueError(f"cannot read sentencepiece model {model_file}: {e}") from e
+        self.add_bos = add_bos and self.sp.bos_id() >= 0
+        self.bos_token_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_token_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.pad_token_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        self.bos_token = self.sp.id_to_piece(self.bos_token_id) if self.bos_token_id is not None else None
+        self.eos_token = self.sp.id_to_piece(self.eos_token_id) if self.eos_token_id is not None else None
+        self._vocab = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())}
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def get_vocab(self) -> dict:
+        return dict(self._vocab)
+
+    def encode(self, text: str, add_special_tokens: bool = True, **_) -> List[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_token_id] + ids if add_special_tokens and self.add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, **_) -> str:
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if skip_special_tokens:
+            ids = [i for i in ids if not (self.sp.is_control(i))]
+        return self.sp.decode(ids)
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self.sp.id_to_piece(ids)
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self._vocab.get(tokens)
+        return [self._vocab.get(t) for t in tokens]
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("this tokenizer has no chat template")
+
+
+def load_tokenizer(path: Path, config: Optional[dict] = None) -> TokenizerWrapper:
+    config = config or {}
+    eos = config.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else eos
+    hf_files = [f for f in ("tokenizer.json", "tokenizer_config.json") if (path / f).exists()]
+    sp_file = path / "tokenizer.model"
+    if hf_files:
+        try:
+            return _load_hf(path, eos_token_ids=eos_ids)
+        except Exception:
+            if not sp_file.exists():
+                raise
+    if sp_file.exists():
+        tok = SentencePieceTokenizer(sp_file)
+        wrapper = TokenizerWrapper(tok, SPMStreamingDetokenizer, eos_token_ids=eos_ids)
+        tok.has_chat_template = False  # the wrapper forwards attribute reads to the tokenizer
+        return wrapper
+    raise FileNotFoundError(
+        f"no tokenizer in {path}: expected tokenizer.json / tokenizer_config.json or tokenizer.model"
+    )

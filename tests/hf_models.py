@@ -1,0 +1,77 @@
+"""Tiny random transformers models of every family, saved as HF checkpoints (the parity oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB = 320
+
+# name -> (family, config kwargs). Several shapes per family: GQA, rope scaling, biases, tying.
+CONFIGS = {
+    "llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama3_tied_headdim": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                                          tie_word_embeddings=True, attention_bias=True, rope_theta=500000.0,
+                                          max_position_embeddings=4096,
+                                          rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64})),
+    "llama_linear_rope": ("llama", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=3, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral": ("mistral", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                num_attention_heads=8, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            tie_word_embeddings=False)),
+    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                        max_position_embeddings=512, word_embed_proj_dim=64)),
+    "opt_postln_proj": ("opt", dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=512, word_embed_proj_dim=32,
+                                    do_layer_norm_before=False)),
+    "phi": ("phi", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, partial_rotary_factor=0.5)),
+    "phi_qkln": ("phi", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, partial_rotary_factor=0.75, qk_layernorm=True)),
+}
+
+
+def hf_config(name: str):
+    import transformers
+
+    family, kw = CONFIGS[name]
+    cls = {
+        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+        "opt": transformers.OPTConfig, "phi": transformers.PhiConfig,
+    }[family]
+    kw = dict(kw)
+    kw.setdefault("vocab_size", VOCAB)
+    if family != "opt":
+        kw.setdefault("max_position_embeddings", 512)
+    if family == "opt":
+        kw.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        kw.update(bos_token_id=1, eos_token_id=2)
+    return cls(**kw)
+
+
+def make_hf_model(name: str, path: Path, seed: int = 0, dtype=None, safe_serialization: bool = True):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(name)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    # Random init is small; widen it so logits differ clearly between tokens.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 1:
+                p.add_(torch.randn_like(p) * 0.05)
+    model = model.float().eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, safe_serialization=safe_serialization)
+    return model

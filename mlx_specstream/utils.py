@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .models import build_model, normalize_rope_config
+from .models import UnsupportedModelError, build_model, normalize_rope_config
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -137,6 +137,8 @@ def load_model(
         config["tie_word_embeddings"] = "lm_head.weight" not in weights
     try:
         model = build_model(config)
+    except UnsupportedModelError:
+        raise
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     weights = model.sanitize(weights)
@@ -197,7 +199,8 @@ def save_model(path: Union[str, Path], model: nn.Module, config: dict) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _save_weights(path, model)
-    config = dict(config)
+    # Older rope keys at top level too: mlx-lm (and older transformers) read only those.
+    config = normalize_rope_config(config)
     config.pop("_name_or_path", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-VOCAB = 320
+VOCAB = 512
 
 # name -> (family, config kwargs). Several shapes per family: GQA, rope scaling, biases, tying.
 CONFIGS = {

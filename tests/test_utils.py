@@ -1,0 +1,170 @@
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from hf_models import VOCAB
+from mlx_specstream.models import UnsupportedModelError
+from mlx_specstream.utils import CheckpointError, get_model_path, load, load_model, quantize_model, save_model
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_load_returns_model_and_sentencepiece_tokenizer(hf_model):
+    path, _ = hf_model("llama")
+    model, tok = load(str(path))
+    ids = tok.encode("def main():\n    return 1\n")
+    assert ids[0] == tok.bos_token_id and max(ids) < VOCAB
+    assert tok.decode(ids) == "def main():\n    return 1\n"
+    assert tok.eos_token_ids == {2}
+    assert not tok.has_chat_template
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_weights(hf_model, tmp_path):
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model\\*.safetensors"):
+        load_model(d)
+
+
+def test_corrupt_safetensors_is_named(hf_model, tmp_path):
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*corrupt or truncated"):
+        load_model(d)
+
+
+def test_unknown_family(hf_model, tmp_path):
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mamba9"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="mamba9.*supported: llama"):
+        load_model(d)
+
+
+def test_wrong_shapes_and_missing_tensors_are_named(hf_model, tmp_path):
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    w = mx.load(str(d / "model.safetensors"))
+    w["model.layers.0.mlp.up_proj.weight"] = mx.zeros((7, 7))
+    del w["model.layers.1.self_attn.k_proj.weight"]
+    mx.save_safetensors(str(d / "model.safetensors"), w)
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.up_proj.weight" in msg and "(7, 7)" in msg
+    assert "model.layers.1.self_attn.k_proj.weight" in msg
+
+
+def test_bad_config_json(hf_model, tmp_path):
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(d)
+
+
+def test_missing_required_config_key(hf_model, tmp_path):
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        load_model(d)
+
+
+def test_offline_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="offline"):
+        get_model_path("someone/not-a-local-folder")
+
+
+def test_local_path_that_does_not_exist():
+    with pytest.raises(FileNotFoundError):
+        get_model_path("./no/such/dir")
+
+
+def test_sharded_checkpoint_with_index(hf_model, tmp_path):
+    path, _ = hf_model("qwen2")
+    w = mx.load(str(path / "model.safetensors"))
+    keys = sorted(w)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shutil.copy(path / "config.json", d / "config.json")
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    wmap = {}
+    for name, ks in halves.items():
+        mx.save_safetensors(str(d / name), {k: w[k] for k in ks})
+        wmap.update({k: name for k in ks})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    a, _ = load_model(path)
+    b, _ = load_model(d)
+    ids = mx.array([[5, 6, 7, 8]])
+    np.testing.assert_array_equal(np.array(a(ids)), np.array(b(ids)))
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_8bit_close_to_float_and_round_trips(hf_model, tmp_path, group_size):
+    path, _ = hf_model("llama")
+    ref_model, cfg = load_model(path)
+    ids = mx.array([[3, 50, 7, 99, 12, 400, 8]])
+    ref = np.array(ref_model(ids))
+    qm, qcfg = load_model(path)
+    qcfg = quantize_model(qm, qcfg, bits=8, group_size=group_size)
+    out = np.array(qm(ids))
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+    save_model(tmp_path / "q8", qm, qcfg)
+    back, bcfg = load_model(tmp_path / "q8")
+    assert bcfg["quantization"]["bits"] == 8
+    np.testing.assert_array_equal(np.array(back(ids)), out)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "opt"])
+def test_4bit_generates(hf_model, name):
+    from mlx_specstream.generate import generate_step
+
+    path, _ = hf_model(name)
+    model, cfg = load_model(path)
+    quantize_model(model, cfg, bits=4, group_size=32)
+    toks = [t for t, _ in generate_step(mx.array([1, 5, 9]), model, max_tokens=8)]
+    assert len(toks) == 8 and all(0 <= t < VOCAB for t in toks)
+
+
+def test_mixed_recipe_and_bad_quant_args(hf_model, tmp_path):
+    path, _ = hf_model("llama")
+    model, cfg = load_model(path)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(model, cfg, bits=3)
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_model(model, cfg, group_size=48)
+    qcfg = quantize_model(model, cfg, bits=4, group_size=32, recipe="mixed_4_8")
+    assert qcfg["quantization"]["lm_head"]["bits"] == 8
+    save_model(tmp_path / "mixed", model, qcfg)
+    back, _ = load_model(tmp_path / "mixed")
+    assert back.lm_head.bits == 8 and back.model.layers[0].mlp.up_proj.bits == 4
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi"])
+def test_quantized_output_loads_in_mlx_lm(hf_model, tmp_path, name):
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    path, _ = hf_model(name)
+    model, cfg = load_model(path)
+    qcfg = quantize_model(model, cfg, bits=4, group_size=32)
+    save_model(tmp_path / "q4", model, qcfg)
+    theirs, _ = mlx_lm_load(tmp_path / "q4")
+    ids = mx.array([[3, 50, 7, 99]])
+    np.testing.assert_allclose(np.array(theirs(ids)), np.array(model(ids)), atol=1e-4)

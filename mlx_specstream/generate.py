@@ -34,8 +34,10 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop" | "length" | None while running
     tokens: List[int] = field(default_factory=list)  # tokens emitted by this response
     accepted: int = 1  # tokens emitted by the decode step that produced this response
-    steps: int = 0  # decode forward passes so far
+    steps: int = 0  # decode forward passes so far (the prompt's pass included)
     mean_accepted: float = 1.0  # generation_tokens / steps
+    acceptance_by_depth: List[float] = field(default_factory=list)  # share of steps reaching level g=1..
+    tree_size: int = 1  # nodes verified by this step
 
 
 def context_limit(model) -> Optional[int]:
@@ -161,22 +163,67 @@ def stream_generate(
     sampler: Optional[Callable] = None,
     stop: Optional[Sequence[str]] = None,
     prompt_cache: Optional[List[KVCache]] = None,
-    **kwargs,
+    sampling: Optional[SamplingParams] = None,
+    accept: Optional[Callable] = None,
+    speculative: Optional[bool] = None,
+    tree=None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    logits_processors: Optional[List[Callable]] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion, one :class:`GenerationResponse` per decode step.
 
     Stops at an EOS token (not emitted), at a stop string (cut before it), or at ``max_tokens``.
+    ``speculative`` defaults to on when the model carries streams; ``tree`` (rank paths)
+    overrides the stream config's tree. ``sampling`` sets both the AR sampler and the
+    speculative acceptance rule; ``sampler``/``accept`` pass custom callables.
     """
+    from .speculative import ROOT_ONLY, speculative_generate_step
+    from .tree import build_tree
+
+    streams = getattr(model, "streams", None)
+    if speculative is None:
+        speculative = streams is not None
+    if speculative and streams is None:
+        raise ValueError("speculative decoding needs a stream adapter (speculative_streams.json); "
+                         "this model has none")
+    if sampling is not None:
+        sampler = sampler or sampling.sampler()
+        accept = accept or sampling.acceptance()
     prompt = _encode_prompt(tokenizer, prompt)
-    max_tokens = check_prompt_length(model, prompt.size + (prompt_cache[0].offset if prompt_cache else 0), max_tokens)
-    steps = _ar_steps(model, prompt, max_tokens=max_tokens, sampler=sampler,
-                      prompt_cache=prompt_cache, **kwargs)
+    cached = prompt_cache[0].offset if prompt_cache else 0
+    max_tokens = check_prompt_length(model, prompt.size + cached, max_tokens)
+    if streams is not None and (speculative or model.main_depends_on_streams):
+        if accept is None and sampler is not None and sampler is not _greedy_sampler():
+            raise ValueError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
+        if logits_processors:
+            raise ValueError("logits_processors are not supported with speculative decoding")
+        step_tree = (build_tree(tuple(map(tuple, tree))) if tree is not None else None) if speculative else ROOT_ONLY
+        steps = _spec_steps(speculative_generate_step(
+            prompt, model.base, streams, max_tokens=max_tokens, accept=accept, tree=step_tree,
+            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+            context=context_limit(model)))
+    else:
+        base = model.base if streams is not None else model
+        steps = _ar_steps(base, prompt, max_tokens=max_tokens, sampler=sampler,
+                          prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+                          logits_processors=logits_processors)
     yield from _responses(steps, tokenizer, prompt.size, max_tokens, stop or ())
+
+
+def _greedy_sampler():
+    from mlx_lm.sample_utils import greedy_sampler
+
+    return greedy_sampler
 
 
 def _ar_steps(model, prompt, **kwargs):
     for tok, _ in generate_step(prompt, model, **kwargs):
-        yield [tok], {}
+        yield [tok], {"depth": 0, "tree_size": 1}
+
+
+def _spec_steps(results):
+    for r in results:
+        yield r.tokens, {"depth": r.depth, "tree_size": r.tree_size}
 
 
 def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[str]):
@@ -188,7 +235,11 @@ def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence
     tic = time.perf_counter()
     prompt_tps = gen_tic = None
     n = n_steps = 0
+    depth_counts: List[int] = []  # depth_counts[d]: steps whose last accepted node had depth d
     for toks, info in steps:
+        d = info["depth"]
+        depth_counts.extend([0] * (d + 1 - len(depth_counts)))
+        depth_counts[d] += 1
         if gen_tic is None:
             prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
             gen_tic = time.perf_counter()
@@ -227,7 +278,8 @@ def _responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence
             accepted=len(emitted),
             steps=n_steps,
             mean_accepted=n / n_steps,
-            **info,
+            acceptance_by_depth=[sum(depth_counts[g:]) / n_steps for g in range(1, len(depth_counts))],
+            tree_size=info["tree_size"],
         )
         if finish is not None:
             return
@@ -271,6 +323,13 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--q-bits", type=int, default=4)
     parser.add_argument("--q-group-size", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object with text and stats")
+    parser.add_argument("--streams", default=None,
+                        help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
+    parser.add_argument("--no-speculate", action="store_true",
+                        help="decode autoregressively (same model, streams unused for drafting)")
+    parser.add_argument("--tree", default=None,
+                        help="draft tree: chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
+    parser.add_argument("--prune-threshold", type=float, default=None, help="τ for tree pruning (0 = off)")
     return parser
 
 
@@ -283,23 +342,34 @@ def main(argv=None) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load(args.model, revision=args.revision,
                             quantize=args.q_bits if args.quantize else None,
-                            q_group_size=args.q_group_size)
+                            q_group_size=args.q_group_size, streams=args.streams,
+                            prune_threshold=args.prune_threshold)
+    streams = getattr(model, "streams", None)
+    tree = None
+    if args.tree:
+        if streams is None:
+            raise ValueError("--tree needs a model with a stream adapter")
+        from .tree import parse_tree_spec
+
+        tree = parse_tree_spec(args.tree, streams.config.num_streams)
     if args.chat_template:
         if not tokenizer.has_chat_template:
             raise SystemExit("error: this model's tokenizer has no chat template")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    sampler = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p).sampler()
+    sampling = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p)
     text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                sampler=sampler, stop=args.stop):
+                                sampling=sampling, stop=args.stop, tree=tree,
+                                speculative=False if args.no_speculate else None):
         text += last.text
         if not args.json:
             print(last.text, end="", flush=True)
     stats = {} if last is None else {
         k: getattr(last, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens",
                                       "generation_tps", "peak_memory", "finish_reason",
-                                      "steps", "mean_accepted")
+                                      "steps", "mean_accepted", "acceptance_by_depth")
     }
+    stats["speculative"] = streams is not None and not args.no_speculate
     if args.json:
         print(json.dumps({"text": text, **stats}))
     else:
@@ -309,4 +379,8 @@ def main(argv=None) -> int:
             print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
                   f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
                   f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+            if stats["speculative"]:
+                depth = ", ".join(f"{a:.2f}" for a in last.acceptance_by_depth)
+                print(f"Speculative: {last.mean_accepted:.2f} tokens/step over {last.steps} steps; "
+                      f"levels reached: [{depth}]", file=sys.stderr)
     return 0

@@ -218,11 +218,16 @@ def load(
     lazy: bool = False,
     quantize: Optional[int] = None,
     q_group_size: int = 64,
+    streams: Union[str, bool, None] = None,
+    **stream_overrides,
 ):
     """Load ``(model, tokenizer)`` from a local folder or a hub repo id.
 
     ``None`` loads the embedded default model. ``quantize=4|8`` quantizes a float checkpoint at
-    load time.
+    load time. ``streams``: ``None`` attaches ``speculative_streams.json`` when the folder has
+    one, a name picks ``speculative_streams-NAME.json``, a path picks that file, ``False`` loads
+    the base alone. ``stream_overrides`` (e.g. ``tree=``, ``prune_threshold=``) override the
+    stream config. With streams the model is a :class:`SpecStreamModel`.
     """
     from .tokenizer import load_tokenizer
 
@@ -232,7 +237,14 @@ def load(
         if "quantization" in config:
             raise ValueError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
-    return model, load_tokenizer(path, config)
+    tokenizer = load_tokenizer(path, config)
+    if streams is not False:
+        from .streams import SpecStreamModel, find_stream_file, load_streams
+
+        file = find_stream_file(path, streams)
+        if file is not None:
+            model = SpecStreamModel(model, load_streams(file, model, **stream_overrides))
+    return model, tokenizer
 
 
 def default_model_path() -> Path:

@@ -62,7 +62,8 @@ def apply_rope(rope, x: mx.array, offset: int, positions: Optional[mx.array]) ->
         return rope(x, offset=offset)
     B, H, L, D = x.shape
     rows = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-    rows = rope(rows, offset=positions.reshape(-1).astype(mx.int32))
+    positions = mx.broadcast_to(positions, (B, L)).reshape(-1).astype(mx.int32)
+    rows = rope(rows, offset=positions)
     return rows.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 

@@ -1,0 +1,213 @@
+"""Draft trees as data, built by pure functions.
+
+A tree is given by *rank paths* (Medusa's "choices"): the node ``(r1, ..., rg)`` at depth ``g``
+holds the ``rg``-th most likely token of stream ``g``, under the node ``(r1, ..., r(g-1))``. The
+root ``()`` is the correction token of the previous step. Every level's candidates come from one
+node's stream logits, so a child's token depends only on its depth and its own rank.
+
+Worked example, three nodes — root, its top-1 child ``(0,)`` and its top-2 child ``(1,)``::
+
+    paths     = [(), (0,), (1,)]
+    depth     = [0, 1, 1]
+    parent    = [-1, 0, 0]
+    rank      = [0, 0, 1]
+    ancestors = [[1, 0, 0],      # node i attends to itself and its ancestors
+                 [1, 1, 0],
+                 [1, 0, 1]]
+    leaves    = [[0, 1], [0, 2]]  # root-to-leaf retrieve paths
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+Path = Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A static tree shape with everything a step needs, precomputed once (numpy, host side)."""
+
+    paths: Tuple[Path, ...]
+    depth: np.ndarray  # (T,) int32
+    parent: np.ndarray  # (T,) int32, -1 for the root
+    rank: np.ndarray  # (T,) int32, the node's rank among its stream's candidates
+    ancestors: np.ndarray  # (T, T) bool, row i: ancestors of i and i itself
+    leaves: np.ndarray  # (n_leaves, max_depth+1) int32 root-to-leaf paths, padded with -1
+    children: np.ndarray  # (T, max_children) int32 children by rank order, padded with -1
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.rank.max()) + 1
+
+    def path_to(self, node: int) -> List[int]:
+        """Node indices from the root to ``node`` inclusive."""
+        return [int(i) for i in np.flatnonzero(self.ancestors[node])]
+
+
+def normalize_paths(paths: Sequence[Sequence[int]]) -> Tuple[Path, ...]:
+    """Root first, then by depth and rank order; every prefix of a path must be present."""
+    ps = {tuple(int(r) for r in p) for p in paths}
+    ps.discard(())
+    for p in ps:
+        if any(r < 0 for r in p):
+            raise ValueError(f"tree path {list(p)} has a negative rank")
+        if len(p) > 1 and p[:-1] not in ps:
+            raise ValueError(f"tree path {list(p)} lacks its parent {list(p[:-1])}")
+    return ((),) + tuple(sorted(ps, key=lambda p: (len(p), p)))
+
+
+@lru_cache(maxsize=64)
+def build_tree(paths: Tuple[Path, ...]) -> Tree:
+    """Build a :class:`Tree` from rank paths (cached per shape)."""
+    paths = normalize_paths(paths)
+    index = {p: i for i, p in enumerate(paths)}
+    T = len(paths)
+    depth = np.array([len(p) for p in paths], np.int32)
+    parent = np.array([index[p[:-1]] if p else -1 for p in paths], np.int32)
+    rank = np.array([p[-1] if p else 0 for p in paths], np.int32)
+    anc = np.zeros((T, T), bool)
+    for i, p in enumerate(paths):
+        for g in range(len(p) + 1):
+            anc[i, index[p[:g]]] = True
+    is_parent = set(parent[1:].tolist())
+    leaf_ids = [i for i in range(T) if i not in is_parent]
+    D = int(depth.max())
+    leaves = np.full((len(leaf_ids), D + 1), -1, np.int32)
+    for r, i in enumerate(leaf_ids):
+        row = np.flatnonzero(anc[i])
+        leaves[r, : len(row)] = row
+    kids = [[j for j in range(T) if parent[j] == i] for i in range(T)]
+    kids = [sorted(k, key=lambda j: rank[j]) for k in kids]
+    C = max(1, max(len(k) for k in kids))
+    children = np.full((T, C), -1, np.int32)
+    for i, k in enumerate(kids):
+        children[i, : len(k)] = k
+    return Tree(paths, depth, parent, rank, anc, leaves, children)
+
+
+def chain(depth: int) -> Tuple[Path, ...]:
+    """Top-1 of every stream: ``[(0,), (0, 0), ...]``."""
+    return tuple((0,) * g for g in range(1, depth + 1))
+
+
+def cartesian(depth: int, k: int) -> Tuple[Path, ...]:
+    """The paper's full tree: top-``k`` of every stream under every node (``1 + Σ k^g`` nodes)."""
+    return tuple(p for g in range(1, depth + 1) for p in itertools.product(range(k), repeat=g))
+
+
+def sparse(depth: int, budget: int, rank_accept: Sequence[Sequence[float]] | None = None) -> Tuple[Path, ...]:
+    """The ``budget`` non-root nodes of highest expected acceptance.
+
+    ``rank_accept[g][r]`` is the probability that stream ``g+1``'s rank-``r`` candidate is the right
+    token; a path's value is the product along it (independence assumed). Without measurements, a
+    geometric prior (top-1 strongly preferred, deeper levels less reliable) is used.
+    """
+    import heapq
+
+    if rank_accept is None:
+        rank_accept = [[0.6 * 0.8**g * 0.35**r for r in range(8)] for g in range(depth)]
+    cand: list = []  # max-heap of (-value, path) over children of chosen nodes
+
+    def push(p: Path, v: float) -> None:
+        if len(p) < depth:
+            for r, a in enumerate(rank_accept[len(p)]):
+                heapq.heappush(cand, (-(v * a), p + (r,)))
+
+    chosen: List[Path] = []
+    push((), 1.0)
+    while cand and len(chosen) < budget:
+        nv, p = heapq.heappop(cand)
+        chosen.append(p)
+        push(p, -nv)
+    return normalize_paths(chosen)[1:]
+
+
+def prune(tree: Tree, child_prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Survivor mask: drop every node whose probability under its parent is below ``threshold``,
+    with its whole subtree. ``child_prob[i]`` is node i's (early-exit) probability under its
+    parent; the root always survives.
+    """
+    keep = child_prob >= threshold
+    keep[0] = True
+    # A node survives iff it and all its ancestors pass.
+    return ~((tree.ancestors & ~keep[None, :]).any(axis=1))
+
+
+@dataclass(frozen=True)
+class DeviceTree:
+    """A :class:`Tree`'s index arrays on the device, built once per shape."""
+
+    tree: Tree
+    depth: "object"
+    parent_or_self: "object"  # the root is its own parent
+    ancestors: "object"
+    children: "object"
+    rank: "object"
+
+    @property
+    def max_depth(self) -> int:
+        return self.tree.max_depth
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+
+_DEVICE_TREES: dict = {}
+
+
+def device_tree(tree: Tree) -> DeviceTree:
+    import mlx.core as mx
+
+    dt = _DEVICE_TREES.get(tree.paths)
+    if dt is None:
+        pos = tree.parent.copy()
+        pos[0] = 0
+        dt = DeviceTree(tree, mx.array(tree.depth), mx.array(pos), mx.array(tree.ancestors),
+                        mx.array(tree.children), mx.array(tree.rank))
+        _DEVICE_TREES[tree.paths] = dt
+    return dt
+
+
+def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
+    """CLI tree spec: ``chain``, ``chain:D``, ``cartesian:K`` (or ``cartesian:K:D``),
+    ``sparse:N`` (N nodes of the default prior), or a JSON list of rank paths."""
+    import json
+
+    spec = spec.strip()
+    if spec.startswith("["):
+        try:
+            paths = normalize_paths(json.loads(spec))[1:]
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--tree: not a JSON list of rank paths: {e}") from e
+    else:
+        kind, *nums = spec.split(":")
+        try:
+            nums = [int(x) for x in nums]
+        except ValueError:
+            raise ValueError(f"--tree: bad number in {spec!r}") from None
+        if kind == "chain":
+            paths = chain(nums[0] if nums else num_streams)
+        elif kind == "cartesian" and nums:
+            paths = cartesian(nums[1] if len(nums) > 1 else num_streams, nums[0])
+        elif kind == "sparse" and nums:
+            paths = sparse(num_streams, nums[0])
+        else:
+            raise ValueError(f"--tree: unknown spec {spec!r} (chain[:D], cartesian:K[:D], sparse:N, or JSON)")
+    if paths and max(len(p) for p in paths) > num_streams:
+        raise ValueError(f"--tree: depth exceeds the {num_streams} streams of this adapter")
+    return paths

@@ -46,7 +46,7 @@ class GreedyAcceptance:
 
     def __call__(self, tree, tokens: mx.array, logits: mx.array):
         pred = mx.argmax(logits, axis=-1)
-        ok = tokens == pred[tree.parent_or_self]  # the root (its own parent) is always ok
+        ok = (tokens == pred[tree.parent_or_self]) | (tree.depth == 0)  # the root is given
         accepted = ~mx.any(tree.ancestors & ~ok[None, :], axis=1)
         best = mx.argmax(mx.where(accepted, tree.depth, -1))
         return best, pred[best]

@@ -1,0 +1,149 @@
+"""Acceptance rules: greedy exactness and a statistical test that tree sampling preserves the
+target distribution — with the paper's per-path rule as a negative control that must fail it."""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_specstream.sample import GreedyAcceptance, SamplingAcceptance, SamplingParams
+from mlx_specstream.tree import build_tree, device_tree
+
+V = 4
+PATHS = ((0,), (1,), (0, 0), (1, 0))  # root, two depth-1 drafts, one depth-2 draft under each
+TOKENS = [0, 1, 3, 2, 2]  # root, (0,), (1,), (0,0), (1,0)
+CHI2_CRIT_15DF_P001 = 37.70
+
+
+def target_logits(seq):
+    """A fixed, arbitrary 'model': logits of the next token after ``seq``."""
+    rs = np.random.RandomState(abs(hash(tuple(seq))) % (2**31))
+    return rs.normal(size=V) * 1.2
+
+
+def q(seq, temp=1.0):
+    z = target_logits(seq) / temp
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def node_seqs(tree):
+    return [[TOKENS[j] for j in tree.path_to(i)] for i in range(tree.size)]
+
+
+def expected_joint(temp=1.0):
+    root = [TOKENS[0]]
+    p1 = q(root, temp)
+    return np.array([[p1[a] * q(root + [a], temp)[b] for b in range(V)] for a in range(V)])
+
+
+def chi2(counts, expected_p):
+    n = counts.sum()
+    e = expected_p * n
+    return float(((counts - e) ** 2 / e).sum())
+
+
+def draw_pairs(step, n, temp, seed):
+    """Run one tree step ``n`` times; complete to two tokens with the target where the step
+    emitted one (the next step's correction would be exactly that draw)."""
+    tree = build_tree(PATHS)
+    seqs = node_seqs(tree)
+    rng = np.random.RandomState(seed)
+    counts = np.zeros((V, V))
+    for _ in range(n):
+        out = step(tree, seqs, rng)
+        if len(out) < 2:
+            out = out + [rng.choice(V, p=q([TOKENS[0]] + out, temp))]
+        counts[out[0], out[1]] += 1
+    return counts
+
+
+def ours(temp):
+    rule = SamplingAcceptance(temp=temp)
+
+    def step(tree, seqs, rng):
+        dt = device_tree(tree)
+        logits = mx.array(np.stack([target_logits(s) for s in seqs]).astype(np.float32))
+        key = mx.random.key(int(rng.randint(2**31)))
+        best, corr = rule(dt, mx.array(TOKENS), logits, key=key)
+        path = tree.path_to(int(best.item()))
+        return [TOKENS[i] for i in path[1:]] + [int(corr.item())]
+
+    return step
+
+
+def paper_rule(temp):
+    """Per-path rejection sampling against the stream distribution (paper, ENLSP §3.1.5): accept
+    draft x if r < min(1, q_main(x)/q_stream(x)); the longest accepted path wins; on rejection
+    sample the residual max(0, q_main - q_stream), renormalised (the kindest reading)."""
+    streams = [np.array([0.5, 0.3, 0.1, 0.1]), np.array([0.2, 0.2, 0.5, 0.1])]
+
+    def step(tree, seqs, rng):
+        best = None
+        for leaf in tree.leaves:
+            path = [int(i) for i in leaf if i >= 0]
+            n_ok = 0
+            for i in path[1:]:
+                x, d = TOKENS[i], tree.depth[i]
+                ratio = q(seqs[tree.parent[i]], temp)[x] / streams[d - 1][x]
+                if rng.rand() < min(1.0, ratio):
+                    n_ok += 1
+                else:
+                    break
+            if best is None or n_ok > best[1]:
+                best = (path, n_ok)
+        path, n_ok = best
+        acc = path[: n_ok + 1]
+        last = acc[-1]
+        qm = q(seqs[last], temp)
+        if n_ok < len(path) - 1:
+            r = np.maximum(qm - streams[tree.depth[path[n_ok + 1]] - 1], 0)
+            qm = r / r.sum()
+        return [TOKENS[i] for i in acc[1:]] + [int(rng.choice(V, p=qm))]
+
+    return step
+
+
+@pytest.mark.parametrize("temp", [1.0, 0.7])
+def test_tree_sampling_preserves_target_distribution(temp):
+    counts = draw_pairs(ours(temp), 3000, temp, seed=1)
+    stat = chi2(counts, expected_joint(temp))
+    assert stat < CHI2_CRIT_15DF_P001, (stat, counts)
+
+
+def test_paper_per_path_rule_fails_the_same_test():
+    counts = draw_pairs(paper_rule(1.0), 3000, 1.0, seed=1)
+    assert chi2(counts, expected_joint(1.0)) > CHI2_CRIT_15DF_P001
+
+
+def test_sampling_with_top_k_never_leaves_the_support():
+    tree = build_tree(PATHS)
+    dt = device_tree(tree)
+    logits = mx.array(np.stack([target_logits(s) for s in node_seqs(tree)]).astype(np.float32))
+    rule = SamplingAcceptance(temp=1.0, top_k=1)  # top-1 support: behaves like greedy
+    g_best, g_corr = GreedyAcceptance()(dt, mx.array(TOKENS), logits)
+    for s in range(50):
+        best, corr = rule(dt, mx.array(TOKENS), logits, key=mx.random.key(s))
+        assert best.item() == g_best.item() and corr.item() == g_corr.item()
+
+
+def test_greedy_acceptance_by_hand():
+    tree = build_tree(PATHS)  # tokens: root 0, (0,)=1, (1,)=3, (0,0)=2, (1,0)=2
+    dt = device_tree(tree)
+    big = lambda t: np.eye(V)[t] * 10  # noqa: E731
+    # root predicts 3 -> node 2 accepted; node 2 predicts 2 -> node 4 accepted; node 4 predicts 1
+    logits = mx.array(np.stack([big(3), big(0), big(2), big(0), big(1)]).astype(np.float32))
+    best, corr = GreedyAcceptance()(dt, mx.array(TOKENS), logits)
+    assert best.item() == 4 and corr.item() == 1
+    # root predicts 0 (no child has it): nothing accepted, correction 0
+    logits = mx.array(np.stack([big(0), big(2), big(2), big(0), big(1)]).astype(np.float32))
+    best, corr = GreedyAcceptance()(dt, mx.array(TOKENS), logits)
+    assert best.item() == 0 and corr.item() == 0
+
+
+def test_sampling_params_pick_rules():
+    assert isinstance(SamplingParams().acceptance(), GreedyAcceptance)
+    assert isinstance(SamplingParams(temp=0.5).acceptance(), SamplingAcceptance)
+    with pytest.raises(ValueError):
+        SamplingAcceptance(temp=0)

@@ -1,0 +1,212 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+
+from mlx_specstream.cache import make_cache
+from mlx_specstream.generate import generate_step, stream_generate
+from mlx_specstream.sample import GreedyAcceptance, SamplingParams
+from mlx_specstream.speculative import ROOT_ONLY, speculative_generate_step
+from mlx_specstream.streams import SpecStreamModel, SpeculativeStreams, StreamConfig
+from mlx_specstream.tree import build_tree, cartesian, chain, sparse
+from mlx_specstream.utils import load, load_model
+
+
+def randomize(streams, scale=0.1, seed=0):
+    mx.random.seed(seed)
+    streams.update(tree_map(lambda p: mx.random.normal(p.shape) * scale, streams.parameters()))
+    return streams
+
+
+def spec_tokens(model, streams, prompt, n, tree=None, cache=None):
+    out, steps = [], 0
+    for r in speculative_generate_step(prompt, model, streams, max_tokens=n, tree=tree, prompt_cache=cache):
+        out += r.tokens
+        steps += 1
+    return out[:n], steps
+
+
+def ar_tokens(model, prompt, n):
+    return [t for t, _ in generate_step(prompt, model, max_tokens=n)]
+
+
+def _prompt(n, seed=0):
+    return mx.array(np.random.RandomState(seed).randint(3, 500, size=n))
+
+
+CASES = [
+    # family, γ, Ns, tree, τ, mode, prompt length
+    ("llama", 1, 1, chain(1), 0.0, "lossless", 7),
+    ("llama", 2, 2, cartesian(2, 2), 0.0, "lossless", 1),
+    ("llama", 3, 2, None, 0.0, "lossless", 33),
+    ("llama", 4, 4, sparse(4, 20), 0.0, "lossless", 12),
+    ("llama3_tied_headdim", 3, 1, cartesian(3, 2), 0.0, "lossless", 9),
+    ("llama3_tied_headdim", 4, 2, chain(4), 0.05, "lossless", 20),
+    ("mistral", 2, 3, None, 0.0, "shared", 5),
+    ("qwen2", 3, 2, cartesian(2, 3), 0.02, "lossless", 16),
+    ("qwen3", 4, 1, sparse(4, 8), 0.0, "lossless", 3),
+    ("qwen3", 2, 2, None, 0.1, "shared", 40),
+    ("opt", 3, 1, None, 0.0, "lossless", 10),
+    ("opt_postln_proj", 2, 2, cartesian(2, 2), 0.01, "lossless", 6),
+    ("phi", 3, 2, cartesian(3, 2), 0.0, "lossless", 14),
+    ("phi_qkln", 1, 1, None, 0.05, "shared", 8),
+    ("llama_linear_rope", 3, 2, sparse(3, 6), 0.0, "lossless", 25),
+]
+
+
+@pytest.mark.parametrize("name,gamma,ns,tree,tau,mode,plen", CASES)
+def test_greedy_speculative_equals_plain_greedy(hf_model, name, gamma, ns, tree, tau, mode, plen):
+    model, _ = load_model(hf_model(name)[0])
+    cfg = StreamConfig(num_streams=gamma, num_msa_layers=ns, mode=mode, prune_threshold=tau,
+                       tree=[list(p) for p in tree] if tree else None)
+    streams = randomize(SpeculativeStreams(cfg, model), seed=plen)
+    prompt = _prompt(plen, seed=plen)
+    ref = ar_tokens(model, prompt, 150)  # lossless and shared w/o main_sees_streams: the base
+    got, steps = spec_tokens(model, streams, prompt, 150)
+    assert got == ref
+    assert steps <= 150
+
+
+@pytest.mark.parametrize("name,ns", [("llama", 2), ("qwen3", 1), ("phi", 3), ("opt", 2)])
+def test_shared_main_sees_streams_equals_its_own_ar(hf_model, name, ns):
+    """When main rows see streams the model itself changes; speculative greedy must equal that
+    model's own one-token-per-step decoding."""
+    model, _ = load_model(hf_model(name)[0])
+    cfg = StreamConfig(num_streams=3, num_msa_layers=ns, mode="shared", main_sees_streams=True,
+                       tree=[list(p) for p in cartesian(3, 2)])
+    streams = randomize(SpeculativeStreams(cfg, model), scale=0.3)
+    prompt = _prompt(11, seed=4)
+    ar, ar_steps = spec_tokens(model, streams, prompt, 120, tree=ROOT_ONLY)
+    assert ar_steps == 120
+    from mlx_specstream.streams import forward_with_streams
+
+    main, _ = forward_with_streams(model, streams, prompt[None])  # the streams really change the model
+    assert np.abs(np.array(main) - np.array(model(prompt[None]))).max() > 1e-4
+    got, _ = spec_tokens(model, streams, prompt, 120)
+    assert got == ar
+
+
+def test_long_generation_and_acceptance(hf_model):
+    model, _ = load_model(hf_model("qwen2")[0])
+    streams = randomize(SpeculativeStreams(StreamConfig(num_streams=4, num_msa_layers=2), model))
+    prompt = _prompt(50, seed=9)
+    ref = ar_tokens(model, prompt, 400)
+    got, steps = spec_tokens(model, streams, prompt, 400)
+    assert got == ref and steps < 400
+
+
+@pytest.mark.parametrize("mode,main_sees", [("lossless", False), ("shared", True)])
+def test_kv_cache_equals_plain_decoding_cache(hf_model, mode, main_sees):
+    model, _ = load_model(hf_model("llama")[0])
+    cfg = StreamConfig(num_streams=3, num_msa_layers=2, mode=mode, main_sees_streams=main_sees,
+                       prune_threshold=0.02, tree=[list(p) for p in cartesian(3, 2)])
+    streams = randomize(SpeculativeStreams(cfg, model), scale=0.3)
+    prompt = _prompt(9, seed=2)
+    cache = make_cache(model)
+    toks, _ = spec_tokens(model, streams, prompt, 45, cache=cache)
+    # Reference: the same model one token per step (for lossless that is the base model).
+    ref = make_cache(model)
+    n_ref = []
+    for r in speculative_generate_step(prompt, model, streams, max_tokens=10**6, tree=ROOT_ONLY, prompt_cache=ref):
+        n_ref += r.tokens
+        if ref[0].offset >= cache[0].offset:
+            break
+    assert cache[0].offset == ref[0].offset
+    for a, b in zip(cache, ref):
+        np.testing.assert_allclose(np.array(a.state[0]), np.array(b.state[0]), atol=1e-5)
+        np.testing.assert_allclose(np.array(a.state[1]), np.array(b.state[1]), atol=1e-5)
+    if mode == "lossless":
+        plain = make_cache(model)
+        model(mx.concatenate([prompt, mx.array(toks[: cache[0].offset - prompt.size])])[None], cache=plain)
+        for a, b in zip(cache, plain):
+            np.testing.assert_allclose(np.array(a.state[0]), np.array(b.state[0]), atol=1e-5)
+
+
+def _ss_model(hf_model, name="llama", **cfg):
+    path, _ = hf_model(name)
+    model, tok = load(str(path))
+    streams = randomize(SpeculativeStreams(StreamConfig(**cfg), model))
+    return SpecStreamModel(model, streams), tok
+
+
+def test_stream_generate_speculative_stats_and_no_speculate(hf_model):
+    model, tok = _ss_model(hf_model, num_streams=3, num_msa_layers=2)
+    spec = list(stream_generate(model, tok, "def f(x):", max_tokens=60))
+    ar = list(stream_generate(model, tok, "def f(x):", max_tokens=60, speculative=False))
+    assert "".join(r.text for r in spec) == "".join(r.text for r in ar)
+    last = spec[-1]
+    assert last.generation_tokens == 60 and last.steps == len(spec)
+    assert last.mean_accepted == pytest.approx(60 / last.steps)
+    assert sum(r.accepted for r in spec) == 60
+    assert len(last.acceptance_by_depth) <= 3 and all(0 <= a <= 1 for a in last.acceptance_by_depth)
+    assert ar[-1].steps == 60 and ar[-1].mean_accepted == 1.0
+
+
+def test_stops_cut_inside_an_accepted_path(hf_model):
+    model, tok = _ss_model(hf_model, num_streams=4, num_msa_layers=2)
+    full_ids = [t for r in stream_generate(model, tok, "x", max_tokens=80) for t in r.tokens]
+    # max_tokens inside a multi-token step
+    for n in (1, 2, 7, 13):
+        rs = list(stream_generate(model, tok, "x", max_tokens=n))
+        assert [t for r in rs for t in r.tokens] == full_ids[:n]
+        assert rs[-1].finish_reason == "length"
+    # EOS inside a step: the tokens before it, nothing after
+    k = 10
+    tok.eos_token_ids = {full_ids[k]}
+    rs = list(stream_generate(model, tok, "x", max_tokens=80))
+    assert [t for r in rs for t in r.tokens] == full_ids[: full_ids.index(full_ids[k])]
+    assert rs[-1].finish_reason == "stop"
+    tok.eos_token_ids = {2}
+    # stop string
+    text = tok.decode(full_ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    rs = list(stream_generate(model, tok, "x", max_tokens=80, stop=[stop]))
+    assert "".join(r.text for r in rs) == text[: text.index(stop)]
+
+
+def test_speculative_sampling_runs_and_is_seeded(hf_model):
+    model, tok = _ss_model(hf_model, num_streams=3, num_msa_layers=2)
+    sp = SamplingParams(temp=0.8, top_p=0.9)
+    mx.random.seed(5)
+    a = "".join(r.text for r in stream_generate(model, tok, "import", max_tokens=40, sampling=sp))
+    mx.random.seed(5)
+    b = "".join(r.text for r in stream_generate(model, tok, "import", max_tokens=40, sampling=sp))
+    assert a == b
+    with pytest.raises(ValueError, match="sampling=SamplingParams"):
+        list(stream_generate(model, tok, "import", max_tokens=4, sampler=sp.sampler()))
+
+
+def test_no_streams_means_no_speculation(hf_model):
+    model, tok = load(str(hf_model("llama")[0]))
+    with pytest.raises(ValueError, match="stream adapter"):
+        list(stream_generate(model, tok, "x", max_tokens=3, speculative=True))
+
+
+def test_context_edge_falls_back_to_single_node(hf_model):
+    model, tok = _ss_model(hf_model, "opt", num_streams=3, num_msa_layers=1)
+    rs = list(stream_generate(model, tok, [5] * 500, max_tokens=50))
+    assert rs[-1].generation_tokens == 12  # context 512
+    ref = [t for t, _ in generate_step(mx.array([5] * 500), model.base, max_tokens=12)]
+    assert [t for r in rs for t in r.tokens] == ref
+
+
+def test_cli_speculative_json(hf_model, tmp_path, capsys):
+    import json
+    import shutil
+
+    from mlx_specstream.cli import main
+    from mlx_specstream.streams import save_streams
+
+    d = tmp_path / "m"
+    shutil.copytree(hf_model("llama")[0], d)
+    base, _ = load_model(d)
+    save_streams(d, randomize(SpeculativeStreams(StreamConfig(num_streams=3, num_msa_layers=2), base)))
+    assert main(["generate", "--model", str(d), "--prompt", "def", "-m", "30", "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert main(["generate", "--model", str(d), "--prompt", "def", "-m", "30", "--json", "--no-speculate"]) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert main(["generate", "--model", str(d), "--prompt", "def", "-m", "30", "--json", "--tree", "cartesian:2"]) == 0
+    cart = json.loads(capsys.readouterr().out)
+    assert spec["text"] == ar["text"] == cart["text"]
+    assert spec["speculative"] and not ar["speculative"]
+    assert spec["steps"] < ar["steps"] == 30 and "acceptance_by_depth" in spec

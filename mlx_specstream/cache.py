@@ -54,15 +54,19 @@ class KVCache:
         self.offset -= n
         return n
 
-    def compact(self, start: int, indices: mx.array) -> None:
+    def compact(self, start: int, indices) -> None:
         """Keep rows ``start + indices`` (in that order) at ``start, start+1, ...``; drop the rest.
 
         Example: a 3-node tree written at rows 10..12 whose accepted path is nodes [0, 2]:
         ``compact(10, mx.array([0, 2]))`` leaves rows 10, 11 = old 10, 12 and offset 12.
         """
-        n = int(indices.shape[0])
+        n = len(indices)
+        host = indices if not isinstance(indices, mx.array) else None
+        if host is not None and all(int(i) == j for j, i in enumerate(host)):
+            self.offset = start + n  # already contiguous (e.g. a chain's accepted prefix)
+            return
         if n:
-            src = indices.astype(mx.int32) + start
+            src = mx.array(indices).astype(mx.int32) + start
             k = mx.take(self.keys, src, axis=2)
             v = mx.take(self.values, src, axis=2)
             self.keys[..., start : start + n, :] = k

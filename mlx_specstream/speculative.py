@@ -93,8 +93,8 @@ def spec_step(
     out = [int(toks[i]) for i in path[1:]] + [correction.item()]
     # KV: keep the accepted path's rows, contiguous after the prefix; bottom layers saw the whole
     # tree, MSA layers only the survivors.
-    keep_msa = mx.array(np.array(path, np.int32))
-    keep_bottom = keep_msa if sel is None else mx.array(sel[path].astype(np.int32))
+    keep_msa = np.array(path, np.int32)
+    keep_bottom = keep_msa if sel is None else sel[path].astype(np.int32)
     for i, kv in enumerate(cache):
         kv.compact(P, keep_bottom if i < n_bottom else keep_msa)
     return (StepResult(out, len(path) - 1, tree.size),

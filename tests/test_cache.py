@@ -62,3 +62,13 @@ def test_compact_empty_and_reordered():
     np.testing.assert_array_equal(np.array(c.state[0][0, 0, :, 0]), [0, 1, 5, 3])
     c.compact(1, mx.array([], dtype=mx.int32))
     assert c.offset == 1
+
+
+def test_compact_host_indices_and_contiguous_shortcut():
+    c = KVCache()
+    c.update_and_fetch(_rows(0, 8), _rows(0, 8))
+    before = c.keys
+    c.compact(4, [0, 1, 2])  # already in place: nothing moves
+    assert c.offset == 7 and c.keys is before
+    c.compact(2, [0, 3])
+    np.testing.assert_array_equal(np.array(c.state[0][0, 0, :, 0]), [0, 1, 2, 5])

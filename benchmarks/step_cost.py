@@ -1,0 +1,97 @@
+"""Cost side of Speculative Streaming: one speculative step (verify a T-node tree + draft from every
+node) vs one autoregressive step, on the same model and prefix, for several tree sizes.
+
+    python benchmarks/step_cost.py                       # embedded default model, random streams
+    python benchmarks/step_cost.py --random 8x512 --num-streams 3 --msa-layers 2
+
+Acceptance is not measured here (random streams); this is the verify-cost curve that a tree's
+expected accepted length has to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+
+def main(argv=None):
+    from ar_vs_mlx_lm import random_llama
+
+    from mlx_specstream.cache import make_cache
+    from mlx_specstream.sample import GreedyAcceptance
+    from mlx_specstream.speculative import SpecState, spec_step
+    from mlx_specstream.streams import SpeculativeStreams, StreamConfig
+    from mlx_specstream.tree import build_tree, sparse
+    from mlx_specstream.utils import default_model_path, load_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--random", default=None, help="LAYERSxHIDDEN random Llama")
+    ap.add_argument("--num-streams", type=int, default=4)
+    ap.add_argument("--msa-layers", type=int, default=2)
+    ap.add_argument("--sizes", default="1,4,8,16,32,64")
+    ap.add_argument("--prefix", type=int, default=128)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    path = Path(args.model) if args.model else (random_llama(args.random, "float32") if args.random else default_model_path())
+    model, cfg = load_model(path)
+    streams = SpeculativeStreams(StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers), model)
+    prompt = mx.random.randint(3, cfg["vocab_size"], (args.prefix,), key=mx.random.key(0)).astype(mx.int32)
+    cache = make_cache(model)
+    for c in cache:
+        c.reserve(args.prefix + 256)
+    model(prompt[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    P = cache[0].offset
+
+    def ar_once():
+        logits = model(prompt[-1:][None], cache=cache)
+        y = mx.argmax(logits[0, -1])
+        y.item()
+        for c in cache:
+            c.trim(c.offset - P)
+
+    def spec_once(tree, k):
+        state = SpecState(prompt[-1], mx.zeros((args.num_streams, k), mx.int32), P)
+        spec_step(model, streams, tree, state, cache, GreedyAcceptance(), k)
+        for c in cache:
+            c.trim(c.offset - P)
+
+    def timeit(fn):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(args.trials):
+            tic = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - tic)
+        return statistics.median(ts)
+
+    ar = timeit(ar_once)
+    rows = []
+    print(f"device {mx.default_device()}  model {path.name}  γ={args.num_streams} Ns={args.msa_layers} prefix={P}")
+    print(f"{'tree nodes':>10} {'MSA rows':>9} {'step ms':>9} {'AR ms':>8} {'step/AR':>8}")
+    for T in (int(x) for x in args.sizes.split(",")):
+        tree = build_tree(sparse(args.num_streams, T - 1)) if T > 1 else build_tree(())
+        t = timeit(lambda: spec_once(tree, max(tree.max_rank, 1)))
+        rows.append({"tree_nodes": tree.size, "msa_rows": tree.size * (1 + args.num_streams),
+                     "step_ms": t * 1e3, "ar_ms": ar * 1e3, "ratio": t / ar})
+        r = rows[-1]
+        print(f"{r['tree_nodes']:>10} {r['msa_rows']:>9} {r['step_ms']:>9.2f} {r['ar_ms']:>8.2f} {r['ratio']:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

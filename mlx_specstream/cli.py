@@ -7,6 +7,7 @@ import sys
 
 VERBS = {
     "generate": ("mlx_specstream.generate", "generate text from a prompt"),
+    "train": ("mlx_specstream.train", "train speculative streams (lossless / shared / pruning)"),
 }
 
 

@@ -1,0 +1,83 @@
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_specstream.streams import SpeculativeStreams, StreamConfig
+from mlx_specstream.train import DataError, LossWeights, TrainConfig, read_jsonl, stream_loss, train
+from mlx_specstream.utils import load
+
+
+@pytest.fixture
+def tiny(hf_model, tmp_path):
+    model, tok = load(str(hf_model("llama")[0]))
+    data = tmp_path / "train.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": ("def f(x):\n    return x + %d\n" % (i % 4)) * 3}) + "\n")
+        for i in range(8):
+            f.write(json.dumps({"prompt": "# add\n", "completion": "def add(a, b):\n    return a + b\n"}) + "\n")
+    return model, tok, read_jsonl(data, tok, 48), tmp_path
+
+
+def test_loss_decreases_and_base_is_bit_identical(tiny):
+    model, tok, data, tmp = tiny
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    cfg = TrainConfig(iters=25, batch_size=4, seq_len=48, lr=1e-2, warmup=3, val_every=25)
+    _, hist = train(model, tok, data, data, cfg, tmp / "out", log=lambda *_: None)
+    assert np.mean([h["loss"] for h in hist[-5:]]) < np.mean([h["loss"] for h in hist[:5]])
+    for k, v in tree_flatten(model.parameters()):
+        np.testing.assert_array_equal(np.array(v), before[k])
+    assert (tmp / "out" / "speculative_streams.json").exists()
+    assert "stream1" in hist[-1]["valid"]
+
+
+def test_segments_equal_unsegmented_loss(tiny):
+    model, _, (toks, mask), _ = tiny
+    s = SpeculativeStreams(StreamConfig(num_streams=3, num_msa_layers=2), model)
+    mx.random.seed(1)
+    s.update({"stream_embeddings": mx.random.normal(s.stream_embeddings.shape) * 0.1})
+    t, m = mx.array(toks[:4]), mx.array(mask[:4])
+    w = LossWeights(ntp=0.0, stream=0.1)
+    a, ma = stream_loss(model, s, t, m, w, segment=1000)
+    b, mb = stream_loss(model, s, t, m, w, segment=7)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    for k in ma:
+        np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=1e-5)
+
+
+def test_prompt_completion_streams_only_on_completion(tiny):
+    _, tok, _, tmp = tiny
+    f = tmp / "pc.jsonl"
+    f.write_text(json.dumps({"prompt": "abc", "completion": "def g():"}) + "\n")
+    toks, mask = read_jsonl(f, tok, 32)
+    n_prompt = len(tok.encode("abc"))
+    assert mask[0, :n_prompt].sum() == 0 and mask[0, n_prompt:].sum() == len(tok.encode("def g():", add_special_tokens=False))
+
+
+def test_resume_continues_identically(tiny):
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=8, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=4, val_every=100)
+    full, _ = train(model, tok, data, None, cfg, tmp / "full", log=lambda *_: None)
+    train(model, tok, data, None, cfg, tmp / "resumed", log=lambda *_: None, stop_at=4)  # "interrupted"
+    resumed, _ = train(model, tok, data, None, cfg, tmp / "resumed", resume=True, log=lambda *_: None)
+    for (k, a), (_, b) in zip(tree_flatten(full.parameters()), tree_flatten(resumed.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("{not json", "train.jsonl:2: not valid JSON"),
+    ('{"foo": 1}', "train.jsonl:2: a record needs"),
+    ('{"text": 5}', "train.jsonl:2: 'text' must be a string"),
+    ('[1, 2]', "train.jsonl:2: expected a JSON object"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:2: 'messages'"),
+])
+def test_malformed_records_name_the_line(tiny, line, msg):
+    _, tok, _, tmp = tiny
+    f = tmp / "bad" / "train.jsonl"
+    f.parent.mkdir()
+    f.write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n")
+    with pytest.raises(DataError, match=msg):
+        read_jsonl(f, tok, 32)

@@ -181,9 +181,10 @@ def stream_generate(
     from .tree import build_tree
 
     streams = getattr(model, "streams", None)
+    medusa = getattr(model, "medusa", None)
     if speculative is None:
-        speculative = streams is not None
-    if speculative and streams is None:
+        speculative = streams is not None or medusa is not None
+    if speculative and streams is None and medusa is None:
         raise ValueError("speculative decoding needs a stream adapter (speculative_streams.json); "
                          "this model has none")
     if sampling is not None:
@@ -192,9 +193,17 @@ def stream_generate(
     prompt = _encode_prompt(tokenizer, prompt)
     cached = prompt_cache[0].offset if prompt_cache else 0
     max_tokens = check_prompt_length(model, prompt.size + cached, max_tokens)
-    if streams is not None and (speculative or model.main_depends_on_streams):
-        if accept is None and sampler is not None and sampler is not _greedy_sampler():
-            raise ValueError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
+    if (speculative or (streams is not None and model.main_depends_on_streams)) and accept is None \
+            and sampler is not None and sampler is not _greedy_sampler():
+        raise ValueError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
+    if medusa is not None and speculative:
+        from .medusa import medusa_generate_step
+
+        steps = _spec_steps(medusa_generate_step(
+            prompt, model.base, medusa, max_tokens=max_tokens, accept=accept,
+            tree=build_tree(tuple(map(tuple, tree))) if tree is not None else None,
+            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context_limit(model)))
+    elif streams is not None and (speculative or model.main_depends_on_streams):
         if logits_processors:
             raise ValueError("logits_processors are not supported with speculative decoding")
         step_tree = (build_tree(tuple(map(tuple, tree))) if tree is not None else None) if speculative else ROOT_ONLY
@@ -203,7 +212,7 @@ def stream_generate(
             prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
             context=context_limit(model)))
     else:
-        base = model.base if streams is not None else model
+        base = model.base if (streams is not None or medusa is not None) else model
         steps = _ar_steps(base, prompt, max_tokens=max_tokens, sampler=sampler,
                           prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
                           logits_processors=logits_processors)

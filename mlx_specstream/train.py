@@ -218,14 +218,18 @@ class TrainConfig:
     val_every: int = 100
     val_batches: int = 8
     save_every: int = 200
+    medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
 
 
 class _Trainable(nn.Module):
-    """What the optimizer sees: the streams (and, in shared mode, the base model's LoRA)."""
+    """What the optimizer sees: the streams, or the Medusa heads."""
 
-    def __init__(self, streams):
+    def __init__(self, streams=None, medusa=None):
         super().__init__()
-        self.streams = streams
+        if streams is not None:
+            self.streams = streams
+        if medusa is not None:
+            self.medusa = medusa
 
 
 def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
@@ -240,6 +244,8 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.freeze()
+    if cfg.medusa:
+        return _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     if streams is None:
         streams = SpeculativeStreams(StreamConfig(
             num_streams=cfg.num_streams, num_msa_layers=cfg.num_msa_layers,
@@ -252,14 +258,9 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     a0 = cfg.alpha0 if cfg.alpha0 is not None else (1.0 if cfg.mode == "shared" else 0.0)
     weights = LossWeights(ntp=a0, stream=cfg.alpha, pruning=1.0)
     train_streams = cfg.mode != "pruning"
-    sched = optim.join_schedules(
-        [optim.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(cfg.warmup, 1)),
-         optim.cosine_decay(cfg.lr, max(cfg.iters - cfg.warmup, 1), cfg.lr * cfg.min_lr_ratio)],
-        [max(cfg.warmup, 1)])
-    opt = optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
+    opt, sched = _optimizer(cfg)
     start = 0
-    state_file = out / "trainer_state.safetensors"
-    if resume and state_file.exists():
+    if resume and (out / "trainer_state.safetensors").exists():
         start = _load_state(out, trainable, opt)
         log(f"resumed at iteration {start}")
 
@@ -267,12 +268,61 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams)
         return loss
 
+    def on_save():
+        save_streams(out, streams)
+
+    def on_eval():
+        return evaluate(model, streams, valid_data, cfg, weights, train_streams)
+
+    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+                    on_save, on_eval, log, stop_at, f"{cfg.mode} streams")
+    return streams, history
+
+
+def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at):
+    from .medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
+
+    rng = random.Random(cfg.seed)
+    heads = MedusaHeads(MedusaConfig(num_heads=cfg.medusa), model)
+    heads.init_from_lm_head(model)
+    trainable = _Trainable(medusa=heads)
+    opt, sched = _optimizer(cfg)
+    start = _load_state(out, trainable, opt) if resume and (out / "trainer_state.safetensors").exists() else 0
+
+    def loss_fn(tr, toks, mask):
+        return medusa_loss(model, tr.medusa, toks, mask)[0]
+
+    def on_eval():
+        toks, mask = valid_data
+        sums, n = {}, 0
+        for s in range(0, min(len(toks), cfg.val_batches * cfg.batch_size), cfg.batch_size):
+            _, m = medusa_loss(model, heads, mx.array(toks[s : s + cfg.batch_size]), mx.array(mask[s : s + cfg.batch_size]))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {k: round(v / max(n, 1), 4) for k, v in sums.items()}
+
+    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+                    lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads")
+    return heads, history
+
+
+def _optimizer(cfg: TrainConfig):
+    sched = optim.join_schedules(
+        [optim.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(cfg.warmup, 1)),
+         optim.cosine_decay(cfg.lr, max(cfg.iters - cfg.warmup, 1), cfg.lr * cfg.min_lr_ratio)],
+        [max(cfg.warmup, 1)])
+    return optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay), sched
+
+
+def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+          on_save, on_eval, log, stop_at, what):
     value_and_grad = nn.value_and_grad(trainable, loss_fn)
     it = batches(train_data, cfg.batch_size, rng)
     for _ in range(start * cfg.grad_accum):
         next(it)  # the data order continues where it stopped
     n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
-    log(f"training {n_params} parameters ({cfg.mode}), {cfg.iters} iterations")
+    log(f"training {n_params} parameters ({what}), {cfg.iters} iterations")
     history = []
     tic, tokens_seen = time.perf_counter(), 0
     for i in range(start, min(cfg.iters, stop_at or cfg.iters)):
@@ -290,14 +340,14 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
                "lr": float(sched(opt.step)), "tok_s": round(tokens_seen / (time.perf_counter() - tic))}
         if valid_data is not None and ((i + 1) % cfg.val_every == 0 or i + 1 == cfg.iters):
-            rec["valid"] = evaluate(model, streams, valid_data, cfg, weights, train_streams)
+            rec["valid"] = on_eval()
         if (i + 1) % cfg.save_every == 0 or i + 1 == cfg.iters:
-            save_streams(out, streams)
+            on_save()
             _save_state(out, trainable, opt, i + 1)
         history.append(rec)
         _progress(rec, cfg.iters, log)
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
-    return streams, history
+    return history
 
 
 def evaluate(model, streams, data, cfg: TrainConfig, weights: LossWeights, train_streams=True) -> Dict[str, float]:
@@ -363,6 +413,8 @@ def setup_arg_parser(parser=None):
     for name in ("lr", "min_lr_ratio", "weight_decay", "alpha"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--alpha0", type=float, default=None)
+    p.add_argument("--medusa", type=int, default=0, metavar="K",
+                   help="train K Medusa-1 heads on the frozen base instead (the baseline)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--streams", default=None, help="existing stream file to continue (pruning mode)")
     return p
@@ -381,7 +433,7 @@ def main(argv=None) -> int:
                       lora_rank=args.lora_rank, main_sees_streams=args.main_sees_streams,
                       **{k: getattr(args, k) for k in ("iters", "batch_size", "grad_accum", "seq_len", "segment",
                                                        "warmup", "seed", "val_every", "val_batches", "save_every",
-                                                       "lr", "min_lr_ratio", "weight_decay", "alpha", "alpha0")})
+                                                       "lr", "min_lr_ratio", "weight_decay", "alpha", "alpha0", "medusa")})
     train_data, valid_data = load_data(args, tokenizer)
     streams = None
     if args.mode == "pruning" or args.streams:

@@ -219,6 +219,7 @@ def load(
     quantize: Optional[int] = None,
     q_group_size: int = 64,
     streams: Union[str, bool, None] = None,
+    medusa: bool = False,
     **stream_overrides,
 ):
     """Load ``(model, tokenizer)`` from a local folder or a hub repo id.
@@ -227,7 +228,8 @@ def load(
     load time. ``streams``: ``None`` attaches ``speculative_streams.json`` when the folder has
     one, a name picks ``speculative_streams-NAME.json``, a path picks that file, ``False`` loads
     the base alone. ``stream_overrides`` (e.g. ``tree=``, ``prune_threshold=``) override the
-    stream config. With streams the model is a :class:`SpecStreamModel`.
+    stream config. With streams the model is a :class:`SpecStreamModel`. ``medusa=True`` attaches
+    the folder's Medusa heads instead (the baseline).
     """
     from .tokenizer import load_tokenizer
 
@@ -238,6 +240,10 @@ def load(
             raise ValueError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
     tokenizer = load_tokenizer(path, config)
+    if medusa:
+        from .medusa import MedusaModel, load_medusa
+
+        return MedusaModel(model, load_medusa(path, model)), tokenizer
     if streams is not False:
         from .streams import SpecStreamModel, find_stream_file, load_streams
 

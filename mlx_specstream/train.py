@@ -45,8 +45,8 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
     """Records -> (tokens (N, L+1), loss mask (N, L+1): 1 where the token is a training target).
 
     ``{"text"}``: every token is a target (long texts are cut into windows); ``{"prompt",
-    "completion"}``: completion tokens only; ``{"messages"}``: the chat template, the last
-    assistant message is the target.
+    "completion"}`` (or pre-tokenized ``{"prompt_ids", "completion_ids"}``): completion tokens
+    only; ``{"messages"}``: the chat template, the last assistant message is the target.
     """
     L = seq_len + 1
     rows, masks = [], []
@@ -70,7 +70,11 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
                         rows.append(w)
                         masks.append([0] + [1] * (len(w) - 1))
                 continue
-            if "prompt" in rec and "completion" in rec:
+            if "prompt_ids" in rec and "completion_ids" in rec:  # pre-tokenized (self-distillation)
+                pi, ci = rec["prompt_ids"], rec["completion_ids"]
+                if not all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in pi + ci):
+                    raise DataError(f"{path}:{ln}: token ids must be integers below the vocabulary size")
+            elif "prompt" in rec and "completion" in rec:
                 p, c = rec["prompt"], rec["completion"]
                 if not isinstance(p, str) or not isinstance(c, str):
                     raise DataError(f"{path}:{ln}: 'prompt' and 'completion' must be strings")

@@ -7,6 +7,8 @@ import sys
 
 VERBS = {
     "generate": ("mlx_specstream.generate", "generate text from a prompt"),
+    "chat": ("mlx_specstream.chat", "chat in the terminal (streaming, KV reuse across turns)"),
+    "serve": ("mlx_specstream.server", "OpenAI-compatible HTTP server"),
     "train": ("mlx_specstream.train", "train speculative streams (lossless / shared / pruning)"),
 }
 

@@ -393,3 +393,40 @@ def main(argv=None) -> int:
                 print(f"Speculative: {last.mean_accepted:.2f} tokens/step over {last.steps} steps; "
                       f"levels reached: [{depth}]", file=sys.stderr)
     return 0
+
+
+class PromptCache:
+    """A KV cache plus the tokens it holds, reused across calls that share a prefix (chat turns,
+    server requests): only the new suffix is prefilled."""
+
+    def __init__(self, model):
+        self.cache = make_cache(model)
+        self.tokens: List[int] = []
+
+    def prepare(self, prompt: List[int]) -> List[int]:
+        """Trim the cache to the longest common prefix with ``prompt`` (keeping at least one
+        prompt token to feed) and return the suffix to pass as the prompt."""
+        held = self.tokens[: self.cache[0].offset]
+        n = 0
+        for a, b in zip(held, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)
+        for c in self.cache:
+            c.trim(c.offset - n)
+        self.tokens = list(prompt[:n])
+        return list(prompt[n:])
+
+    def record(self, prompt_suffix: List[int], emitted: List[int]) -> None:
+        """After a generation: the cache holds (at most) everything fed so far; trim rows past
+        the last token we actually kept (a stop may cut a speculative step short)."""
+        self.tokens += list(prompt_suffix) + list(emitted)
+        for c in self.cache:
+            if c.offset > len(self.tokens):
+                c.trim(c.offset - len(self.tokens))
+
+    def reset(self) -> None:
+        for c in self.cache:
+            c.trim(c.offset)
+        self.tokens = []

@@ -1,0 +1,378 @@
+"""``specstream serve``: an OpenAI-compatible HTTP server with speculative decoding.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /health``. Generations run one at a time in arrival order (requests queue, none is lost);
+a client that disconnects mid-stream stops its generation. Models without a chat template serve
+chat requests through a plain fallback: the messages' contents joined by newlines, ending with a
+newline, completed as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import signal
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+from .generate import PromptCache, context_limit, stream_generate
+from .sample import SamplingParams
+
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+DEFAULT_MAX_TOKENS_LIMIT = 2048
+DEFAULT_MAX_TOKENS = 256
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.code, "param": self.param, "code": self.code}}
+
+
+class _Job:
+    def __init__(self, req):
+        self.req = req
+        self.out: "queue.Queue" = queue.Queue()
+        self.cancelled = False
+
+
+class ModelServer:
+    def __init__(self, model, tokenizer, model_id: str, *, api_key: Optional[str] = None,
+                 max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+                 speculative: Optional[bool] = None):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.api_key, self.max_body, self.max_tokens_limit = api_key, max_body, max_tokens_limit
+        self.speculative = speculative
+        self.pcache = PromptCache(model)
+        self.created = int(time.time())
+        # MLX work happens on one worker thread (MLX streams are per thread): requests queue up
+        # in arrival order and run one at a time; none is dropped.
+        mx.eval(model.parameters())
+        self.jobs: "queue.Queue[_Job]" = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="specstream-generate", daemon=True)
+        self.worker.start()
+
+    # ---- request parsing
+
+    def parse(self, body: bytes, chat: bool) -> Dict[str, Any]:
+        try:
+            req = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"request body is not valid JSON: {e}")
+        if not isinstance(req, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        model = req.get("model", self.model_id)
+        if not isinstance(model, str):
+            raise RequestError(400, "'model' must be a string", param="model")
+        if model not in (self.model_id, "default"):
+            raise RequestError(404, f"model {model!r} not found; this server serves {self.model_id!r}",
+                               code="model_not_found", param="model")
+
+        def number(name, default, lo, hi, kind=(int, float)):
+            v = req.get(name, default)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, kind) or not lo <= v <= hi:
+                raise RequestError(400, f"'{name}' must be a number in [{lo}, {hi}]", param=name)
+            return v
+
+        max_tokens = req.get("max_completion_tokens", req.get("max_tokens", DEFAULT_MAX_TOKENS))
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise RequestError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+        if max_tokens > self.max_tokens_limit:
+            raise RequestError(400, f"'max_tokens' {max_tokens} exceeds this server's limit {self.max_tokens_limit}",
+                               param="max_tokens")
+        temp = number("temperature", 0.0, 0.0, 2.0)
+        top_p = number("top_p", 1.0, 0.0, 1.0)
+        seed = req.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(400, "'seed' must be an integer", param="seed")
+        stop = req.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise RequestError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
+        stream = req.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(400, "'stream' must be a boolean", param="stream")
+        n = req.get("n", 1)
+        if n != 1:
+            raise RequestError(400, "only n=1 is supported", param="n")
+        prompt = self._chat_prompt(req) if chat else self._completion_prompt(req)
+        limit = context_limit(self.model)
+        if limit is not None and len(prompt) >= limit:
+            raise RequestError(400, f"prompt is {len(prompt)} tokens; the model's context is {limit} tokens",
+                               code="context_length_exceeded", param="messages" if chat else "prompt")
+        return dict(prompt=prompt, max_tokens=max_tokens, stop=stop, stream=stream, seed=seed,
+                    sampling=SamplingParams(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0),
+                    include_usage=bool((req.get("stream_options") or {}).get("include_usage")))
+
+    def _chat_prompt(self, req) -> List[int]:
+        msgs = req.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise RequestError(400, "'messages' must be a non-empty list", param="messages")
+        clean = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise RequestError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):  # OpenAI content parts: keep the text ones
+                if not all(isinstance(p, dict) for p in content):
+                    raise RequestError(400, f"messages[{i}].content parts must be objects", param="messages")
+                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            if not isinstance(content, str):
+                raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
+            clean.append({"role": m["role"], "content": content})
+        if self.tokenizer.has_chat_template:
+            return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True))
+        return self.tokenizer.encode("\n".join(m["content"] for m in clean) + "\n")
+
+    def _completion_prompt(self, req) -> List[int]:
+        p = req.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+            p = p[0]
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if not all(0 <= t < len(self.tokenizer) for t in p):
+                raise RequestError(400, "token ids in 'prompt' are outside the vocabulary", param="prompt")
+            return list(p)
+        if not isinstance(p, str) or not p:
+            raise RequestError(400, "'prompt' must be a non-empty string (or a list of token ids)", param="prompt")
+        return self.tokenizer.encode(p)
+
+    # ---- generation
+
+    def generate(self, req, on_piece=None):
+        """Queue one generation and wait for it; ``on_piece(text)`` streams text and returns False
+        when the client is gone (the generation then stops). Returns (text, finish, usage)."""
+        job = _Job(req)
+        self.jobs.put(job)
+        while True:
+            kind, value = job.out.get()
+            if kind == "piece":
+                if on_piece is not None and on_piece(value) is False:
+                    job.cancelled = True
+            elif kind == "done":
+                return value
+            else:
+                raise value
+
+    def _work(self):
+        while True:
+            job = self.jobs.get()
+            try:
+                job.out.put(("done", self._run(job)))
+            except Exception as e:  # reported to the waiting request, the worker lives on
+                job.out.put(("error", e))
+            finally:
+                self.jobs.task_done()
+
+    def _run(self, job):
+        req = job.req
+        if req["seed"] is not None:
+            mx.random.seed(req["seed"])
+        suffix = self.pcache.prepare(req["prompt"])
+        text, emitted, last, finish = "", [], None, None
+        try:
+            for r in stream_generate(self.model, self.tokenizer, suffix, max_tokens=req["max_tokens"],
+                                     sampling=req["sampling"], stop=req["stop"],
+                                     prompt_cache=self.pcache.cache, speculative=self.speculative):
+                text += r.text
+                emitted += r.tokens
+                last, finish = r, r.finish_reason
+                if job.cancelled:
+                    finish = "cancelled"
+                    break
+                if r.text:
+                    job.out.put(("piece", r.text))
+        finally:
+            self.pcache.record(suffix, emitted)
+        usage = {"prompt_tokens": len(req["prompt"]), "completion_tokens": len(emitted),
+                 "total_tokens": len(req["prompt"]) + len(emitted),
+                 "speculative": {"steps": last.steps if last else 0,
+                                 "mean_accepted_tokens": round(last.mean_accepted, 4) if last else 0.0,
+                                 "acceptance_by_depth": last.acceptance_by_depth if last else []}}
+        return text, finish or "length", usage
+
+
+def make_handler(server: ModelServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "specstream"
+
+        def log_message(self, fmt, *args):  # quiet by default
+            pass
+
+        def _send_json(self, status: int, obj: dict):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, e: RequestError):
+            try:
+                self._send_json(e.status, e.body())
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _authorized(self) -> bool:
+            if server.api_key is None:
+                return True
+            return self.headers.get("Authorization", "") == f"Bearer {server.api_key}"
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self._send_json(200, {"status": "ok"})
+            if not self._authorized():
+                return self._error(RequestError(401, "missing or wrong API key", code="invalid_api_key"))
+            if self.path == "/v1/models":
+                return self._send_json(200, {"object": "list", "data": [
+                    {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "specstream"}]})
+            self._error(RequestError(404, f"unknown path {self.path}", code="not_found"))
+
+        def do_POST(self):
+            try:
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                    # Drain nothing: close the connection after an unknown path.
+                    self.close_connection = True
+                    raise RequestError(404, f"unknown path {self.path}", code="not_found")
+                if not self._authorized():
+                    self.close_connection = True
+                    raise RequestError(401, "missing or wrong API key", code="invalid_api_key")
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    self.close_connection = True
+                    raise RequestError(411, "Content-Length is required")
+                if length < 0 or length > server.max_body:
+                    self.close_connection = True  # the body is not read: don't reuse the connection
+                    raise RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}")
+                body = self.rfile.read(length)
+                chat = self.path == "/v1/chat/completions"
+                req = server.parse(body, chat)
+            except RequestError as e:
+                return self._error(e)
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            if req["stream"]:
+                return self._stream(req, chat, rid)
+            try:
+                text, finish, usage = server.generate(req)
+            except ValueError as e:
+                return self._error(RequestError(400, str(e)))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                      if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+            self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                  "created": int(time.time()), "model": server.model_id,
+                                  "choices": [choice], "usage": usage})
+
+        def _stream(self, req, chat, rid):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            created = int(time.time())
+
+            def chunk(delta_text=None, finish=None, role=False, usage=None):
+                if chat:
+                    delta = {}
+                    if role:
+                        delta["role"] = "assistant"
+                    if delta_text is not None:
+                        delta["content"] = delta_text
+                    choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                else:
+                    choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}]
+                c = {"id": rid, "object": obj, "created": created, "model": server.model_id, "choices": choices}
+                if usage is not None:
+                    c = {**c, "choices": [], "usage": usage}
+                return c
+
+            def send(obj_):
+                try:
+                    self.wfile.write(f"data: {json.dumps(obj_)}\n\n".encode())
+                    self.wfile.flush()
+                    return True
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    return False
+
+            if chat and not send(chunk(role=True, delta_text="")):
+                return
+            try:
+                text, finish, usage = server.generate(req, on_piece=lambda t: send(chunk(delta_text=t)))
+            except ValueError as e:
+                send({"error": RequestError(400, str(e)).body()["error"]})
+                return
+            if finish == "cancelled":
+                return
+            send(chunk(finish=finish, delta_text=None if chat else ""))
+            if req["include_usage"]:
+                send(chunk(usage=usage))
+            try:
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                pass
+
+    return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+    return _Server((host, port), make_handler(model_server))
+
+
+def setup_arg_parser(parser=None):
+    p = parser or argparse.ArgumentParser(description="OpenAI-compatible server")
+    p.add_argument("--model", default=None)
+    p.add_argument("--streams", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit (bytes)")
+    p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT)
+    p.add_argument("--no-speculate", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    from .utils import load
+
+    args = setup_arg_parser().parse_args(argv)
+    model, tokenizer = load(args.model, streams=args.streams)
+    model_id = args.model or "specstream-default"
+    ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,
+                     max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None)
+    httpd = make_server(ms, args.host, args.port)
+
+    def stop(*_):  # graceful: stop accepting, let the running request finish
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"serving {model_id} on http://{args.host}:{httpd.server_address[1]} (OpenAI API under /v1)", flush=True)
+    httpd.serve_forever()
+    ms.jobs.join()  # finish the generations already accepted
+    httpd.server_close()
+    print("server stopped", flush=True)
+    return 0

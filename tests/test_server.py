@@ -1,0 +1,147 @@
+import http.client
+import json
+import socket
+import threading
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_map
+
+from mlx_specstream.generate import generate
+from mlx_specstream.server import ModelServer, make_server
+from mlx_specstream.streams import SpecStreamModel, SpeculativeStreams, StreamConfig
+from mlx_specstream.utils import load
+
+API_KEY = "sekret"
+
+
+@pytest.fixture(scope="module")
+def served(hf_model):
+    path, _ = hf_model("llama")
+    base, tok = load(str(path))
+    mx.random.seed(0)
+    s = SpeculativeStreams(StreamConfig(num_streams=3, num_msa_layers=2), base)
+    s.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, s.parameters()))
+    model = SpecStreamModel(base, s)
+    ms = ModelServer(model, tok, "tiny", api_key=API_KEY, max_body=20000, max_tokens_limit=300)
+    httpd = make_server(ms, "127.0.0.1", 0)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield httpd.server_address[1], model, tok
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def client(port, key=API_KEY):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def raw(port, method, path, body=None, headers=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    h = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
+    if body is not None and "Content-Length" not in h:
+        h["Content-Length"] = str(len(body))
+    c.request(method, path, body=body, headers=h)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data
+
+
+def test_openai_chat_and_completion_stream_and_not(served):
+    port, model, tok = served
+    cl = client(port)
+    assert [m.id for m in cl.models.list().data] == ["tiny"]
+    msgs = [{"role": "user", "content": "def add(a, b):"}]
+    full = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0)
+    text = full.choices[0].message.content
+    assert full.usage.completion_tokens == 40 and full.choices[0].finish_reason == "length"
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    spec = full.usage.model_extra["speculative"]
+    assert 1 <= spec["steps"] < 40 and spec["mean_accepted_tokens"] == pytest.approx(40 / spec["steps"], abs=1e-3)
+    # the plain fallback (no chat template): contents joined by newlines, ending with one
+    assert text == generate(model, tok, "def add(a, b):\n", max_tokens=40)
+    streamed = "".join(c.choices[0].delta.content or "" for c in cl.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=40, temperature=0, stream=True) if c.choices)
+    assert streamed == text
+    comp = cl.completions.create(model="tiny", prompt="import os\n", max_tokens=30, temperature=0)
+    sc = "".join(c.choices[0].text for c in cl.completions.create(
+        model="tiny", prompt="import os\n", max_tokens=30, temperature=0, stream=True) if c.choices)
+    assert comp.choices[0].text == sc == generate(model, tok, "import os\n", max_tokens=30)
+    assert comp.choices[0].finish_reason == "length"
+
+
+def test_stop_seed_and_usage_in_stream(served):
+    port, model, tok = served
+    cl = client(port)
+    ref = generate(model, tok, "x = 1\n", max_tokens=40)
+    stop = ref[10:12]
+    r = cl.completions.create(model="tiny", prompt="x = 1\n", max_tokens=40, stop=[stop])
+    assert r.choices[0].text == ref[: ref.index(stop)] and r.choices[0].finish_reason == "stop"
+    a = cl.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=1.0, seed=7).choices[0].text
+    b = cl.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=1.0, seed=7).choices[0].text
+    assert a == b
+    chunks = list(cl.completions.create(model="tiny", prompt="x", max_tokens=10, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_auth_and_bad_requests(served):
+    import openai
+
+    port, _, _ = served
+    with pytest.raises(openai.AuthenticationError):
+        client(port, key="wrong").models.list()
+    st, _ = raw(port, "GET", "/health", headers={"Authorization": ""})
+    assert st == 200
+    cases = [
+        (b"{not json", 400), (b"[1,2]", 400),
+        (json.dumps({"messages": "hi"}).encode(), 400),
+        (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}).encode(), 400),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}).encode(), 400),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), 400),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}).encode(), 404),
+        (json.dumps({"messages": [{"role": "user", "content": "x " * 700}]}).encode(), 400),
+    ]
+    for body, status in cases:
+        st, data = raw(port, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert st == status, (body[:60], data)
+        assert "error" in json.loads(data)
+    st, data = raw(port, "POST", "/v1/completions", b"x" * 50000)
+    assert st == 413
+    st, data = raw(port, "POST", "/v1/nope", b"{}")
+    assert st == 404
+    st, data = raw(port, "POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x " * 700}]}).encode())
+    assert json.loads(data)["error"]["code"] == "context_length_exceeded"
+
+
+def test_concurrent_clients_and_disconnect(served):
+    port, model, tok = served
+    # A client that disconnects mid-stream.
+    s = socket.create_connection(("127.0.0.1", port))
+    body = json.dumps({"prompt": "def", "max_tokens": 300, "stream": True}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    s.recv(200)
+    s.close()
+    refs = {i: generate(model, tok, f"v{i} = ", max_tokens=12) for i in range(4)}
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            r = client(port).completions.create(model="tiny", prompt=f"v{i % 4} = ", max_tokens=12, temperature=0)
+            results[i] = r.choices[0].text
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 20
+    assert all(results[i] == refs[i % 4] for i in range(20))
+    assert raw(port, "GET", "/health")[0] == 200

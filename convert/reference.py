@@ -134,7 +134,7 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
 
 
 @contextmanager
-def _stream_lora(fam: Family, streams: SpeculativeStreamsTorch, n_main: int):
+def _stream_lora(fam: Family, streams: SpeculativeStreamsTorch, n_main: int, n_rows: int):
     """Hooks adding the stream-only LoRA to rows >= n_main of the MSA layers' linears."""
     c = streams.config
     handles = []
@@ -146,6 +146,9 @@ def _stream_lora(fam: Family, streams: SpeculativeStreamsTorch, n_main: int):
                 def hook(mod, inp, out, ad=ad):
                     x = inp[0]
                     delta = (x @ ad.lora_a) @ ad.lora_b * c["lora_scale"]
+                    if x.dim() == 2:  # some families (OPT's MLP) flatten (B, R, h) to (B·R, h)
+                        rows = (torch.arange(x.shape[0], device=x.device) % n_rows) >= n_main
+                        return out + delta * rows[:, None].to(delta.dtype)
                     rows = torch.arange(x.shape[1], device=x.device) >= n_main
                     return out + delta * rows[None, :, None].to(delta.dtype)
                 handles.append(mods[key.replace("__", ".")].register_forward_hook(hook))
@@ -177,7 +180,7 @@ def forward_with_streams(hf, streams: SpeculativeStreamsTorch, ids: torch.Tensor
         pos_s = pos_s + torch.arange(1, g + 1).repeat(owners.shape[0])
     mask = _additive(msa_mask(causal, owners, g, c["main_sees_streams"]), x.dtype)
     pos = torch.cat([positions, pos_s])
-    with _stream_lora(fam, streams, L):
+    with _stream_lora(fam, streams, L, x.shape[1]):
         for i in range(n - Ns, n):
             x = fam.layer(i, x, mask, pos)
     out = fam.head(fam.final_norm(x))

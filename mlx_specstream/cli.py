@@ -9,6 +9,7 @@ VERBS = {
     "generate": ("mlx_specstream.generate", "generate text from a prompt"),
     "chat": ("mlx_specstream.chat", "chat in the terminal (streaming, KV reuse across turns)"),
     "serve": ("mlx_specstream.server", "OpenAI-compatible HTTP server"),
+    "convert": ("mlx_specstream.convert", "convert a PyTorch/HF checkpoint (+ streams, + LoRA) to MLX"),
     "train": ("mlx_specstream.train", "train speculative streams (lossless / shared / pruning)"),
 }
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     module = importlib.import_module(VERBS[argv[0]][0])
     try:
         return module.main(argv[1:]) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -150,6 +150,11 @@ def load_model(
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
+    if (path / "adapter_config.json").exists() and (path / "adapters.safetensors").exists():
+        # A kept (unfused) LoRA in mlx-lm's adapter format, applied with mlx-lm's own loader.
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(model, str(path))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -73,5 +73,34 @@ def make_hf_model(name: str, path: Path, seed: int = 0, dtype=None, safe_seriali
     model = model.float().eval()
     if dtype is not None:
         model = model.to(dtype)
-    model.save_pretrained(path, safe_serialization=safe_serialization)
+    if safe_serialization:
+        model.save_pretrained(path)
+    else:
+        save_bin(model, path)
     return model
+
+
+def save_bin(model, path: Path, shards: int = 1):
+    """PyTorch ``.bin`` checkpoint(s) as older transformers wrote them (transformers 5 only
+    writes safetensors): ``pytorch_model.bin`` or shards with ``pytorch_model.bin.index.json``."""
+    import json
+
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    if shards == 1:
+        torch.save(sd, path / "pytorch_model.bin")
+        return
+    keys = sorted(sd)
+    wmap = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: sd[k] for k in keys[i::shards]}
+        torch.save(part, path / name)
+        wmap.update({k: name for k in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wmap}))

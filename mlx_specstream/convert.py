@@ -1,0 +1,287 @@
+"""``specstream convert``: a PyTorch / Hugging Face checkpoint (+ PEFT LoRA, + stream parameters)
+-> an mlx-lm-loadable MLX checkpoint plus our stream files.
+
+A straight pipeline: read -> (merge LoRA) -> sanitize -> check -> cast -> (quantize) -> write,
+into a temporary folder renamed into place at the end, so a failed conversion leaves nothing
+behind and an existing destination is only replaced with ``--force``. ``.bin``/``.pt`` files are
+read by a restricted unpickler (no code runs, no torch needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .torch_pickle import load_torch_file, to_mx
+from .utils import (CheckpointError, check_weights, copy_tokenizer_files, load_config, load_safetensors,
+                    quantize_model, save_model)
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def _progress(i: int, n: int, what: str) -> None:
+    w = 24
+    done = int(w * i / max(n, 1))
+    print(f"\r[{'#' * done}{'-' * (w - done)}] {i}/{n} {what[:60]:<60}", end="", file=sys.stderr, flush=True)
+    if i == n:
+        print(file=sys.stderr)
+
+
+def read_tensors(files, label: str) -> Dict[str, mx.array]:
+    out: Dict[str, mx.array] = {}
+    for i, f in enumerate(files, 1):
+        _progress(i - 1, len(files), f"reading {f.name}")
+        if f.suffix == ".safetensors":
+            out.update(load_safetensors(f))
+        else:
+            out.update({k: to_mx(v) for k, v in load_torch_file(f).items()})
+        _progress(i, len(files), f"read {f.name}")
+    if not out:
+        raise CheckpointError(f"no tensors in {label}")
+    return out
+
+
+def weight_files(src: Path):
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index).exists():
+            try:
+                names = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{src / index} is malformed: {e}") from e
+            missing = [n for n in names if not (src / n).exists()]
+            if missing:
+                raise CheckpointError(f"{src / index} lists missing shards: {missing}")
+            return [src / n for n in names]
+    files = sorted(src.glob("model*.safetensors"))
+    if not files:
+        files = sorted(src.glob("pytorch_model*.bin")) + sorted(src.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"no model*.safetensors, pytorch_model*.bin or *.pt in {src}")
+    return files
+
+
+def merge_peft(weights: Dict[str, mx.array], adapter_dir: Path) -> Dict[str, mx.array]:
+    """Fuse a PEFT LoRA adapter: ``W += (alpha / r) · B @ A`` for every adapted linear."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{adapter_dir}: only LoRA adapters are supported (got {cfg.get('peft_type')})")
+    files = sorted(adapter_dir.glob("adapter_model.safetensors")) or sorted(adapter_dir.glob("adapter_model.bin"))
+    if not files:
+        raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors/.bin")
+    ad = read_tensors(files, str(adapter_dir))
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    scale = alpha / r
+    merged = dict(weights)
+    n = 0
+    for k, a in ad.items():
+        if ".lora_A." not in k:
+            continue
+        b = ad[k.replace(".lora_A.", ".lora_B.")]
+        name = k.split(".lora_A.")[0]
+        for pre in ("base_model.model.", "base_model."):
+            if name.startswith(pre):
+                name = name[len(pre):]
+                break
+        target = name + ".weight"
+        if target not in merged:
+            raise CheckpointError(f"LoRA adapter targets {target}, which the base checkpoint lacks")
+        w = merged[target]
+        merged[target] = (w.astype(mx.float32) + scale * (b.astype(mx.float32) @ a.astype(mx.float32))).astype(w.dtype)
+        n += 1
+    if n == 0:
+        raise CheckpointError(f"{adapter_dir}: no lora_A/lora_B tensors found")
+    return merged
+
+
+def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int) -> None:
+    """Keep LoRA separate, in mlx-lm's adapter format (``adapters.safetensors`` +
+    ``adapter_config.json``), loadable by ``mlx_lm.utils.load_adapters`` and our ``load``."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    files = sorted(adapter_dir.glob("adapter_model.safetensors")) or sorted(adapter_dir.glob("adapter_model.bin"))
+    ad = read_tensors(files, str(adapter_dir))
+    out, keys, layers = {}, set(), set()
+    for k, a in ad.items():
+        if ".lora_A." not in k:
+            continue
+        b = ad[k.replace(".lora_A.", ".lora_B.")]
+        name = k.split(".lora_A.")[0]
+        for pre in ("base_model.model.", "base_model."):
+            if name.startswith(pre):
+                name = name[len(pre):]
+                break
+        parts = name.split(".")
+        li = parts.index("layers")
+        layers.add(int(parts[li + 1]))
+        keys.add(".".join(parts[li + 2:]))
+        out[f"{name}.lora_a"] = a.T.astype(mx.float32)
+        out[f"{name}.lora_b"] = b.T.astype(mx.float32)
+    first = min(layers)
+    if sorted(layers) != list(range(first, num_layers)):
+        raise CheckpointError("--keep-lora needs LoRA on a contiguous run of top layers (use --fuse-lora)")
+    mx.save_safetensors(str(dst / "adapters.safetensors"), out)
+    (dst / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": num_layers - first,
+        "lora_parameters": {"rank": cfg["r"], "scale": cfg.get("lora_alpha", cfg["r"]) / cfg["r"],
+                            "dropout": 0.0, "keys": sorted(keys)}}, indent=2))
+
+
+def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
+    from .streams import SpeculativeStreams, StreamConfig
+
+    try:
+        config = StreamConfig.from_dict(json.loads(src_json.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{src_json}: {e}") from e
+    weights_file = next((p for p in (src_json.with_suffix(".safetensors"), src_json.with_suffix(".bin"))
+                         if p.exists()), None)
+    if weights_file is None:
+        raise CheckpointError(f"{src_json}: no matching .safetensors/.bin with the stream parameters")
+    weights = read_tensors([weights_file], str(weights_file))
+    streams = SpeculativeStreams(config, model)
+    expected = dict(tree_flatten(streams.parameters()))
+    problems = sorted(set(expected) ^ set(weights)) + [
+        f"{k}: {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if problems:
+        raise CheckpointError(f"{weights_file} does not match {src_json.name} and the model: {problems[:8]}")
+    # Stream parameters, adapters and norms stay in float16 whatever the base is quantized to.
+    mx.save_safetensors(str(dst / f"{stem}.safetensors"),
+                        {k: v.astype(mx.float16) for k, v in weights.items()}, metadata={"format": "mlx"})
+    (dst / f"{stem}.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optional[str] = None,
+            adapter_path=None, keep_lora=False, streams_only=False, force=False, verify=False) -> Path:
+    from .models import build_model, normalize_rope_config
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"--torch-path {src} is not a folder")
+    stream_jsons = sorted(src.glob("speculative_streams*.json"))
+    if streams_only:
+        if not (dst / "config.json").exists():
+            raise CheckpointError(f"--streams-only needs an already converted base at {dst}")
+        if not stream_jsons:
+            raise CheckpointError(f"no speculative_streams*.json in {src}")
+        from .utils import load_model
+
+        model, _ = load_model(dst, lazy=True)
+        with tempfile.TemporaryDirectory(dir=dst) as tmp:
+            for j in stream_jsons:
+                if (dst / j.name).exists() and not force:
+                    raise CheckpointError(f"{dst / j.name} exists (use --force to replace it)")
+                convert_streams(j, model, Path(tmp), j.stem)
+            for f in Path(tmp).iterdir():
+                f.replace(dst / f.name)
+        return dst
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} exists (use --force to replace it)")
+    tic = time.perf_counter()
+    config = load_config(src)
+    weights = read_tensors(weight_files(src), str(src))
+    adapter = Path(adapter_path) if adapter_path else (src if (src / "adapter_config.json").exists() else None)
+    if adapter is not None and not keep_lora:
+        weights = merge_peft(weights, adapter)
+    if "tie_word_embeddings" not in config:
+        config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    model = build_model(config)
+    weights = model.sanitize(weights)
+    check_weights(model, weights, src)
+    target = DTYPES[dtype] if dtype else None
+    if target is None:
+        src_dtype = config.get("torch_dtype") or config.get("dtype")
+        target = DTYPES.get(src_dtype, next(iter(weights.values())).dtype)
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+    config = normalize_rope_config(config)
+    config["torch_dtype"] = {v: k for k, v in DTYPES.items()}.get(target, "float32")
+    if quantize:
+        config = quantize_model(model, config, bits=q_bits, group_size=q_group_size)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        print(f"writing {dst} ...", file=sys.stderr)
+        save_model(tmp, model, config)
+        copy_tokenizer_files(src, tmp)
+        if adapter is not None and keep_lora:
+            peft_to_mlx_lm_adapter(adapter, tmp, len(model.layers))
+        for j in stream_jsons:
+            convert_streams(j, model, tmp, j.stem)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+            dst.replace(old / "x")
+            tmp.replace(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"converted {src} -> {dst} in {time.perf_counter() - tic:.1f}s; peak memory "
+          f"{mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+    if verify:
+        print(f"max |logit difference| vs PyTorch: {verify_against_torch(src, dst, adapter if not keep_lora else None):.3g}")
+    return dst
+
+
+def verify_against_torch(src: Path, dst: Path, adapter: Optional[Path] = None, prompts=None) -> float:
+    """Run the transformers model and the converted MLX model on a few prompts."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise CheckpointError("--verify needs torch and transformers (pip install -e '.[torch]')") from None
+    import numpy as np
+
+    from .utils import load_model
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    if adapter is not None:
+        import peft
+
+        hf = peft.PeftModel.from_pretrained(hf, adapter).merge_and_unload()
+    ours, cfg = load_model(dst)
+    rng = np.random.RandomState(0)
+    prompts = prompts or [rng.randint(3, cfg["vocab_size"], size=n).tolist() for n in (5, 17, 33)]
+    worst = 0.0
+    for p in prompts:
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits.float().numpy()
+        out = np.array(ours(mx.array([p])).astype(mx.float32))
+        worst = max(worst, float(np.abs(out - ref).max()))
+    return worst
+
+
+def setup_arg_parser(parser=None):
+    p = parser or argparse.ArgumentParser(description="Convert a PyTorch/HF checkpoint to MLX")
+    p.add_argument("--torch-path", required=True, help="HF model folder (+ speculative_streams*, + PEFT adapter)")
+    p.add_argument("--mlx-path", required=True, help="destination folder")
+    p.add_argument("-q", "--quantize", action="store_true")
+    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the source's dtype")
+    p.add_argument("--adapter-path", default=None, help="PEFT LoRA adapter folder (default: in --torch-path)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fuse-lora", action="store_true", help="merge the LoRA into the base (default)")
+    g.add_argument("--keep-lora", action="store_true", help="write the LoRA as an mlx-lm adapter instead")
+    p.add_argument("--streams-only", action="store_true", help="convert only stream files into an existing base")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--verify", action="store_true", help="compare logits with PyTorch after converting")
+    return p
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    convert(args.torch_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
+            q_group_size=args.q_group_size, dtype=args.dtype, adapter_path=args.adapter_path,
+            keep_lora=args.keep_lora, streams_only=args.streams_only, force=args.force, verify=args.verify)
+    return 0

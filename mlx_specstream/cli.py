@@ -10,6 +10,7 @@ VERBS = {
     "chat": ("mlx_specstream.chat", "chat in the terminal (streaming, KV reuse across turns)"),
     "serve": ("mlx_specstream.server", "OpenAI-compatible HTTP server"),
     "convert": ("mlx_specstream.convert", "convert a PyTorch/HF checkpoint (+ streams, + LoRA) to MLX"),
+    "bench": ("mlx_specstream.bench", "benchmark harness: peers side by side; `bench compare`, `bench tune`"),
     "train": ("mlx_specstream.train", "train speculative streams (lossless / shared / pruning)"),
 }
 

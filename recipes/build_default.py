@@ -63,7 +63,7 @@ def distill(model_dir: Path, out: Path, n_train: int, n_valid: int, prompt_len: 
 
     from mlx_specstream.cache import make_cache
     from mlx_specstream.utils import load
-    from stdlib_data import read, split_files
+    from mlx_specstream.stdlib_data import read, split_files
 
     model, tok = load(str(model_dir), streams=False)
     model.update(__import__("mlx.utils").utils.tree_map(lambda p: p.astype(mx.float32), model.parameters()))

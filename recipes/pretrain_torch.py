@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stdlib_data import read, split_files
+from mlx_specstream.stdlib_data import read, split_files
 
 TOKENIZER_ARGS = dict(
     model_type="bpe", byte_fallback=True, character_coverage=0.9995, bos_id=1, eos_id=2,

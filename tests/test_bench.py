@@ -1,0 +1,89 @@
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_map
+
+from mlx_specstream.bench import (METHOD_FIELDS, choose_tree, compare, divergence, expected_tokens, plots,
+                                  run_bench, table, write_csv)
+from mlx_specstream.medusa import MedusaConfig, MedusaHeads, save_medusa
+from mlx_specstream.streams import SpeculativeStreams, StreamConfig, save_streams
+from mlx_specstream.utils import load_model
+
+
+@pytest.fixture(scope="module")
+def bench_result(hf_model, tmp_path_factory):
+    src, _ = hf_model("llama")
+    d = tmp_path_factory.mktemp("bench") / "m"
+    shutil.copytree(src, d)
+    base, _ = load_model(d)
+    mx.random.seed(0)
+    s = SpeculativeStreams(StreamConfig(num_streams=3, num_msa_layers=2), base)
+    s.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, s.parameters()))
+    save_streams(d, s)
+    heads = MedusaHeads(MedusaConfig(num_heads=2), base)
+    heads.init_from_lm_head(base)
+    save_medusa(d / "medusa", heads)
+    draft = hf_model("llama_linear_rope")[0]  # any model with the same vocabulary
+    res = run_bench(str(d), trees=["default", "chain"], prompts="random:12", n_prompts=2, max_tokens=16,
+                    trials=2, warmup=1, draft=str(draft), medusa=str(d / "medusa"), progress=False)
+    return res, d
+
+
+def test_every_method_and_metric_present(bench_result):
+    res, _ = bench_result
+    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "mlx_lm_draft[3]"}
+    for name, m in res["methods"].items():
+        for f in METHOD_FIELDS:
+            assert f in m, (name, f)
+        assert m["decode_tps"]["min"] <= m["decode_tps"]["median"] <= m["decode_tps"]["max"]
+        assert set(m["latency_ms"]) == {"p50", "p90", "p99"}
+    fp = res["fingerprint"]
+    for k in ("backend", "device", "memory_gb", "os", "python", "mlx", "mlx_lm", "blas"):
+        assert k in fp
+    # greedy peers produce our AR's tokens
+    for name in ("mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "mlx_lm_draft[3]"):
+        assert res["methods"][name]["equal_to_ar"], name
+    assert res["methods"]["ss[default]"]["extra_params"] > 0
+    assert res["methods"]["ours_ar"]["mean_accepted"] == 1.0
+    json.dumps(res)  # serialisable
+
+
+def test_outputs(bench_result, tmp_path):
+    res, _ = bench_result
+    t = table(res)
+    assert "ss[default]" in t and "mlx_lm_ar" in t
+    write_csv(res, tmp_path / "r.csv")
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + len(res["methods"])
+    files = plots(res, tmp_path / "plots", cost_curve={1: 1.0, 4: 1.2, 16: 2.0})
+    assert all(f.exists() and f.stat().st_size > 1000 for f in files) and len(files) == 4
+
+
+def test_divergence():
+    d = divergence([[1, 2, 3], [1, 2, 3], [1, 2]], [[1, 2, 3], [1, 9, 3], [1, 2, 5]])
+    assert d == {"equal_to_ar": False, "divergence_rate": 2 / 3, "first_divergence": [None, 1, 2]}
+    assert divergence([[4]], [[4]])["equal_to_ar"]
+
+
+def test_compare_reports_planted_difference(bench_result):
+    res, _ = bench_result
+    other = json.loads(json.dumps(res))
+    other["methods"]["ss[default]"]["decode_tps"]["median"] *= 2
+    other["fingerprint"]["device"] = "Apple M9"
+    out = compare(res, other)
+    assert "device" in out and "Apple M9" in out
+    line = [l for l in out.splitlines() if l.startswith("ss[default]")][0]
+    assert line.split()[3] == "2.00"
+
+
+def test_tuner_picks_known_best_tree():
+    # Stream 1's top-1 is almost always right, rank 1 rarely; stream 2 is useless.
+    acc = [[0.9, 0.05, 0.01], [0.02, 0.01, 0.0]]
+    flat = {1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0}  # verification is free up to 8 nodes
+    paths, _ = choose_tree(flat, acc, 2, max_nodes=8)
+    assert paths[0] == (0,) and len(paths) == 7  # with free compute take every helpful node
+    steep = {1: 10.0, 2: 11.0, 4: 40.0, 8: 80.0}  # more than 2 nodes is expensive
+    paths, _ = choose_tree(steep, acc, 2, max_nodes=8)
+    assert paths == ((0,),)
+    assert expected_tokens(((0,), (0, 0)), acc) == pytest.approx(1 + 0.9 + 0.9 * 0.02)

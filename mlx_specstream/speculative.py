@@ -11,7 +11,7 @@ import numpy as np
 
 from .cache import KVCache, make_cache
 from .sample import GreedyAcceptance
-from .streams import SpeculativeStreams, bottom_forward, early_exit_logits, msa_forward
+from .streams import SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward
 from .tree import Tree, build_tree, device_tree, prune
 
 ROOT_ONLY = build_tree(())
@@ -114,8 +114,6 @@ def speculative_generate_step(
     context: Optional[int] = None,
 ) -> Generator[StepResult, None, None]:
     """Yield one :class:`StepResult` per forward pass (the first one comes from the prompt)."""
-    from .generate import _prefill
-
     accept = accept or GreedyAcceptance()
     tree = tree or build_tree(streams.config.tree_paths)
     k = max(tree.max_rank, 1)
@@ -124,9 +122,11 @@ def speculative_generate_step(
         kv.reserve(kv.offset + prompt.size + max_tokens + tree.size + 1)
     # Prompt: all but the last token as plain main rows; the last one is a one-node tree that
     # yields the first correction token and the first draft.
-    rest = _prefill(model, prompt[:-1], cache, prefill_step_size) if prompt.size > 1 else prompt[:0]
-    if rest.size:
-        model(rest[None], cache=cache)
+    rest = prompt[:-1]
+    while rest.size:  # chunked; in shared mode the MSA layers' LoRA applies to prompt rows too
+        main_forward(model, streams, rest[:prefill_step_size][None], cache)
+        mx.eval([c.state for c in cache])
+        rest = rest[prefill_step_size:]
     state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((streams.config.num_streams, k), mx.int32),
                       cache[0].offset)
     step_tree = ROOT_ONLY

@@ -42,7 +42,7 @@ class StreamConfig:
     tree_budget: int = 12  # non-root nodes of the default sparse tree
     prune_threshold: float = 0.0  # τ; 0 disables parallel tree pruning
     pruning_rank: int = 8
-    lora_rank: int = 8  # stream-only LoRA (lossless mode); 0 = none
+    lora_rank: int = 8  # LoRA in the MSA layers: stream rows only (lossless) or every row (shared); 0 = none
     lora_scale: float = 1.0
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
 
@@ -57,9 +57,6 @@ class StreamConfig:
             raise ValueError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
         if self.stream_positions not in POSITION_POLICIES:
             raise ValueError(f"stream_positions must be one of {POSITION_POLICIES}")
-        if self.lora_rank and self.mode != "lossless":
-            # Shared-mode LoRA belongs to the model (fused into the base), not to the streams.
-            self.lora_rank = 0
         if not 0.0 <= self.prune_threshold < 1.0:
             raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         if self.tree is not None:
@@ -173,8 +170,35 @@ class SpeculativeStreams(nn.Module):
                     n += c.lora_rank * (d_in + d_out)
         return n
 
+    @property
+    def changes_main(self) -> bool:
+        """Whether main-stream outputs differ from the base model's (shared mode with LoRA or
+        with main rows seeing streams): then plain decoding must run the stream forward too."""
+        c = self.config
+        return c.main_sees_streams or (c.mode == "shared" and c.lora_rank > 0)
+
+    def fuse_lora(self, model) -> None:
+        """Shared mode: merge the LoRA into the base model's MSA-layer weights (in place) and drop
+        it from the streams. Float weights only."""
+        if self.config.mode != "shared" or not self.config.lora_rank:
+            raise ValueError("only shared-mode LoRA can be fused into the base")
+        n = len(model.layers)
+        for i, layer in enumerate(model.layers[n - self.config.num_msa_layers :]):
+            for key, ad in self.lora[i].items():
+                node = layer
+                *parents, leaf = key.split("__")
+                for p in parents:
+                    node = getattr(node, p)
+                lin = getattr(node, leaf)
+                if not isinstance(lin, nn.Linear):
+                    raise ValueError("cannot fuse LoRA into a quantized layer; fuse before quantizing")
+                delta = (self.config.lora_scale * (ad.lora_a @ ad.lora_b)).T
+                lin.weight = (lin.weight + delta.astype(lin.weight.dtype))
+        self.config.lora_rank = 0
+        del self["lora"]
+
     def stream_layer(self, layer: nn.Module, i: int) -> nn.Module:
-        """MSA layer ``i`` as seen by stream rows: the base layer with its stream LoRA views."""
+        """MSA layer ``i`` with its LoRA views (stream rows in lossless mode, all rows in shared)."""
         if not self.config.lora_rank:
             return layer
         view = copy.copy(layer)
@@ -295,12 +319,13 @@ def msa_forward(
     joint_mask = _with_prefix(full, prefix)
     pos_joint = mx.concatenate([positions, pos_s])
     for i, (layer, cache) in enumerate(zip(layers, caches)):
+        view = streams.stream_layer(layer, i)
         if c.main_sees_streams:
-            out = layer(mx.concatenate([h_main, h_str], axis=1), joint_mask, _MainRowsCache(cache, T), pos_joint)
+            out = view(mx.concatenate([h_main, h_str], axis=1), joint_mask, _MainRowsCache(cache, T), pos_joint)
             h_main, h_str = out[:, :T], out[:, T:]
-        else:  # main rows are exactly the base model's; streams read their K/V
-            h_main = layer(h_main, main_mask, cache, positions)
-            h_str = streams.stream_layer(layer, i)(h_str, str_mask, _ReadOnlyCache(cache), pos_s)
+        else:  # main rows never see streams; streams read the main rows' K/V
+            h_main = (view if c.mode == "shared" else layer)(h_main, main_mask, cache, positions)
+            h_str = view(h_str, str_mask, _ReadOnlyCache(cache), pos_s)
     return h_main, h_str
 
 
@@ -310,6 +335,18 @@ def bottom_forward(model, streams, tokens, *, mask, positions, caches=None) -> m
     h = model.embed(tokens, cache=caches, positions=positions)
     for i, layer in enumerate(model.layers[:n_bottom]):
         h = layer(h, mask, caches[i] if caches else None, positions)
+    return h
+
+
+def main_forward(model, streams, tokens, cache, *, mask="causal") -> mx.array:
+    """Main rows only (no streams attached), e.g. prompt prefill: base layers, except that in
+    shared mode the MSA layers carry their (shared) LoRA. Returns the last hidden states."""
+    n_bottom = len(model.layers) - streams.config.num_msa_layers
+    h = model.embed(tokens, cache=cache)
+    for i, layer in enumerate(model.layers):
+        if i >= n_bottom and streams.config.mode == "shared":
+            layer = streams.stream_layer(layer, i - n_bottom)
+        h = layer(h, mask if tokens.shape[1] > 1 else None, cache[i] if cache else None, None)
     return h
 
 
@@ -437,7 +474,7 @@ class SpecStreamModel(nn.Module):
 
     @property
     def main_depends_on_streams(self) -> bool:
-        return self.streams.config.main_sees_streams
+        return self.streams.changes_main
 
     def __call__(self, inputs, cache=None, *, mask=None, positions=None):
         """Main-stream logits. Exactly the base model's unless main rows see streams, in which

@@ -189,7 +189,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         lj = sums[j] / mx.maximum(counts[j], 1)
         metrics[f"stream{j + 1}"] = lj
         total = total + weights.stream * lj
-    if weights.ntp:
+    if weights.ntp and main_logits is not None:
         ce = nn.losses.cross_entropy(main_logits, y) * m
         ntp = ce.sum() / mx.maximum(m.sum(), 1)
         metrics["ntp"] = ntp

@@ -61,7 +61,10 @@ def test_greedy_speculative_equals_plain_greedy(hf_model, name, gamma, ns, tree,
                        tree=[list(p) for p in tree] if tree else None)
     streams = randomize(SpeculativeStreams(cfg, model), seed=plen)
     prompt = _prompt(plen, seed=plen)
-    ref = ar_tokens(model, prompt, 150)  # lossless and shared w/o main_sees_streams: the base
+    if streams.changes_main:  # shared-mode LoRA: the model's own one-token-per-step decoding
+        ref, _ = spec_tokens(model, streams, prompt, 150, tree=ROOT_ONLY)
+    else:  # lossless: the base model itself
+        ref = ar_tokens(model, prompt, 150)
     got, steps = spec_tokens(model, streams, prompt, 150)
     assert got == ref
     assert steps <= 150
@@ -210,3 +213,22 @@ def test_cli_speculative_json(hf_model, tmp_path, capsys):
     assert spec["text"] == ar["text"] == cart["text"]
     assert spec["speculative"] and not ar["speculative"]
     assert spec["steps"] < ar["steps"] == 30 and "acceptance_by_depth" in spec
+
+
+def test_shared_lora_fuses_into_the_base(hf_model):
+    model, _ = load_model(hf_model("qwen3")[0])
+    cfg = StreamConfig(num_streams=2, num_msa_layers=2, mode="shared", lora_rank=4)
+    streams = randomize(SpeculativeStreams(cfg, model), scale=0.2)
+    assert streams.changes_main
+    prompt = _prompt(10, seed=5)
+    shared, _ = spec_tokens(model, streams, prompt, 60)
+    from mlx_specstream.streams import forward_with_streams
+
+    main_before, str_before = forward_with_streams(model, streams, prompt[None])
+    streams.fuse_lora(model)
+    assert not streams.changes_main and streams.config.lora_rank == 0
+    main_after, str_after = forward_with_streams(model, streams, prompt[None])
+    np.testing.assert_allclose(np.array(main_after), np.array(main_before), atol=1e-4)
+    np.testing.assert_allclose(np.array(str_after), np.array(str_before), atol=1e-4)
+    np.testing.assert_allclose(np.array(model(prompt[None])), np.array(main_before), atol=1e-4)
+    assert ar_tokens(model, prompt, 60) == shared

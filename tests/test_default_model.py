@@ -1,0 +1,61 @@
+"""The embedded default model: loads offline, generates code, speculative greedy == AR greedy."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from mlx_specstream.generate import stream_generate
+from mlx_specstream.stdlib_data import eval_prompts
+from mlx_specstream.streams import SpecStreamModel
+from mlx_specstream.utils import default_model_path, load
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load()
+
+
+def test_assets_are_small_and_complete():
+    root = default_model_path().parent
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= 25 * 2**20, f"default assets are {total / 2**20:.1f} MB"
+    base = default_model_path()
+    for f in ("config.json", "model.safetensors", "tokenizer.model", "speculative_streams.json",
+              "speculative_streams.safetensors", "speculative_streams-shared.json"):
+        assert (base / f).exists(), f
+    assert (root / "draft" / "config.json").exists()
+
+
+def test_default_model_speculative_equals_ar(default):
+    model, tok = default
+    assert isinstance(model, SpecStreamModel) and model.streams.config.mode == "lossless"
+    for p in eval_prompts(3):
+        prompt = p["prompt"]
+        spec = list(stream_generate(model, tok, prompt, max_tokens=64))
+        ar = list(stream_generate(model, tok, prompt, max_tokens=64, speculative=False))
+        assert [t for r in spec for t in r.tokens] == [t for r in ar for t in r.tokens]
+        assert spec[-1].steps < ar[-1].steps  # the trained streams do get accepted
+
+
+def test_default_model_writes_code(default):
+    model, tok = default
+    text = "".join(r.text for r in stream_generate(model, tok, "import os\n\n\ndef read_lines(path):\n", max_tokens=60))
+    assert "\n" in text and any(k in text for k in ("return", "with", "open", "for", "if", "="))
+
+
+def test_shared_variant_equals_its_own_ar():
+    model, tok = load(streams="shared")
+    assert model.streams.config.mode == "shared"
+    prompt = eval_prompts(1)[0]["prompt"]
+    spec = [t for r in stream_generate(model, tok, prompt, max_tokens=48) for t in r.tokens]
+    ar = [t for r in stream_generate(model, tok, prompt, max_tokens=48, speculative=False) for t in r.tokens]
+    assert spec == ar
+
+
+def test_cli_generate_with_no_model(capsys):
+    from mlx_specstream.cli import main
+
+    assert main(["generate", "--prompt", "def add(a, b):", "-m", "24", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["speculative"] and out["generation_tokens"] > 0 and out["mean_accepted"] > 1.0

@@ -210,7 +210,7 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
 def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
               prompts: str = "heldout", n_prompts: int = 8, max_tokens: int = 128, trials: int = 3,
               warmup: int = 1, draft: Optional[str] = None, num_draft: int = 3, medusa: Optional[str] = None,
-              seed: int = 0, progress=True) -> dict:
+              seed: int = 0, progress=True, dtype: Optional[str] = None) -> dict:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     from .medusa import MedusaModel, load_medusa
@@ -220,10 +220,15 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
 
     mx.random.seed(seed)
     path = default_model_path() if model_path is None else get_model_path(model_path)
-    model, tok = load(str(path))
+    model, tok = load(str(path), dtype=dtype)
     base = model.base if isinstance(model, SpecStreamModel) else model
     streams = getattr(model, "streams", None)
     lm_model, _ = mlx_lm_load_model(path)
+    if dtype:  # the same weights in the same dtype for every peer
+        from mlx.utils import tree_map
+
+        lm_model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                 lm_model.parameters()))
     ids = load_prompts(prompts, n_prompts, tok, base.args.vocab_size)
     plan: List[Tuple[str, Callable[[List[int]], Run], int]] = []  # (name, fn, extra params)
     plan.append(("ours_ar", lambda p: _ours(base, tok, p, max_tokens, speculative=False), 0))
@@ -234,11 +239,16 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
             plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths),
                          streams.num_params))
     if medusa:
-        heads = load_medusa(Path(medusa), base)
+        heads = load_medusa(Path(medusa), base)  # cast to the base's dtype
         mm = MedusaModel(base, heads)
         plan.append(("medusa", lambda p: _ours(mm, tok, p, max_tokens), heads.num_params))
     if draft:
         d_model, _ = mlx_lm_load_model(get_model_path(draft))
+        if dtype:
+            from mlx.utils import tree_map
+
+            d_model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                    d_model.parameters()))
         n_draft = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(d_model.parameters()))
         plan.append((f"mlx_lm_draft[{num_draft}]", lambda p: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft), n_draft))
     if methods:
@@ -552,6 +562,8 @@ def setup_arg_parser(parser=None):
     p.add_argument("--num-draft", type=int, default=3)
     p.add_argument("--medusa", default=None, help="folder with medusa_heads.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast every peer's weights (CPU: float32 is fastest)")
     p.add_argument("--quick", action="store_true", help="small run (~1 minute on 2 CPU cores)")
     p.add_argument("--json", default=None)
     p.add_argument("--csv", default=None)
@@ -592,7 +604,7 @@ def main(argv=None) -> int:
     res = run_bench(args.model, methods=args.methods.split(",") if args.methods else None,
                     trees=args.tree or ["default"], prompts=args.prompts, n_prompts=args.n_prompts,
                     max_tokens=args.max_tokens, trials=args.trials, warmup=args.warmup, draft=draft,
-                    num_draft=args.num_draft, medusa=args.medusa, seed=args.seed)
+                    num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype)
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

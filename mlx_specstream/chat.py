@@ -24,6 +24,8 @@ def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="Chat with a model")
     p.add_argument("--model", default=None)
     p.add_argument("--streams", default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="cast weights at load (CPU: float32 is fastest)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--no-speculate", action="store_true")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load(args.model, streams=args.streams)
+    model, tokenizer = load(args.model, streams=args.streams, dtype=args.dtype)
     chat = Chat(model, tokenizer, system_prompt=args.system_prompt,
                 sampling=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p),
                 max_tokens=args.max_tokens, speculative=False if args.no_speculate else None)

@@ -322,6 +322,8 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser = parser or argparse.ArgumentParser(description="Generate text")
     parser.add_argument("--model", default=None, help="model folder or hub repo (default: embedded model)")
     parser.add_argument("--revision", default=None)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="cast weights at load (CPU: float32 is fastest)")
     parser.add_argument("--prompt", "-p", default="-", help="prompt text ('-' reads stdin)")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     add_sampling_args(parser)
@@ -351,7 +353,7 @@ def main(argv=None) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load(args.model, revision=args.revision,
                             quantize=args.q_bits if args.quantize else None,
-                            q_group_size=args.q_group_size, streams=args.streams,
+                            q_group_size=args.q_group_size, streams=args.streams, dtype=args.dtype,
                             prune_threshold=args.prune_threshold)
     streams = getattr(model, "streams", None)
     tree = None

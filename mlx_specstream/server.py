@@ -346,6 +346,8 @@ def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="OpenAI-compatible server")
     p.add_argument("--model", default=None)
     p.add_argument("--streams", default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="cast weights at load (CPU: float32 is fastest)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
     from .utils import load
 
     args = setup_arg_parser().parse_args(argv)
-    model, tokenizer = load(args.model, streams=args.streams)
+    model, tokenizer = load(args.model, streams=args.streams, dtype=args.dtype)
     model_id = args.model or "specstream-default"
     ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,
                      max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None)

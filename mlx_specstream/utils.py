@@ -225,6 +225,7 @@ def load(
     q_group_size: int = 64,
     streams: Union[str, bool, None] = None,
     medusa: bool = False,
+    dtype: Optional[str] = None,
     **stream_overrides,
 ):
     """Load ``(model, tokenizer)`` from a local folder or a hub repo id.
@@ -234,12 +235,15 @@ def load(
     one, a name picks ``speculative_streams-NAME.json``, a path picks that file, ``False`` loads
     the base alone. ``stream_overrides`` (e.g. ``tree=``, ``prune_threshold=``) override the
     stream config. With streams the model is a :class:`SpecStreamModel`. ``medusa=True`` attaches
-    the folder's Medusa heads instead (the baseline).
+    the folder's Medusa heads instead (the baseline). ``dtype`` (``float32``, ``float16``,
+    ``bfloat16``) casts float weights at load: on CPUs, float32 uses BLAS and is much faster.
     """
     from .tokenizer import load_tokenizer
 
     path = default_model_path() if path_or_hf_repo is None else get_model_path(path_or_hf_repo, revision)
-    model, config = load_model(path, lazy=lazy)
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    model, config = load_model(path, lazy=lazy, dtype=getattr(mx, dtype) if dtype else None)
     if quantize:
         if "quantization" in config:
             raise ValueError(f"{path} is already quantized ({config['quantization']})")

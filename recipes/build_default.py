@@ -133,13 +133,13 @@ def main():
               "--val-batches", "4", "--save-every", "100"]
     if stage("streams", (base / "speculative_streams.json").exists()):
         timed("streams", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "lossless",
-                                      "--mode", "lossless", "--num-streams", "4", "--msa-layers", "2",
+                                      "--mode", "lossless", "--num-streams", "4", "--msa-layers", "4",
                                       "--iters", args.stream_iters, "--lr", "2e-3", *common], cwd=ROOT))
         for ext in ("json", "safetensors"):
             shutil.copy(work / "lossless" / f"speculative_streams.{ext}", base / f"speculative_streams.{ext}")
     if stage("shared", (base / "speculative_streams-shared.json").exists()):
         timed("shared", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "shared",
-                                     "--mode", "shared", "--num-streams", "4", "--msa-layers", "2",
+                                     "--mode", "shared", "--num-streams", "4", "--msa-layers", "4",
                                      "--iters", args.shared_iters, "--lr", "2e-3", *common], cwd=ROOT))
         for ext in ("json", "safetensors"):
             shutil.copy(work / "shared" / f"speculative_streams.{ext}", base / f"speculative_streams-shared.{ext}")

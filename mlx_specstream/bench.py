@@ -224,6 +224,10 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     base = model.base if isinstance(model, SpecStreamModel) else model
     streams = getattr(model, "streams", None)
     lm_model, _ = mlx_lm_load_model(path)
+    from .streams import model_dtype
+
+    if "quantization" not in json.loads((path / "config.json").read_text()):
+        dtype = dtype or {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[model_dtype(base)]
     if dtype:  # the same weights in the same dtype for every peer
         from mlx.utils import tree_map
 

@@ -69,8 +69,8 @@ def weight_files(src: Path):
     return files
 
 
-def merge_peft(weights: Dict[str, mx.array], adapter_dir: Path) -> Dict[str, mx.array]:
-    """Fuse a PEFT LoRA adapter: ``W += (alpha / r) · B @ A`` for every adapted linear."""
+def read_peft(adapter_dir: Path):
+    """A PEFT LoRA adapter: (config, [(module name, A (r, in), B (out, r))])."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{adapter_dir}: only LoRA adapters are supported (got {cfg.get('peft_type')})")
@@ -78,46 +78,41 @@ def merge_peft(weights: Dict[str, mx.array], adapter_dir: Path) -> Dict[str, mx.
     if not files:
         raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors/.bin")
     ad = read_tensors(files, str(adapter_dir))
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scale = alpha / r
-    merged = dict(weights)
-    n = 0
+    pairs = []
     for k, a in ad.items():
         if ".lora_A." not in k:
             continue
-        b = ad[k.replace(".lora_A.", ".lora_B.")]
         name = k.split(".lora_A.")[0]
         for pre in ("base_model.model.", "base_model."):
             if name.startswith(pre):
                 name = name[len(pre):]
                 break
+        pairs.append((name, a, ad[k.replace(".lora_A.", ".lora_B.")]))
+    if not pairs:
+        raise CheckpointError(f"{adapter_dir}: no lora_A/lora_B tensors found")
+    return cfg, pairs
+
+
+def merge_peft(weights: Dict[str, mx.array], adapter_dir: Path) -> Dict[str, mx.array]:
+    """Fuse a PEFT LoRA adapter: ``W += (alpha / r) · B @ A`` for every adapted linear."""
+    cfg, pairs = read_peft(adapter_dir)
+    scale = cfg.get("lora_alpha", cfg["r"]) / cfg["r"]
+    merged = dict(weights)
+    for name, a, b in pairs:
         target = name + ".weight"
         if target not in merged:
             raise CheckpointError(f"LoRA adapter targets {target}, which the base checkpoint lacks")
         w = merged[target]
         merged[target] = (w.astype(mx.float32) + scale * (b.astype(mx.float32) @ a.astype(mx.float32))).astype(w.dtype)
-        n += 1
-    if n == 0:
-        raise CheckpointError(f"{adapter_dir}: no lora_A/lora_B tensors found")
     return merged
 
 
 def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int) -> None:
     """Keep LoRA separate, in mlx-lm's adapter format (``adapters.safetensors`` +
     ``adapter_config.json``), loadable by ``mlx_lm.utils.load_adapters`` and our ``load``."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    files = sorted(adapter_dir.glob("adapter_model.safetensors")) or sorted(adapter_dir.glob("adapter_model.bin"))
-    ad = read_tensors(files, str(adapter_dir))
+    cfg, pairs = read_peft(adapter_dir)
     out, keys, layers = {}, set(), set()
-    for k, a in ad.items():
-        if ".lora_A." not in k:
-            continue
-        b = ad[k.replace(".lora_A.", ".lora_B.")]
-        name = k.split(".lora_A.")[0]
-        for pre in ("base_model.model.", "base_model."):
-            if name.startswith(pre):
-                name = name[len(pre):]
-                break
+    for name, a, b in pairs:
         parts = name.split(".")
         li = parts.index("layers")
         layers.add(int(parts[li + 1]))

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from .cache import KVCache, make_cache
 from .sample import GreedyAcceptance
+from .streams import DraftedModel
 from .tree import Tree, build_tree, device_tree, sparse
 
 MEDUSA_CONFIG = "medusa_heads.json"
@@ -81,21 +82,12 @@ class MedusaHeads(nn.Module):
         return self.config.num_heads * (h * h + h + h * V)
 
 
-class MedusaModel(nn.Module):
+class MedusaModel(DraftedModel):
+    """A base model with Medusa heads attached (the baseline)."""
+
     def __init__(self, base, medusa: MedusaHeads):
-        super().__init__()
-        self.base, self.medusa = base, medusa
-
-    @property
-    def args(self):
-        return self.base.args
-
-    @property
-    def layers(self):
-        return self.base.layers
-
-    def __call__(self, inputs, cache=None, *, mask=None, positions=None):
-        return self.base(inputs, cache, mask=mask, positions=positions)
+        super().__init__(base)
+        self.medusa = medusa
 
 
 def final_hidden(model, tokens, cache, mask, positions):
@@ -113,7 +105,7 @@ def medusa_generate_step(
     """Yield one StepResult per forward pass: verify the tree, draft from the heads at the last
     accepted node (same bookkeeping as :func:`speculative.spec_step`)."""
     from .generate import _prefill
-    from .speculative import ROOT_ONLY, SpecState, StepResult, _tree_tokens
+    from .speculative import ROOT_ONLY, SpecState, StepResult, _tree_tokens, top_candidates
 
     accept = accept or GreedyAcceptance()
     tree = tree or build_tree(medusa.config.tree_paths)
@@ -136,10 +128,7 @@ def medusa_generate_step(
         h = final_hidden(model, tokens[None], cache, mask, dt.depth + P)[0]
         logits = model.head(h)
         best, correction = accept(dt, tokens, logits)
-        mlog = medusa(h[best])  # (K, V)
-        cand = mx.argpartition(-mlog, kth=k - 1, axis=-1)[:, :k]
-        order = mx.argsort(-mx.take_along_axis(mlog, cand, axis=-1), axis=-1)
-        cand = mx.take_along_axis(cand, order, axis=-1).astype(mx.int32)
+        cand = top_candidates(medusa(h[best]), k)  # (K, k) from the heads at the accepted node
         correction = correction.astype(mx.int32)
         mx.eval(best, correction, tokens, cand)  # the one host sync of the step
         path = step_tree.path_to(best.item())

@@ -34,6 +34,13 @@ class SpecState:
     prefix: int  # tokens in the cache
 
 
+def top_candidates(logits: mx.array, k: int) -> mx.array:
+    """(γ, V) draft logits -> (γ, k) token ids, best first."""
+    cand = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+    order = mx.argsort(-mx.take_along_axis(logits, cand, axis=-1), axis=-1)
+    return mx.take_along_axis(cand, order, axis=-1).astype(mx.int32)
+
+
 def _tree_tokens(tree: Tree, state: SpecState) -> mx.array:
     if tree.size == 1:
         return state.root.reshape(1)
@@ -81,10 +88,7 @@ def spec_step(
     best, correction = accept(dt, tokens, logits)
     # The next draft: stream logits of the last accepted node only.
     hs = h_str[0].reshape(tree.size, c.num_streams, -1)[best]
-    slog = model.head(model.final_norm(hs))  # (γ, V)
-    cand = mx.argpartition(-slog, kth=k_candidates - 1, axis=-1)[:, :k_candidates]
-    order = mx.argsort(-mx.take_along_axis(slog, cand, axis=-1), axis=-1)
-    cand = mx.take_along_axis(cand, order, axis=-1).astype(mx.int32)
+    cand = top_candidates(model.head(model.final_norm(hs)), k_candidates)
     correction = correction.astype(mx.int32)
     mx.eval(best, correction, tokens, cand)  # the one host sync of the step
     b = best.item()

@@ -443,17 +443,13 @@ def load_streams(config_file: Path, model, **overrides) -> SpeculativeStreams:
     return streams
 
 
-class SpecStreamModel(nn.Module):
-    """A base model with a stream adapter attached. The base is shared, never copied: swap stream
-    files with :meth:`set_streams` without reloading it (per-task adapters)."""
+class DraftedModel(nn.Module):
+    """A base model plus a drafter: forwards the family seams (args, layers, embed, final_norm,
+    head) and the plain forward to the base, which is shared, never copied."""
 
-    def __init__(self, base: nn.Module, streams: SpeculativeStreams):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.streams = streams
-
-    def set_streams(self, streams: SpeculativeStreams) -> None:
-        self.streams = streams
 
     @property
     def args(self):
@@ -471,6 +467,21 @@ class SpecStreamModel(nn.Module):
 
     def head(self, h):
         return self.base.head(h)
+
+    def __call__(self, inputs, cache=None, *, mask=None, positions=None):
+        return self.base(inputs, cache, mask=mask, positions=positions)
+
+
+class SpecStreamModel(DraftedModel):
+    """A base model with a stream adapter attached. Swap stream files with :meth:`set_streams`
+    without reloading the base (per-task adapters)."""
+
+    def __init__(self, base: nn.Module, streams: SpeculativeStreams):
+        super().__init__(base)
+        self.streams = streams
+
+    def set_streams(self, streams: SpeculativeStreams) -> None:
+        self.streams = streams
 
     @property
     def main_depends_on_streams(self) -> bool:

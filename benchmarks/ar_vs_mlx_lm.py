@@ -57,7 +57,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--random", default=None, help="LAYERSxHIDDEN random Llama")
-    ap.add_argument("--dtype", default="float32", help="dtype of the random model")
+    ap.add_argument("--dtype", default="float32", help="dtype both sides run in (and of a random model)")
     ap.add_argument("-q", "--quantize", type=int, default=0, help="quantize both to 4 or 8 bits")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("-m", "--max-tokens", type=int, default=128)
@@ -66,12 +66,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     path = Path(args.model) if args.model else (random_llama(args.random, args.dtype) if args.random else default_model_path())
+    from mlx.utils import tree_map
+
+    def cast(m):
+        m.update(tree_map(lambda p: p.astype(getattr(mx, args.dtype)) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          m.parameters()))
+        return m
+
     ours, cfg = load_model(path)
+    if not args.quantize:
+        cast(ours)
     if args.quantize:
         cfg = quantize_model(ours, cfg, bits=args.quantize, group_size=64)
         path = Path(tempfile.mkdtemp()) / "quantized"
         save_model(path, ours, cfg)
     theirs, _ = mlx_lm_load(path)
+    if not args.quantize:
+        cast(theirs)  # the same weights in the same dtype on both sides
     prompt = mx.array(mx.random.randint(3, cfg["vocab_size"], (args.prompt_len,), key=mx.random.key(0)))
     n = args.max_tokens
 

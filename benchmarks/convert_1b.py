@@ -30,8 +30,6 @@ def main():
         cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                        num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                        tie_word_embeddings=False, torch_dtype="bfloat16")
-        with torch.device("meta"):
-            pass
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
         n = sum(p.numel() for p in model.parameters())
         if args.bin:

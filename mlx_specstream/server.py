@@ -22,12 +22,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .generate import PromptCache, context_limit, stream_generate
+from .generate import DEFAULT_MAX_TOKENS, PromptCache, context_limit, stream_generate
 from .sample import SamplingParams
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_MAX_TOKENS_LIMIT = 2048
-DEFAULT_MAX_TOKENS = 256
 
 
 class RequestError(Exception):

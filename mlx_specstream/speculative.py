@@ -70,7 +70,8 @@ def spec_step(
                        caches=cache[:n_bottom] + [None] * c.num_msa_layers)
     sel = None
     if c.prune_threshold > 0 and tree.size > 1:
-        # Parallel tree pruning: a child's early-exit probability under its parent (second sync).
+        # Parallel tree pruning: a child's early-exit probability under its parent. The surviving
+        # shape must be known on the host to shrink the MSA rows: a second sync, only when τ > 0.
         logp = early_exit_logits(model, streams, h[0])
         logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
         child_lp = logp[dt.parent_or_self, tokens]

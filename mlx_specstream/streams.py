@@ -95,14 +95,22 @@ class LoRAAdapter(nn.Module):
 
 
 class _LoRALinear(nn.Module):
-    """A transient view: the base linear plus an adapter (built per call, never saved)."""
+    """A transient view: the base linear plus an adapter (built per call, never saved). With
+    ``first_row`` the adapter applies to rows ``>= first_row`` only (stream rows of a joint call),
+    so the rows before are exactly the base linear's."""
 
-    def __init__(self, base, adapter: LoRAAdapter, scale: float):
+    def __init__(self, base, adapter: LoRAAdapter, scale: float, first_row: int = 0):
         super().__init__()
-        self.base, self.adapter, self.scale = base, adapter, scale
+        self.base, self.adapter, self.scale, self.first_row = base, adapter, scale, first_row
 
     def __call__(self, x):
-        return self.base(x) + self.scale * self.adapter(x)
+        y = self.base(x)
+        n = self.first_row
+        if not n:
+            return y + self.scale * self.adapter(x)
+        if x.ndim == 2:  # (rows, h): no batch axis
+            return mx.concatenate([y[:n], y[n:] + self.scale * self.adapter(x[n:])], axis=0)
+        return mx.concatenate([y[:, :n], y[:, n:] + self.scale * self.adapter(x[:, n:])], axis=1)
 
 
 def _linear_shape(m) -> Tuple[int, int]:
@@ -197,8 +205,9 @@ class SpeculativeStreams(nn.Module):
         self.config.lora_rank = 0
         del self["lora"]
 
-    def stream_layer(self, layer: nn.Module, i: int) -> nn.Module:
-        """MSA layer ``i`` with its LoRA views (stream rows in lossless mode, all rows in shared)."""
+    def stream_layer(self, layer: nn.Module, i: int, first_row: int = 0) -> nn.Module:
+        """MSA layer ``i`` with its LoRA views: on rows ``>= first_row`` (lossless joint calls put
+        main rows first) or on every row."""
         if not self.config.lora_rank:
             return layer
         view = copy.copy(layer)
@@ -209,7 +218,7 @@ class SpeculativeStreams(nn.Module):
                 child = copy.copy(getattr(node, p))
                 setattr(node, p, child)
                 node = child
-            setattr(node, leaf, _LoRALinear(getattr(node, leaf), adapter, self.config.lora_scale))
+            setattr(node, leaf, _LoRALinear(getattr(node, leaf), adapter, self.config.lora_scale, first_row))
         return view
 
 
@@ -257,22 +266,9 @@ def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array) -
     return s.reshape(B, -1, d)
 
 
-class _ReadOnlyCache:
-    """Stream rows of a lossless MSA layer read the layer's cache (prefix + this step's main
-    rows) and their own K/V, and write nothing."""
-
-    def __init__(self, cache: KVCache):
-        self.cache, self.offset = cache, cache.offset
-
-    def update_and_fetch(self, k, v):
-        ck, cv = self.cache.state
-        if ck is None:
-            return k, v
-        return mx.concatenate([ck, k], axis=2), mx.concatenate([cv, v], axis=2)
-
-
 class _MainRowsCache:
-    """Joint main+stream call (shared mode, main sees streams): cache only the first n rows."""
+    """A joint main+stream call: cache only the first n (main) rows; stream K/V live for this
+    forward only."""
 
     def __init__(self, cache: KVCache, n_main: int):
         self.cache, self.n, self.offset = cache, n_main, cache.offset
@@ -314,18 +310,16 @@ def msa_forward(
     full = msa_mask(anc, owners, g, c.main_sees_streams)
     pos_s = stream_positions(positions, owners, g, c.stream_positions)
     h_str = insert_streams(streams, h_main, owners)
-    main_mask = _with_prefix(full[:T, :T], prefix)
-    str_mask = _with_prefix(full[T:], prefix)
     joint_mask = _with_prefix(full, prefix)
     pos_joint = mx.concatenate([positions, pos_s])
+    # One call per layer over [main ; streams] rows, caching main rows only. The mask keeps main
+    # rows off the streams (unless main_sees_streams); in lossless mode the LoRA views touch stream
+    # rows only, so main rows are exactly the base model's.
+    x = mx.concatenate([h_main, h_str], axis=1)
+    first = T if c.mode == "lossless" else 0
     for i, (layer, cache) in enumerate(zip(layers, caches)):
-        view = streams.stream_layer(layer, i)
-        if c.main_sees_streams:
-            out = view(mx.concatenate([h_main, h_str], axis=1), joint_mask, _MainRowsCache(cache, T), pos_joint)
-            h_main, h_str = out[:, :T], out[:, T:]
-        else:  # main rows never see streams; streams read the main rows' K/V
-            h_main = (view if c.mode == "shared" else layer)(h_main, main_mask, cache, positions)
-            h_str = view(h_str, str_mask, _ReadOnlyCache(cache), pos_s)
+        x = streams.stream_layer(layer, i, first)(x, joint_mask, _MainRowsCache(cache, T), pos_joint)
+    h_main, h_str = x[:, :T], x[:, T:]
     return h_main, h_str
 
 

@@ -41,7 +41,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     path = Path(args.model) if args.model else (random_llama(args.random, "float32") if args.random else default_model_path())
-    model, cfg = load_model(path)
+    # float32 on the CPU (as `load` does there): half-precision matmuls have no fast CPU path
+    model, cfg = load_model(path, dtype=mx.float32 if mx.default_device() == mx.cpu else None)
     streams = SpeculativeStreams(StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers), model)
     prompt = mx.random.randint(3, cfg["vocab_size"], (args.prefix,), key=mx.random.key(0)).astype(mx.int32)
     cache = make_cache(model)

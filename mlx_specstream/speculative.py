@@ -11,7 +11,8 @@ import numpy as np
 
 from .cache import KVCache, make_cache
 from .sample import GreedyAcceptance
-from .streams import SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward
+from .streams import (SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward,
+                      msa_mask)
 from .tree import Tree, build_tree, device_tree, prune
 
 ROOT_ONLY = build_tree(())
@@ -32,6 +33,20 @@ class SpecState:
     root: mx.array  # () int32
     candidates: mx.array  # (γ, k) int32, best first
     prefix: int  # tokens in the cache
+
+
+_MASKS: dict = {}
+
+
+def _msa_mask_for(dt, c) -> mx.array:
+    """The tree's multi-stream mask, built once per (tree shape, γ, main_sees_streams)."""
+    key = (dt.tree.paths, c.num_streams, c.main_sees_streams)
+    m = _MASKS.get(key)
+    if m is None:
+        m = msa_mask(dt.ancestors, mx.arange(dt.size), c.num_streams, c.main_sees_streams)
+        mx.eval(m)
+        _MASKS[key] = m
+    return m
 
 
 def top_candidates(logits: mx.array, k: int) -> mx.array:
@@ -83,8 +98,8 @@ def spec_step(
             h, tokens, positions = h[:, idx], tokens[idx], positions[idx]
             tree, dt = sub, device_tree(sub)
     owners = mx.arange(tree.size)
-    h_main, h_str = msa_forward(model, streams, h, anc=dt.ancestors, owners=owners,
-                                positions=positions, caches=cache[n_bottom:])
+    h_main, h_str = msa_forward(model, streams, h, anc=dt.ancestors, owners=owners, positions=positions,
+                                caches=cache[n_bottom:], full_mask=_msa_mask_for(dt, c))
     logits = model.head(model.final_norm(h_main))[0]  # (T, V)
     best, correction = accept(dt, tokens, logits)
     # The next draft: stream logits of the last accepted node only.

@@ -95,22 +95,15 @@ class LoRAAdapter(nn.Module):
 
 
 class _LoRALinear(nn.Module):
-    """A transient view: the base linear plus an adapter (built per call, never saved). With
-    ``first_row`` the adapter applies to rows ``>= first_row`` only (stream rows of a joint call),
-    so the rows before are exactly the base linear's."""
+    """A transient view: the base linear plus an adapter (built per call, never saved)."""
 
-    def __init__(self, base, adapter: LoRAAdapter, scale: float, first_row: int = 0):
+    def __init__(self, base, adapter: LoRAAdapter, scale):
         super().__init__()
-        self.base, self.adapter, self.scale, self.first_row = base, adapter, scale, first_row
+        self.base, self.adapter, self.scale = base, adapter, scale
 
     def __call__(self, x):
-        y = self.base(x)
-        n = self.first_row
-        if not n:
-            return y + self.scale * self.adapter(x)
-        if x.ndim == 2:  # (rows, h): no batch axis
-            return mx.concatenate([y[:n], y[n:] + self.scale * self.adapter(x[n:])], axis=0)
-        return mx.concatenate([y[:, :n], y[:, n:] + self.scale * self.adapter(x[:, n:])], axis=1)
+        # ``scale``: a number, or (R, 1) per-row scales that are 0 on main rows (exact base rows).
+        return self.base(x) + self.adapter(x) * self.scale
 
 
 def _linear_shape(m) -> Tuple[int, int]:
@@ -205,9 +198,9 @@ class SpeculativeStreams(nn.Module):
         self.config.lora_rank = 0
         del self["lora"]
 
-    def stream_layer(self, layer: nn.Module, i: int, first_row: int = 0) -> nn.Module:
-        """MSA layer ``i`` with its LoRA views: on rows ``>= first_row`` (lossless joint calls put
-        main rows first) or on every row."""
+    def stream_layer(self, layer: nn.Module, i: int, row_scale=None) -> nn.Module:
+        """MSA layer ``i`` with its LoRA views, scaled per row by ``row_scale`` ((R, 1), zero on
+        main rows in lossless joint calls) or by ``lora_scale`` on every row."""
         if not self.config.lora_rank:
             return layer
         view = copy.copy(layer)
@@ -218,7 +211,8 @@ class SpeculativeStreams(nn.Module):
                 child = copy.copy(getattr(node, p))
                 setattr(node, p, child)
                 node = child
-            setattr(node, leaf, _LoRALinear(getattr(node, leaf), adapter, self.config.lora_scale, first_row))
+            scale = self.config.lora_scale if row_scale is None else row_scale
+            setattr(node, leaf, _LoRALinear(getattr(node, leaf), adapter, scale))
         return view
 
 
@@ -294,12 +288,14 @@ def msa_forward(
     owners: mx.array,
     positions: mx.array,
     caches: Optional[List[KVCache]] = None,
+    full_mask: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Insert streams on ``owners`` and run the top Ns layers. Returns hidden states (before the
     final norm) of main rows (B, T, h) and stream rows (B, K·γ, h).
 
     ``caches``: the MSA layers' caches (decode: the prefix is cached and this step's main rows
     are appended); ``None`` for whole sequences (training), using transient caches.
+    ``full_mask``: :func:`msa_mask` of (anc, owners), when the caller has it precomputed.
     """
     c = streams.config
     g = c.num_streams
@@ -307,7 +303,7 @@ def msa_forward(
     caches = caches if caches is not None else [KVCache() for _ in layers]
     prefix = caches[0].offset
     T = h_main.shape[1]
-    full = msa_mask(anc, owners, g, c.main_sees_streams)
+    full = full_mask if full_mask is not None else msa_mask(anc, owners, g, c.main_sees_streams)
     pos_s = stream_positions(positions, owners, g, c.stream_positions)
     h_str = insert_streams(streams, h_main, owners)
     joint_mask = _with_prefix(full, prefix)
@@ -316,9 +312,11 @@ def msa_forward(
     # rows off the streams (unless main_sees_streams); in lossless mode the LoRA views touch stream
     # rows only, so main rows are exactly the base model's.
     x = mx.concatenate([h_main, h_str], axis=1)
-    first = T if c.mode == "lossless" else 0
+    row_scale = None
+    if c.mode == "lossless" and c.lora_rank:
+        row_scale = (mx.arange(x.shape[1]) >= T).astype(x.dtype)[:, None] * c.lora_scale
     for i, (layer, cache) in enumerate(zip(layers, caches)):
-        x = streams.stream_layer(layer, i, first)(x, joint_mask, _MainRowsCache(cache, T), pos_joint)
+        x = streams.stream_layer(layer, i, row_scale)(x, joint_mask, _MainRowsCache(cache, T), pos_joint)
     h_main, h_str = x[:, :T], x[:, T:]
     return h_main, h_str
 

@@ -86,3 +86,11 @@ class KVCache:
 
 def make_cache(model, max_size: Optional[int] = None) -> List[KVCache]:
     return [KVCache(max_size) for _ in model.layers]
+
+
+def prepared_cache(model, prompt_cache: Optional[List[KVCache]], rows: int) -> List[KVCache]:
+    """The given cache (or a new one) with room reserved for ``rows`` more rows."""
+    cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    for c in cache:
+        c.reserve(c.offset + rows)
+    return cache

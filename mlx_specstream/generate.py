@@ -13,7 +13,7 @@ from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, make_cache
+from .cache import KVCache, make_cache, prepared_cache
 from .sample import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
@@ -66,9 +66,7 @@ def generate_step(
     """Yield ``(token, logprobs)`` autoregressively. One host sync per token; the next token's
     graph is queued with ``mx.async_eval`` before the current one is read back."""
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
-    for c in cache:
-        c.reserve(c.offset + prompt.size + max_tokens + 1)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + 1)
     tokens = prompt if logits_processors else None
 
     def _step(y):

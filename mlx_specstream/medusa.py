@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import KVCache, make_cache
+from .cache import KVCache, prepared_cache
 from .sample import GreedyAcceptance
 from .streams import DraftedModel
 from .tree import Tree, build_tree, device_tree, sparse
@@ -110,9 +110,7 @@ def medusa_generate_step(
     accept = accept or GreedyAcceptance()
     tree = tree or build_tree(medusa.config.tree_paths)
     k = max(tree.max_rank, 1)
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
-    for kv in cache:
-        kv.reserve(kv.offset + prompt.size + max_tokens + tree.size + 1)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
     rest = _prefill(model, prompt[:-1], cache, prefill_step_size) if prompt.size > 1 else prompt[:0]
     if rest.size:
         model(rest[None], cache=cache)

@@ -9,7 +9,7 @@ from typing import Callable, Generator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache, make_cache
+from .cache import KVCache, prepared_cache
 from .sample import GreedyAcceptance
 from .streams import (SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward,
                       msa_mask)
@@ -137,9 +137,7 @@ def speculative_generate_step(
     accept = accept or GreedyAcceptance()
     tree = tree or build_tree(streams.config.tree_paths)
     k = max(tree.max_rank, 1)
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
-    for kv in cache:
-        kv.reserve(kv.offset + prompt.size + max_tokens + tree.size + 1)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
     # Prompt: all but the last token as plain main rows; the last one is a one-node tree that
     # yields the first correction token and the first draft.
     rest = prompt[:-1]

@@ -149,13 +149,23 @@ def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=3) -> Run:
 
     kw = {"draft_model": draft, "num_draft_tokens": num_draft} if draft is not None else {}
     tic = time.perf_counter()
-    toks, arr = [], []
+    toks, arr, depths, run_len = [], [], [], 0
     for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0), **kw):
         if r.finish_reason == "stop" and r.token in tok.eos_token_ids:
             break
-        arr.append((time.perf_counter() - tic, 1))
         toks.append(int(r.token))
-    return Run(toks, arr)
+        # mlx-lm streams token by token; a verify pass ends with the target's own token
+        # (from_draft False), so group accepted draft tokens with it into one step.
+        if draft is not None and getattr(r, "from_draft", False):
+            run_len += 1
+            continue
+        arr.append((time.perf_counter() - tic, run_len + 1))
+        if draft is not None and len(arr) > 1:
+            depths.append(run_len)
+        run_len = 0
+    if run_len:
+        arr.append((time.perf_counter() - tic, run_len))
+    return Run(toks, arr, depths, num_draft + 1 if draft is not None else 1)
 
 
 def divergence(outputs: List[List[int]], reference: List[List[int]]) -> dict:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Generator, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import KVCache, prepared_cache
+from .cache import KVCache
 from .sample import GreedyAcceptance
 from .streams import DraftedModel
 from .tree import Tree, build_tree, device_tree, sparse
@@ -90,61 +89,34 @@ class MedusaModel(DraftedModel):
         self.medusa = medusa
 
 
-def final_hidden(model, tokens, cache, mask, positions):
-    h = model.embed(tokens, cache=cache, positions=positions)
-    for i, layer in enumerate(model.layers):
-        h = layer(h, mask, cache[i] if cache else None, positions)
-    return model.final_norm(h)
-
-
 def medusa_generate_step(
     prompt: mx.array, model, medusa: MedusaHeads, *, max_tokens: int, accept: Optional[Callable] = None,
     tree: Optional[Tree] = None, prompt_cache: Optional[List[KVCache]] = None, prefill_step_size: int = 512,
     context: Optional[int] = None,
 ):
-    """Yield one StepResult per forward pass: verify the tree, draft from the heads at the last
-    accepted node (same bookkeeping as :func:`speculative.spec_step`)."""
-    from .generate import _prefill
-    from .speculative import ROOT_ONLY, SpecState, StepResult, _tree_tokens, top_candidates
+    """Yield one StepResult per forward pass: verify the tree with the base model, draft from the
+    heads at the last accepted node (the loop and bookkeeping of Speculative Streaming)."""
+    from .speculative import _tree_tokens, commit_step, decode_trees, tree_mask
 
     accept = accept or GreedyAcceptance()
-    tree = tree or build_tree(medusa.config.tree_paths)
-    k = max(tree.max_rank, 1)
-    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
-    rest = _prefill(model, prompt[:-1], cache, prefill_step_size) if prompt.size > 1 else prompt[:0]
-    if rest.size:
-        model(rest[None], cache=cache)
-    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((medusa.config.num_heads, k), mx.int32), cache[0].offset)
-    step_tree, n = ROOT_ONLY, 0
-    while n < max_tokens:
-        if context is not None and state.prefix + tree.max_depth + 1 > context:
-            step_tree = ROOT_ONLY
-        P = state.prefix
-        dt = device_tree(step_tree)
-        tokens = _tree_tokens(step_tree, state)
-        mask = mx.concatenate([mx.ones((step_tree.size, P), dtype=mx.bool_), dt.ancestors], axis=1) if P else dt.ancestors
-        h = final_hidden(model, tokens[None], cache, mask, dt.depth + P)[0]
-        logits = model.head(h)
-        best, correction = accept(dt, tokens, logits)
-        cand = top_candidates(medusa(h[best]), k)  # (K, k) from the heads at the accepted node
-        correction = correction.astype(mx.int32)
-        mx.eval(best, correction, tokens, cand)  # the one host sync of the step
-        path = step_tree.path_to(best.item())
-        toks = np.array(tokens)
-        out = [int(toks[i]) for i in path[1:]] + [correction.item()]
-        for kv in cache:
-            kv.compact(P, np.array(path, np.int32))
-        state = SpecState(correction, cand, P + len(path))
-        n += len(out)
-        yield StepResult(out, len(path) - 1, step_tree.size)
-        step_tree = tree
+
+    def step(t, state, cache, k):
+        dt = device_tree(t)
+        tokens = _tree_tokens(dt, state)
+        h = model.hidden(tokens[None], cache, mask=tree_mask(dt, state.prefix), positions=dt.depth + state.prefix)[0]
+        return commit_step(t, dt, tokens, model.head(h), lambda best: medusa(h[best]), cache, state.prefix, accept, k)
+
+    return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache),
+                        num_drafts=medusa.config.num_heads, tree=tree or build_tree(medusa.config.tree_paths),
+                        max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+                        context=context)
 
 
 def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array):
     """Σ_k CE(head_k(h_t), y[t+1+k]) over target positions; the base is frozen (no gradient)."""
     x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     L = x.shape[1]
-    h = mx.stop_gradient(final_hidden(model, x, None, "causal", mx.arange(L)))
+    h = mx.stop_gradient(model.hidden(x))
     logits = medusa(h)  # (B, L, K, V)
     total, metrics = mx.array(0.0), {}
     for k in range(medusa.config.num_heads):

@@ -3,7 +3,7 @@ the next one from the streams of the last accepted node."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
@@ -56,12 +56,38 @@ def top_candidates(logits: mx.array, k: int) -> mx.array:
     return mx.take_along_axis(cand, order, axis=-1).astype(mx.int32)
 
 
-def _tree_tokens(tree: Tree, state: SpecState) -> mx.array:
-    if tree.size == 1:
+def _tree_tokens(dt, state: SpecState) -> mx.array:
+    """The tree's tokens: the root, then each node's candidate (its stream, its rank)."""
+    if dt.size == 1:
         return state.root.reshape(1)
-    depth, rank = tree.depth[1:] - 1, tree.rank[1:]
-    drafts = state.candidates[mx.array(depth), mx.array(rank)]
+    drafts = state.candidates[dt.depth[1:] - 1, dt.rank[1:]]
     return mx.concatenate([state.root.reshape(1), drafts.astype(mx.int32)])
+
+
+def tree_mask(dt, prefix: int) -> mx.array:
+    """Tree nodes see the whole cached prefix and their ancestors."""
+    if not prefix:
+        return dt.ancestors
+    return mx.concatenate([mx.ones((dt.size, prefix), dtype=mx.bool_), dt.ancestors], axis=1)
+
+
+def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Callable, cache: List[KVCache], prefix: int,
+                accept: Callable, k: int, bottom_rows: Optional[np.ndarray] = None, n_bottom: int = 0):
+    """Shared by every drafter: accept on device, draft from the last accepted node, sync once,
+    then keep the accepted path's K/V. ``bottom_rows`` maps surviving nodes to the rows the first
+    ``n_bottom`` layers wrote (when pruning dropped nodes between them and the rest)."""
+    best, correction = accept(dt, tokens, logits)
+    cand = top_candidates(draft_logits(best), k)
+    correction = correction.astype(mx.int32)
+    mx.eval(best, correction, tokens, cand)  # the one host sync of the step
+    path = tree.path_to(best.item())
+    toks = np.array(tokens)
+    out = [int(toks[i]) for i in path[1:]] + [correction.item()]
+    keep = np.array(path, np.int32)
+    keep_bottom = keep if bottom_rows is None else bottom_rows[path].astype(np.int32)
+    for i, kv in enumerate(cache):
+        kv.compact(prefix, keep_bottom if i < n_bottom else keep)
+    return StepResult(out, len(path) - 1, tree.size), SpecState(correction, cand, prefix + len(path))
 
 
 def spec_step(
@@ -77,11 +103,10 @@ def spec_step(
     c = streams.config
     n_bottom = len(model.layers) - c.num_msa_layers
     P = state.prefix
-    tokens = _tree_tokens(tree, state)
     dt = device_tree(tree)
+    tokens = _tree_tokens(dt, state)
     positions = dt.depth + P
-    bottom_mask = mx.concatenate([mx.ones((tree.size, P), dtype=mx.bool_), dt.ancestors], axis=1) if P else dt.ancestors
-    h = bottom_forward(model, streams, tokens[None], mask=bottom_mask, positions=positions,
+    h = bottom_forward(model, streams, tokens[None], mask=tree_mask(dt, P), positions=positions,
                        caches=cache[:n_bottom] + [None] * c.num_msa_layers)
     sel = None
     if c.prune_threshold > 0 and tree.size > 1:
@@ -97,28 +122,48 @@ def spec_step(
             idx = mx.array(sel.astype(np.int32))
             h, tokens, positions = h[:, idx], tokens[idx], positions[idx]
             tree, dt = sub, device_tree(sub)
-    owners = mx.arange(tree.size)
-    h_main, h_str = msa_forward(model, streams, h, anc=dt.ancestors, owners=owners, positions=positions,
-                                caches=cache[n_bottom:], full_mask=_msa_mask_for(dt, c))
+    h_main, h_str = msa_forward(model, streams, h, anc=dt.ancestors, owners=mx.arange(tree.size),
+                                positions=positions, caches=cache[n_bottom:], full_mask=_msa_mask_for(dt, c))
     logits = model.head(model.final_norm(h_main))[0]  # (T, V)
-    best, correction = accept(dt, tokens, logits)
     # The next draft: stream logits of the last accepted node only.
-    hs = h_str[0].reshape(tree.size, c.num_streams, -1)[best]
-    cand = top_candidates(model.head(model.final_norm(hs)), k_candidates)
-    correction = correction.astype(mx.int32)
-    mx.eval(best, correction, tokens, cand)  # the one host sync of the step
-    b = best.item()
-    path = tree.path_to(b)
-    toks = np.array(tokens)
-    out = [int(toks[i]) for i in path[1:]] + [correction.item()]
-    # KV: keep the accepted path's rows, contiguous after the prefix; bottom layers saw the whole
-    # tree, MSA layers only the survivors.
-    keep_msa = np.array(path, np.int32)
-    keep_bottom = keep_msa if sel is None else sel[path].astype(np.int32)
-    for i, kv in enumerate(cache):
-        kv.compact(P, keep_bottom if i < n_bottom else keep_msa)
-    return (StepResult(out, len(path) - 1, tree.size),
-            SpecState(correction, cand, P + len(path)))
+    streams_at = lambda best: model.head(model.final_norm(h_str[0].reshape(tree.size, c.num_streams, -1)[best]))  # noqa: E731
+    return commit_step(tree, dt, tokens, logits, streams_at, cache, P, accept, k_candidates, sel, n_bottom)
+
+
+def decode_trees(
+    prompt: mx.array,
+    model,
+    step: Callable,
+    prefill: Callable,
+    *,
+    num_drafts: int,
+    tree: Tree,
+    max_tokens: int,
+    prompt_cache: Optional[List[KVCache]] = None,
+    prefill_step_size: int = 512,
+    context: Optional[int] = None,
+) -> Generator[StepResult, None, None]:
+    """The loop every drafter shares. All but the last prompt token go through ``prefill(tokens,
+    cache)`` in chunks; the last one is a one-node tree that yields the first correction token and
+    the first draft; then each ``step(tree, state, cache, k)`` verifies the previous draft and
+    drafts the next. Yields one :class:`StepResult` per forward pass."""
+    k = max(tree.max_rank, 1)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
+    rest = prompt[:-1]
+    while rest.size:
+        prefill(rest[:prefill_step_size][None], cache)
+        mx.eval([c.state for c in cache])
+        rest = rest[prefill_step_size:]
+    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((num_drafts, k), mx.int32), cache[0].offset)
+    step_tree = ROOT_ONLY
+    n = 0
+    while n < max_tokens:
+        if context is not None and state.prefix + tree.max_depth + 1 > context:
+            step_tree = ROOT_ONLY  # near the end of the context: no room for drafts
+        result, state = step(step_tree, state, cache, k)
+        n += len(result.tokens)
+        yield result
+        step_tree = tree
 
 
 def speculative_generate_step(
@@ -133,26 +178,12 @@ def speculative_generate_step(
     prefill_step_size: int = 512,
     context: Optional[int] = None,
 ) -> Generator[StepResult, None, None]:
-    """Yield one :class:`StepResult` per forward pass (the first one comes from the prompt)."""
+    """Speculative Streaming: yield one :class:`StepResult` per forward pass."""
     accept = accept or GreedyAcceptance()
-    tree = tree or build_tree(streams.config.tree_paths)
-    k = max(tree.max_rank, 1)
-    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
-    # Prompt: all but the last token as plain main rows; the last one is a one-node tree that
-    # yields the first correction token and the first draft.
-    rest = prompt[:-1]
-    while rest.size:  # chunked; in shared mode the MSA layers' LoRA applies to prompt rows too
-        main_forward(model, streams, rest[:prefill_step_size][None], cache)
-        mx.eval([c.state for c in cache])
-        rest = rest[prefill_step_size:]
-    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((streams.config.num_streams, k), mx.int32),
-                      cache[0].offset)
-    step_tree = ROOT_ONLY
-    n = 0
-    while n < max_tokens:
-        if context is not None and state.prefix + tree.max_depth + 1 > context:
-            step_tree = ROOT_ONLY  # near the end of the context: no room for drafts
-        result, state = spec_step(model, streams, step_tree, state, cache, accept, k)
-        n += len(result.tokens)
-        yield result
-        step_tree = tree
+    return decode_trees(
+        prompt, model,
+        lambda t, st, cache, k: spec_step(model, streams, t, st, cache, accept, k),
+        # in shared mode the MSA layers' LoRA applies to prompt rows too
+        lambda toks, cache: main_forward(model, streams, toks, cache),
+        num_drafts=streams.config.num_streams, tree=tree or build_tree(streams.config.tree_paths),
+        max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context)

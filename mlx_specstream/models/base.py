@@ -81,7 +81,7 @@ class CausalLM:
     """Mixin: the family-independent forward. Families provide ``layers``, ``embed``,
     ``final_norm`` and ``head`` — the same seams the speculative-stream forward uses."""
 
-    def __call__(
+    def hidden(
         self,
         inputs: mx.array,
         cache: Optional[list] = None,
@@ -89,12 +89,17 @@ class CausalLM:
         mask: Any = None,
         positions: Optional[mx.array] = None,
     ) -> mx.array:
+        """Final-normed hidden states (B, L, h)."""
         h = self.embed(inputs, cache=cache, positions=positions)
         if mask is None:
             mask = causal_mask_for(inputs.shape[1])
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cache[i] if cache else None, positions)
-        return self.head(self.final_norm(h))
+        return self.final_norm(h)
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None, *, mask: Any = None,
+                 positions: Optional[mx.array] = None) -> mx.array:
+        return self.head(self.hidden(inputs, cache, mask=mask, positions=positions))
 
     def sanitize(self, weights: dict) -> dict:
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

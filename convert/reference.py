@@ -167,7 +167,6 @@ def forward_with_streams(hf, streams: SpeculativeStreamsTorch, ids: torch.Tensor
     g, Ns = c["num_streams"], c["num_msa_layers"]
     positions = torch.arange(L)
     owners = torch.arange(L) if owners is None else owners
-    dtype = fam.hf.lm_head.weight.dtype
     causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
     h = fam.embed(ids, positions)
     n = len(fam.layers)

@@ -9,7 +9,6 @@ plain completion: each turn's text is appended to the running transcript.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 
 import mlx.core as mx

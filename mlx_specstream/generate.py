@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx

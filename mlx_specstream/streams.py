@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .cache import KVCache
-from .tree import chain, normalize_paths, sparse
+from .tree import normalize_paths, sparse
 
 STREAMS_CONFIG = "speculative_streams.json"
 STREAMS_WEIGHTS = "speculative_streams.safetensors"
@@ -206,7 +206,7 @@ class SpeculativeStreams(nn.Module):
         view = copy.copy(layer)
         for key, adapter in self.lora[i].items():
             *parents, leaf = key.split("__")
-            node, chain_ = view, []
+            node = view
             for p in parents:  # copy the path down to the leaf so the base layer is untouched
                 child = copy.copy(getattr(node, p))
                 setattr(node, p, child)

@@ -1,13 +1,10 @@
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
-import pytest
 
 from mlx_specstream.chat import Chat
 from mlx_specstream.generate import generate

@@ -2,7 +2,6 @@
 
 import json
 
-import mlx.core as mx
 import pytest
 
 from mlx_specstream.generate import stream_generate

@@ -1,9 +1,8 @@
 import json
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from mlx_specstream.generate import generate_step, stream_generate
 from mlx_specstream.medusa import MedusaConfig, MedusaHeads, MedusaModel, medusa_generate_step, save_medusa

@@ -1,7 +1,6 @@
 """Acceptance rules: greedy exactness and a statistical test that tree sampling preserves the
 target distribution — with the paper's per-path rule as a negative control that must fail it."""
 
-import itertools
 
 import mlx.core as mx
 import numpy as np

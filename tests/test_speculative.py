@@ -5,10 +5,10 @@ from mlx.utils import tree_map
 
 from mlx_specstream.cache import make_cache
 from mlx_specstream.generate import generate_step, stream_generate
-from mlx_specstream.sample import GreedyAcceptance, SamplingParams
+from mlx_specstream.sample import SamplingParams
 from mlx_specstream.speculative import ROOT_ONLY, speculative_generate_step
 from mlx_specstream.streams import SpecStreamModel, SpeculativeStreams, StreamConfig
-from mlx_specstream.tree import build_tree, cartesian, chain, sparse
+from mlx_specstream.tree import cartesian, chain, sparse
 from mlx_specstream.utils import load, load_model
 
 

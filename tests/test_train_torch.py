@@ -1,7 +1,6 @@
 """The PyTorch side trains through transformers' Trainer and its output converts to MLX."""
 
 import json
-import shutil
 import sys
 from pathlib import Path
 

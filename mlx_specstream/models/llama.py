@@ -4,9 +4,8 @@ Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm). One file: the architectures differ only
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 

@@ -21,10 +21,8 @@ import mlx.core as mx
 
 
 def random_llama(spec: str, dtype: str) -> Path:
-    from mlx.utils import tree_map
-
     from mlx_specstream.models import build_model
-    from mlx_specstream.utils import save_model
+    from mlx_specstream.utils import cast_floats, save_model
 
     layers, hidden = (int(x) for x in spec.split("x"))
     cfg = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
@@ -32,7 +30,7 @@ def random_llama(spec: str, dtype: str) -> Path:
            "num_key_value_heads": max(hidden // 128, 1), "vocab_size": 32000, "rms_norm_eps": 1e-5,
            "tie_word_embeddings": False, "max_position_embeddings": 4096}
     model = build_model(cfg)
-    model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)), model.parameters()))
+    cast_floats(model, dtype)
     path = Path(tempfile.mkdtemp()) / f"llama-{spec}"
     save_model(path, model, cfg)
     return path
@@ -52,7 +50,7 @@ def main(argv=None):
     from mlx_lm.utils import load_model as mlx_lm_load
 
     from mlx_specstream.generate import generate_step
-    from mlx_specstream.utils import default_model_path, load_model, quantize_model, save_model
+    from mlx_specstream.utils import cast_floats, default_model_path, load_model, quantize_model, save_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -66,23 +64,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     path = Path(args.model) if args.model else (random_llama(args.random, args.dtype) if args.random else default_model_path())
-    from mlx.utils import tree_map
-
-    def cast(m):
-        m.update(tree_map(lambda p: p.astype(getattr(mx, args.dtype)) if mx.issubdtype(p.dtype, mx.floating) else p,
-                          m.parameters()))
-        return m
-
     ours, cfg = load_model(path)
     if not args.quantize:
-        cast(ours)
+        cast_floats(ours, args.dtype)
     if args.quantize:
         cfg = quantize_model(ours, cfg, bits=args.quantize, group_size=64)
         path = Path(tempfile.mkdtemp()) / "quantized"
         save_model(path, ours, cfg)
     theirs, _ = mlx_lm_load(path)
     if not args.quantize:
-        cast(theirs)  # the same weights in the same dtype on both sides
+        cast_floats(theirs, args.dtype)  # the same weights in the same dtype on both sides
     prompt = mx.array(mx.random.randint(3, cfg["vocab_size"], (args.prompt_len,), key=mx.random.key(0)))
     n = args.max_tokens
 

@@ -22,11 +22,9 @@ import mlx.core as mx
 def main(argv=None):
     from ar_vs_mlx_lm import random_llama
 
+    from mlx_specstream.bench import measure_cost_curve
     from mlx_specstream.cache import make_cache
-    from mlx_specstream.sample import GreedyAcceptance
-    from mlx_specstream.speculative import SpecState, spec_step
     from mlx_specstream.streams import SpeculativeStreams, StreamConfig
-    from mlx_specstream.tree import build_tree, sparse
     from mlx_specstream.utils import default_model_path, load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,46 +42,31 @@ def main(argv=None):
     # float32 on the CPU (as `load` does there): half-precision matmuls have no fast CPU path
     model, cfg = load_model(path, dtype=mx.float32 if mx.default_device() == mx.cpu else None)
     streams = SpeculativeStreams(StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers), model)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    cost = measure_cost_curve(model, streams, sizes=sizes, prefix=args.prefix, trials=args.trials)
+
+    # One AR step (one token after the same prefix), median over trials.
     prompt = mx.random.randint(3, cfg["vocab_size"], (args.prefix,), key=mx.random.key(0)).astype(mx.int32)
     cache = make_cache(model)
-    for c in cache:
-        c.reserve(args.prefix + 256)
     model(prompt[None], cache=cache)
     mx.eval([c.state for c in cache])
     P = cache[0].offset
-
-    def ar_once():
-        logits = model(prompt[-1:][None], cache=cache)
-        y = mx.argmax(logits[0, -1])
-        y.item()
-        for c in cache:
-            c.trim(c.offset - P)
-
-    def spec_once(tree, k):
-        state = SpecState(prompt[-1], mx.zeros((args.num_streams, k), mx.int32), P)
-        spec_step(model, streams, tree, state, cache, GreedyAcceptance(), k)
-        for c in cache:
-            c.trim(c.offset - P)
-
-    def timeit(fn):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(args.trials):
-            tic = time.perf_counter()
-            fn()
+    ts = []
+    for i in range(args.trials + 3):
+        tic = time.perf_counter()
+        mx.argmax(model(prompt[-1:][None], cache=cache)[0, -1]).item()
+        if i >= 3:
             ts.append(time.perf_counter() - tic)
-        return statistics.median(ts)
+        for c in cache:
+            c.trim(c.offset - P)
+    ar = statistics.median(ts) * 1e3
 
-    ar = timeit(ar_once)
-    rows = []
     print(f"device {mx.default_device()}  model {path.name}  γ={args.num_streams} Ns={args.msa_layers} prefix={P}")
     print(f"{'tree nodes':>10} {'MSA rows':>9} {'step ms':>9} {'AR ms':>8} {'step/AR':>8}")
-    for T in (int(x) for x in args.sizes.split(",")):
-        tree = build_tree(sparse(args.num_streams, T - 1)) if T > 1 else build_tree(())
-        t = timeit(lambda: spec_once(tree, max(tree.max_rank, 1)))
-        rows.append({"tree_nodes": tree.size, "msa_rows": tree.size * (1 + args.num_streams),
-                     "step_ms": t * 1e3, "ar_ms": ar * 1e3, "ratio": t / ar})
+    rows = []
+    for T, ms in cost.items():
+        rows.append({"tree_nodes": T, "msa_rows": T * (1 + args.num_streams), "step_ms": ms, "ar_ms": ar,
+                     "ratio": ms / ar})
         r = rows[-1]
         print(f"{r['tree_nodes']:>10} {r['msa_rows']:>9} {r['step_ms']:>9.2f} {r['ar_ms']:>8.2f} {r['ratio']:>8.2f}")
     if args.json:

@@ -226,7 +226,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     from .medusa import MedusaModel, load_medusa
     from .streams import SpecStreamModel
     from .tree import parse_tree_spec
-    from .utils import default_model_path, get_model_path, load
+    from .utils import cast_floats, default_model_path, get_model_path, load
 
     mx.random.seed(seed)
     path = default_model_path() if model_path is None else get_model_path(model_path)
@@ -239,10 +239,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     if "quantization" not in json.loads((path / "config.json").read_text()):
         dtype = dtype or {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[model_dtype(base)]
     if dtype:  # the same weights in the same dtype for every peer
-        from mlx.utils import tree_map
-
-        lm_model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)) if mx.issubdtype(p.dtype, mx.floating) else p,
-                                 lm_model.parameters()))
+        cast_floats(lm_model, dtype)
     ids = load_prompts(prompts, n_prompts, tok, base.args.vocab_size)
     plan: List[Tuple[str, Callable[[List[int]], Run], int]] = []  # (name, fn, extra params)
     plan.append(("ours_ar", lambda p: _ours(base, tok, p, max_tokens, speculative=False), 0))
@@ -259,10 +256,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     if draft:
         d_model, _ = mlx_lm_load_model(get_model_path(draft))
         if dtype:
-            from mlx.utils import tree_map
-
-            d_model.update(tree_map(lambda p: p.astype(getattr(mx, dtype)) if mx.issubdtype(p.dtype, mx.floating) else p,
-                                    d_model.parameters()))
+            cast_floats(d_model, dtype)
         n_draft = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(d_model.parameters()))
         plan.append((f"mlx_lm_draft[{num_draft}]", lambda p: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft), n_draft))
     if methods:
@@ -349,28 +343,29 @@ def plots(result: dict, out: Path, cost_curve: Optional[dict] = None) -> List[Pa
 
     out.mkdir(parents=True, exist_ok=True)
     ms = result["methods"]
-    files = []
-    fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(ms)
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        files.append(out / name)
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, [ms[n]["speedup"].get("mlx_lm_ar", 0) for n in names], color="tab:blue")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_ylabel("decode speedup vs mlx-lm AR")
     ax.set_title(result["fingerprint"]["device"])
-    plt.xticks(rotation=20, ha="right")
-    fig.tight_layout()
-    files.append(out / "speedup.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    ax.tick_params(axis="x", labelrotation=20)
+    save(fig, "speedup.png")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, [(ms[n]["latency_ms"] or {}).get("p50", 0) for n in names], label="p50")
     ax.scatter(names, [(ms[n]["latency_ms"] or {}).get("p99", 0) for n in names], color="tab:red", label="p99", zorder=3)
     ax.set_ylabel("per-token latency (ms)")
     ax.legend()
-    plt.xticks(rotation=20, ha="right")
-    fig.tight_layout()
-    files.append(out / "latency.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    ax.tick_params(axis="x", labelrotation=20)
+    save(fig, "latency.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for n in names:
         acc = ms[n]["acceptance_by_depth"]
@@ -381,21 +376,15 @@ def plots(result: dict, out: Path, cost_curve: Optional[dict] = None) -> List[Pa
     ax.set_ylim(0, 1)
     if ax.lines:
         ax.legend()
-    fig.tight_layout()
-    files.append(out / "acceptance.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "acceptance.png")
     if cost_curve:
+        curve = {int(t): v for t, v in cost_curve.items()}  # JSON keys are strings
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ts = sorted(int(t) for t in cost_curve)
-        ax.plot(ts, [cost_curve[str(t)] if str(t) in cost_curve else cost_curve[t] for t in ts], marker="o")
+        ax.plot(sorted(curve), [curve[t] for t in sorted(curve)], marker="o")
         ax.set_xlabel("query tokens per forward (tree nodes)")
         ax.set_ylabel("forward time (ms)")
         ax.set_xscale("log", base=2)
-        fig.tight_layout()
-        files.append(out / "verify_cost.png")
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
+        save(fig, "verify_cost.png")
     return files
 
 
@@ -460,6 +449,8 @@ def choose_tree(cost_ms: Dict[int, float], rank_accept, num_streams: int, max_no
 
 
 def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), prefix=128, trials=5) -> Dict[int, float]:
+    """Median ms of one speculative step (verify + draft) per tree size, after ``prefix`` cached
+    tokens; the cache is trimmed back after every step."""
     from .cache import make_cache
     from .sample import GreedyAcceptance
     from .speculative import SpecState, spec_step
@@ -478,7 +469,7 @@ def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), pref
         k = max(tree.max_rank, 1)
         ts = []
         for i in range(trials + 2):
-            state = SpecState(prompt[-1], mx.zeros((streams.config.num_streams, k), mx.int32), P)
+            state = SpecState(prompt[-1], mx.zeros((streams.config.num_streams, k), mx.int32))
             tic = time.perf_counter()
             spec_step(model, streams, tree, state, cache, GreedyAcceptance(), k)
             if i >= 2:

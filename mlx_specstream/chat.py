@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 
-from .generate import DEFAULT_MAX_TOKENS, PromptCache, add_sampling_args, stream_generate
+from .generate import DEFAULT_MAX_TOKENS, PromptCache, add_model_args, add_sampling_args, stream_generate
 from .sample import SamplingParams
 
 HELP = "commands: /reset /stats /temp T /top-p P /max-tokens N /speculate on|off /help /quit"
@@ -21,10 +21,7 @@ HELP = "commands: /reset /stats /temp T /top-p P /max-tokens N /speculate on|off
 
 def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="Chat with a model")
-    p.add_argument("--model", default=None)
-    p.add_argument("--streams", default=None)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="cast weights at load (CPU: float32 is fastest)")
+    add_model_args(p)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--no-speculate", action="store_true")

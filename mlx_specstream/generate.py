@@ -316,12 +316,19 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model options every serving verb shares."""
+    parser.add_argument("--model", default=None, help="model folder or hub repo (default: embedded model)")
+    parser.add_argument("--streams", default=None,
+                        help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="cast weights at load (default: float32 on CPUs, as stored on GPUs)")
+
+
 def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(description="Generate text")
-    parser.add_argument("--model", default=None, help="model folder or hub repo (default: embedded model)")
+    add_model_args(parser)
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="cast weights at load (CPU: float32 is fastest)")
     parser.add_argument("--prompt", "-p", default="-", help="prompt text ('-' reads stdin)")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     add_sampling_args(parser)
@@ -332,8 +339,6 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--q-bits", type=int, default=4)
     parser.add_argument("--q-group-size", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object with text and stats")
-    parser.add_argument("--streams", default=None,
-                        help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
     parser.add_argument("--no-speculate", action="store_true",
                         help="decode autoregressively (same model, streams unused for drafting)")
     parser.add_argument("--tree", default=None,

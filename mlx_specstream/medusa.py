@@ -101,10 +101,11 @@ def medusa_generate_step(
     accept = accept or GreedyAcceptance()
 
     def step(t, state, cache, k):
+        P = cache[0].offset
         dt = device_tree(t)
         tokens = _tree_tokens(dt, state)
-        h = model.hidden(tokens[None], cache, mask=tree_mask(dt, state.prefix), positions=dt.depth + state.prefix)[0]
-        return commit_step(t, dt, tokens, model.head(h), lambda best: medusa(h[best]), cache, state.prefix, accept, k)
+        h = model.hidden(tokens[None], cache, mask=tree_mask(dt, P), positions=dt.depth + P)[0]
+        return commit_step(t, dt, tokens, model.head(h), lambda best: medusa(h[best]), cache, P, accept, k)
 
     return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache),
                         num_drafts=medusa.config.num_heads, tree=tree or build_tree(medusa.config.tree_paths),

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 
-from .generate import DEFAULT_MAX_TOKENS, PromptCache, context_limit, stream_generate
+from .generate import DEFAULT_MAX_TOKENS, PromptCache, add_model_args, context_limit, stream_generate
 from .sample import SamplingParams
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
@@ -342,10 +342,7 @@ def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 
 
 def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="OpenAI-compatible server")
-    p.add_argument("--model", default=None)
-    p.add_argument("--streams", default=None)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="cast weights at load (CPU: float32 is fastest)")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")

@@ -28,11 +28,11 @@ class StepResult:
 @dataclass
 class SpecState:
     """What one step leaves for the next: the correction token (root of the next tree, not yet
-    cached) and the top-k candidates of each stream at the last accepted node."""
+    cached; the cache holds everything before it) and the top-k candidates of each stream at the
+    last accepted node."""
 
     root: mx.array  # () int32
     candidates: mx.array  # (γ, k) int32, best first
-    prefix: int  # tokens in the cache
 
 
 _MASKS: dict = {}
@@ -87,7 +87,7 @@ def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Callable, cache: L
     keep_bottom = keep if bottom_rows is None else bottom_rows[path].astype(np.int32)
     for i, kv in enumerate(cache):
         kv.compact(prefix, keep_bottom if i < n_bottom else keep)
-    return StepResult(out, len(path) - 1, tree.size), SpecState(correction, cand, prefix + len(path))
+    return StepResult(out, len(path) - 1, tree.size), SpecState(correction, cand)
 
 
 def spec_step(
@@ -102,7 +102,7 @@ def spec_step(
     """One forward pass: verify ``tree`` (built from ``state``) and draft from every survivor."""
     c = streams.config
     n_bottom = len(model.layers) - c.num_msa_layers
-    P = state.prefix
+    P = cache[0].offset
     dt = device_tree(tree)
     tokens = _tree_tokens(dt, state)
     positions = dt.depth + P
@@ -154,11 +154,11 @@ def decode_trees(
         prefill(rest[:prefill_step_size][None], cache)
         mx.eval([c.state for c in cache])
         rest = rest[prefill_step_size:]
-    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((num_drafts, k), mx.int32), cache[0].offset)
+    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((num_drafts, k), mx.int32))
     step_tree = ROOT_ONLY
     n = 0
     while n < max_tokens:
-        if context is not None and state.prefix + tree.max_depth + 1 > context:
+        if context is not None and cache[0].offset + tree.max_depth + 1 > context:
             step_tree = ROOT_ONLY  # near the end of the context: no room for drafts
         result, state = step(step_tree, state, cache, k)
         n += len(result.tokens)

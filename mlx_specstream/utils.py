@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from .models import UnsupportedModelError, build_model, normalize_rope_config
 
@@ -159,6 +159,14 @@ def load_model(
         mx.eval(model.parameters())
     model.eval()
     return model, config
+
+
+def cast_floats(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
+    """Cast a model's float parameters in place (quantized weights and int tensors untouched)."""
+    dtype = getattr(mx, dtype) if isinstance(dtype, str) else dtype
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+    return model
 
 
 def quantize_model(

@@ -65,8 +65,7 @@ def distill(model_dir: Path, out: Path, n_train: int, n_valid: int, prompt_len: 
     from mlx_specstream.utils import load
     from mlx_specstream.stdlib_data import read, split_files
 
-    model, tok = load(str(model_dir), streams=False)
-    model.update(__import__("mlx.utils").utils.tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    model, tok = load(str(model_dir), streams=False, dtype="float32")
     rng = random.Random(seed)
     train_files, valid_files = split_files()
     out.mkdir(parents=True, exist_ok=True)
@@ -131,18 +130,15 @@ def main():
         timed("distill", lambda: distill(base, work / "distill", args.distill, 128, 64, 192, 64, 0))
     common = ["--data", work / "distill", "--seq-len", "256", "--batch-size", "8", "--val-every", "100",
               "--val-batches", "4", "--save-every", "100"]
-    if stage("streams", (base / "speculative_streams.json").exists()):
-        timed("streams", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "lossless",
-                                      "--mode", "lossless", "--num-streams", "4", "--msa-layers", "4",
-                                      "--iters", args.stream_iters, "--lr", "2e-3", *common], cwd=ROOT))
-        for ext in ("json", "safetensors"):
-            shutil.copy(work / "lossless" / f"speculative_streams.{ext}", base / f"speculative_streams.{ext}")
-    if stage("shared", (base / "speculative_streams-shared.json").exists()):
-        timed("shared", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "shared",
-                                     "--mode", "shared", "--num-streams", "4", "--msa-layers", "4",
-                                     "--iters", args.shared_iters, "--lr", "2e-3", *common], cwd=ROOT))
-        for ext in ("json", "safetensors"):
-            shutil.copy(work / "shared" / f"speculative_streams.{ext}", base / f"speculative_streams-shared.{ext}")
+    # Stream adapters: (stage, mode, iterations, name of the shipped file next to the base)
+    for name, mode, iters, stem in (("streams", "lossless", args.stream_iters, "speculative_streams"),
+                                    ("shared", "shared", args.shared_iters, "speculative_streams-shared")):
+        if stage(name, (base / f"{stem}.json").exists()):
+            timed(name, lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / mode,
+                                     "--mode", mode, "--num-streams", "4", "--msa-layers", "4",
+                                     "--iters", iters, "--lr", "2e-3", *common], cwd=ROOT))
+            for ext in ("json", "safetensors"):
+                shutil.copy(work / mode / f"speculative_streams.{ext}", base / f"{stem}.{ext}")
     if stage("medusa", (work / "medusa" / "medusa_heads.json").exists()):
         timed("medusa", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "medusa",
                                      "--medusa", "3", "--iters", args.medusa_iters, "--lr", "1e-3", *common], cwd=ROOT))

@@ -51,6 +51,8 @@ def _msa_mask_for(dt, c) -> mx.array:
 
 def top_candidates(logits: mx.array, k: int) -> mx.array:
     """(γ, V) draft logits -> (γ, k) token ids, best first."""
+    if k == 1:  # chains: a plain argmax, no partition and sort
+        return mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
     cand = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
     order = mx.argsort(-mx.take_along_axis(logits, cand, axis=-1), axis=-1)
     return mx.take_along_axis(cand, order, axis=-1).astype(mx.int32)

@@ -53,17 +53,17 @@ def normalize_rope_config(config: dict) -> dict:
 
 
 def apply_rope(rope, x: mx.array, offset: int, positions: Optional[mx.array]) -> mx.array:
-    """RoPE on (B, H, L, D) at contiguous positions from ``offset`` or at explicit ``positions``.
+    """RoPE on (B, L, H, D) projections at contiguous positions from ``offset`` or at explicit
+    ``positions``; returns the (B, H, L, D) attention layout.
 
     ``mx.fast.rope`` takes one offset per batch row, so explicit positions lay the L tokens out
-    as B*L rows of length 1.
+    as B*L rows of length 1 — a free reshape of the projection's layout, before the transpose.
     """
     if positions is None:
-        return rope(x, offset=offset)
-    B, H, L, D = x.shape
-    rows = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+        return rope(x.transpose(0, 2, 1, 3), offset=offset)
+    B, L, H, D = x.shape
     positions = mx.broadcast_to(positions, (B, L)).reshape(-1).astype(mx.int32)
-    rows = rope(rows, offset=positions)
+    rows = rope(x.reshape(B * L, H, 1, D), offset=positions)
     return rows.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 

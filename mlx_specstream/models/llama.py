@@ -73,7 +73,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = apply_rope(self.rope, q, offset, positions)
         k = apply_rope(self.rope, k, offset, positions)

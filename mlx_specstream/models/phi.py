@@ -71,7 +71,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_layernorm" in self:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         # HF computes phi's attention in float32; so do we for half-precision weights.
         q = apply_rope(self.rope, q.astype(mx.float32), offset, positions)

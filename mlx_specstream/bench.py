@@ -220,7 +220,7 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
 def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
               prompts: str = "heldout", n_prompts: int = 8, max_tokens: int = 128, trials: int = 3,
               warmup: int = 1, draft: Optional[str] = None, num_draft: int = 3, medusa: Optional[str] = None,
-              seed: int = 0, progress=True, dtype: Optional[str] = None) -> dict:
+              seed: int = 0, progress=True, dtype: Optional[str] = None, lookups: Sequence[int] = ()) -> dict:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     from .medusa import MedusaModel, load_medusa
@@ -249,6 +249,12 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
             plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths),
                          streams.num_params))
+            for n in lookups:  # the streams' drafts and context drafts in one tree
+                plan.append((f"ss[{spec}]+lookup[{n}]",
+                             lambda p, paths=paths, n=n: _ours(model, tok, p, max_tokens, tree=paths, lookup=n),
+                             streams.num_params))
+    for n in lookups:  # context drafts alone (prompt lookup decoding): no trained parameters
+        plan.append((f"lookup[{n}]", lambda p, n=n: _ours(base, tok, p, max_tokens, lookup=n), 0))
     if medusa:
         heads = load_medusa(Path(medusa), base)  # cast to the base's dtype
         mm = MedusaModel(base, heads)
@@ -526,25 +532,27 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     acc = measure_rank_acceptance(base, streams, tok, ids, max_tokens=48 if quick else 96)
     paths, rate = choose_tree(cost, acc, streams.config.num_streams, max_nodes=max(sizes))
     # The pruning threshold, measured: decode speed of the chosen tree under a few τ.
+    # and the number of context drafts joining it (prompt lookup; 0 = none)
     taus = {}
     from .generate import stream_generate
 
     for tau in (0.0, 0.02, 0.1):
-        streams.config.prune_threshold = tau
-        tic, n = time.perf_counter(), 0
-        for p in ids[:3]:
-            for r in stream_generate(model, tok, p, max_tokens=48, tree=paths):
-                n += len(r.tokens)
-        taus[tau] = n / (time.perf_counter() - tic)
-    best_tau = max(taus, key=taus.get)
+        for lookup in (0, 3, 5, 8):
+            streams.config.prune_threshold = tau
+            tic, n = time.perf_counter(), 0
+            for p in ids[:3]:
+                for r in stream_generate(model, tok, p, max_tokens=48, tree=paths, lookup=lookup):
+                    n += len(r.tokens)
+            taus[(tau, lookup)] = n / (time.perf_counter() - tic)
+    best_tau, best_lookup = max(taus, key=taus.get)
     result = {"fingerprint": fingerprint(), "cost_ms": {str(k): v for k, v in cost.items()},
               "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": build_tree(paths).size,
-              "expected_tokens_per_s": rate, "prune_threshold": best_tau,
-              "measured_tps_by_threshold": {str(k): v for k, v in taus.items()}}
+              "expected_tokens_per_s": rate, "prune_threshold": best_tau, "lookup": best_lookup,
+              "measured_tps_by_threshold_and_lookup": {f"tau={t} lookup={n}": v for (t, n), v in taus.items()}}
     if write:
         cfg_file = path / STREAMS_CONFIG
         cfg = json.loads(cfg_file.read_text())
-        cfg["tree"], cfg["prune_threshold"] = result["tree"], best_tau
+        cfg["tree"], cfg["prune_threshold"], cfg["lookup"] = result["tree"], best_tau, best_lookup
         cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
         result["written_to"] = str(cfg_file)
     return result
@@ -566,6 +574,8 @@ def setup_arg_parser(parser=None):
     p.add_argument("--draft-model", default=None, help="draft model for mlx-lm's speculative decoding")
     p.add_argument("--num-draft", type=int, default=3)
     p.add_argument("--medusa", default=None, help="folder with medusa_heads.json")
+    p.add_argument("--lookup", type=int, action="append", default=[],
+                   help="also run context drafts (prompt lookup) of this length, alone and with the streams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast every peer's weights (CPU: float32 is fastest)")
@@ -609,7 +619,8 @@ def main(argv=None) -> int:
     res = run_bench(args.model, methods=args.methods.split(",") if args.methods else None,
                     trees=args.tree or ["default"], prompts=args.prompts, n_prompts=args.n_prompts,
                     max_tokens=args.max_tokens, trials=args.trials, warmup=args.warmup, draft=draft,
-                    num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype)
+                    num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype,
+                    lookups=args.lookup)
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -165,6 +165,7 @@ def stream_generate(
     accept: Optional[Callable] = None,
     speculative: Optional[bool] = None,
     tree=None,
+    lookup: Optional[int] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     logits_processors: Optional[List[Callable]] = None,
 ) -> Generator[GenerationResponse, None, None]:
@@ -172,19 +173,22 @@ def stream_generate(
 
     Stops at an EOS token (not emitted), at a stop string (cut before it), or at ``max_tokens``.
     ``speculative`` defaults to on when the model carries streams; ``tree`` (rank paths)
-    overrides the stream config's tree. ``sampling`` sets both the AR sampler and the
+    overrides the stream config's tree; ``lookup`` sets how many context drafts (prompt lookup)
+    join each tree (default: the stream config's; any model can decode with them). ``sampling`` sets both the AR sampler and the
     speculative acceptance rule; ``sampler``/``accept`` pass custom callables.
     """
-    from .speculative import ROOT_ONLY, speculative_generate_step
+    from .speculative import ROOT_ONLY, lookup_generate_step, speculative_generate_step
     from .tree import build_tree
 
     streams = getattr(model, "streams", None)
     medusa = getattr(model, "medusa", None)
+    if lookup is not None and lookup < 0:
+        raise ValueError(f"lookup must be >= 0, got {lookup}")
     if speculative is None:
-        speculative = streams is not None or medusa is not None
-    if speculative and streams is None and medusa is None:
-        raise ValueError("speculative decoding needs a stream adapter (speculative_streams.json); "
-                         "this model has none")
+        speculative = streams is not None or medusa is not None or bool(lookup)
+    if speculative and streams is None and medusa is None and not lookup:
+        raise ValueError("speculative decoding needs a stream adapter (speculative_streams.json) or "
+                         "context drafts (lookup > 0); this model has neither")
     if sampling is not None:
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
@@ -200,7 +204,8 @@ def stream_generate(
         steps = _spec_steps(medusa_generate_step(
             prompt, model.base, medusa, max_tokens=max_tokens, accept=accept,
             tree=build_tree(tuple(map(tuple, tree))) if tree is not None else None,
-            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context_limit(model)))
+            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context_limit(model),
+            lookup=lookup or 0))
     elif streams is not None and (speculative or model.main_depends_on_streams):
         if logits_processors:
             raise ValueError("logits_processors are not supported with speculative decoding")
@@ -208,7 +213,13 @@ def stream_generate(
         steps = _spec_steps(speculative_generate_step(
             prompt, model.base, streams, max_tokens=max_tokens, accept=accept, tree=step_tree,
             prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-            context=context_limit(model)))
+            context=context_limit(model), lookup=lookup if speculative else 0))
+    elif speculative:  # a plain model with context drafts
+        if logits_processors:
+            raise ValueError("logits_processors are not supported with speculative decoding")
+        steps = _spec_steps(lookup_generate_step(
+            prompt, model, lookup=lookup, max_tokens=max_tokens, accept=accept, prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size, context=context_limit(model)))
     else:
         base = model.base if (streams is not None or medusa is not None) else model
         steps = _ar_steps(base, prompt, max_tokens=max_tokens, sampler=sampler,
@@ -344,6 +355,8 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--tree", default=None,
                         help="draft tree: chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
     parser.add_argument("--prune-threshold", type=float, default=None, help="τ for tree pruning (0 = off)")
+    parser.add_argument("--lookup", type=int, default=None,
+                        help="context drafts (prompt lookup) per step, verified with the model's (default: stream config)")
     return parser
 
 
@@ -373,7 +386,7 @@ def main(argv=None) -> int:
     sampling = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p)
     text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                sampling=sampling, stop=args.stop, tree=tree,
+                                sampling=sampling, stop=args.stop, tree=tree, lookup=args.lookup,
                                 speculative=False if args.no_speculate else None):
         text += last.text
         if not args.json:
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
                                       "generation_tps", "peak_memory", "finish_reason",
                                       "steps", "mean_accepted", "acceptance_by_depth")
     }
-    stats["speculative"] = streams is not None and not args.no_speculate
+    stats["speculative"] = (streams is not None or bool(args.lookup)) and not args.no_speculate
     if args.json:
         print(json.dumps({"text": text, **stats}))
     else:

@@ -92,7 +92,7 @@ class MedusaModel(DraftedModel):
 def medusa_generate_step(
     prompt: mx.array, model, medusa: MedusaHeads, *, max_tokens: int, accept: Optional[Callable] = None,
     tree: Optional[Tree] = None, prompt_cache: Optional[List[KVCache]] = None, prefill_step_size: int = 512,
-    context: Optional[int] = None,
+    context: Optional[int] = None, lookup: int = 0,
 ):
     """Yield one StepResult per forward pass: verify the tree with the base model, draft from the
     heads at the last accepted node (the loop and bookkeeping of Speculative Streaming)."""
@@ -110,7 +110,7 @@ def medusa_generate_step(
     return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache),
                         num_drafts=medusa.config.num_heads, tree=tree or build_tree(medusa.config.tree_paths),
                         max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-                        context=context)
+                        context=context, lookup=lookup)
 
 
 def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array):

@@ -4,7 +4,7 @@ the next one from the streams of the last accepted node."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, List, Optional, Tuple
+from typing import Callable, Generator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -73,13 +73,14 @@ def tree_mask(dt, prefix: int) -> mx.array:
     return mx.concatenate([mx.ones((dt.size, prefix), dtype=mx.bool_), dt.ancestors], axis=1)
 
 
-def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Callable, cache: List[KVCache], prefix: int,
-                accept: Callable, k: int, bottom_rows: Optional[np.ndarray] = None, n_bottom: int = 0):
+def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Optional[Callable], cache: List[KVCache],
+                prefix: int, accept: Callable, k: int, bottom_rows: Optional[np.ndarray] = None, n_bottom: int = 0):
     """Shared by every drafter: accept on device, draft from the last accepted node, sync once,
     then keep the accepted path's K/V. ``bottom_rows`` maps surviving nodes to the rows the first
-    ``n_bottom`` layers wrote (when pruning dropped nodes between them and the rest)."""
+    ``n_bottom`` layers wrote (when pruning dropped nodes between them and the rest).
+    ``draft_logits`` None: no model drafts (context drafts only)."""
     best, correction = accept(dt, tokens, logits)
-    cand = top_candidates(draft_logits(best), k)
+    cand = top_candidates(draft_logits(best), k) if draft_logits is not None else mx.zeros((0, k), mx.int32)
     correction = correction.astype(mx.int32)
     mx.eval(best, correction, tokens, cand)  # the one host sync of the step
     path = tree.path_to(best.item())
@@ -132,6 +133,57 @@ def spec_step(
     return commit_step(tree, dt, tokens, logits, streams_at, cache, P, accept, k_candidates, sel, n_bottom)
 
 
+class ContextDrafts:
+    """Drafts copied from the context (prompt lookup): the ``n`` tokens that followed the most
+    recent earlier occurrence of the current suffix, longest match of ``max_ngram``..1 tokens. A
+    continuation that runs into the present repeats itself (a loop of period < n). Host side,
+    O(max_ngram) per token: every n-gram maps to where its latest continuation starts.
+
+    Example: history ``a b c a b`` → suffix ``a b`` last continued at ``c`` → ``c a b c ...``.
+    """
+
+    def __init__(self, tokens: Sequence[int], n: int, max_ngram: int = 3):
+        self.n, self.max_ngram = n, max_ngram
+        self.hist: List[int] = []
+        self.next_at: List[dict] = [{} for _ in range(max_ngram + 1)]
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        h = self.hist
+        for t in tokens:
+            i = len(h)
+            for m in range(1, min(self.max_ngram, i) + 1):
+                self.next_at[m][tuple(h[i - m : i])] = i
+            h.append(int(t))
+
+    def propose(self) -> List[int]:
+        h = self.hist
+        for m in range(min(self.max_ngram, len(h)), 0, -1):
+            pos = self.next_at[m].get(tuple(h[-m:]))
+            if pos is not None:
+                out: List[int] = []
+                for j in range(self.n):
+                    i = pos + j
+                    out.append(h[i] if i < len(h) else out[i - len(h)])
+                return out
+        return []
+
+
+def lookup_paths(k: int, n: int) -> Tuple[Tuple[int, ...], ...]:
+    """The context-draft chain as rank paths: rank ``k`` (one past the model's k candidates)."""
+    return tuple((k,) * d for d in range(1, n + 1))
+
+
+def _with_context_column(cand: mx.array, drafts: List[int], depth: int) -> mx.array:
+    """(γ, k) model candidates -> (depth, k+1): rows padded with 0 to ``depth``, then the
+    context drafts as the last column (0 where there are none; a wrong draft only costs a node)."""
+    g, k = cand.shape
+    if g < depth:
+        cand = mx.concatenate([cand, mx.zeros((depth - g, k), mx.int32)])
+    col = mx.array((drafts + [0] * depth)[:depth], dtype=mx.int32)[:, None]
+    return mx.concatenate([cand[:depth], col], axis=1)
+
+
 def decode_trees(
     prompt: mx.array,
     model,
@@ -144,19 +196,28 @@ def decode_trees(
     prompt_cache: Optional[List[KVCache]] = None,
     prefill_step_size: int = 512,
     context: Optional[int] = None,
+    lookup: int = 0,
 ) -> Generator[StepResult, None, None]:
     """The loop every drafter shares. All but the last prompt token go through ``prefill(tokens,
     cache)`` in chunks; the last one is a one-node tree that yields the first correction token and
     the first draft; then each ``step(tree, state, cache, k)`` verifies the previous draft and
-    drafts the next. Yields one :class:`StepResult` per forward pass."""
+    drafts the next. Yields one :class:`StepResult` per forward pass.
+
+    ``lookup`` > 0 adds a chain of that many context drafts (:class:`ContextDrafts`) to every
+    tree, verified in the same forward as the model's drafts."""
     k = max(tree.max_rank, 1)
+    ctx, depth = None, num_drafts
+    if lookup:
+        tree = build_tree(tree.paths[1:] + lookup_paths(k, lookup))
+        depth = max(num_drafts, lookup)
+        ctx = ContextDrafts(np.array(prompt).tolist(), lookup)
     cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
     rest = prompt[:-1]
     while rest.size:
         prefill(rest[:prefill_step_size][None], cache)
         mx.eval([c.state for c in cache])
         rest = rest[prefill_step_size:]
-    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((num_drafts, k), mx.int32))
+    state = SpecState(prompt[-1].astype(mx.int32), mx.zeros((depth, k + (ctx is not None)), mx.int32))
     step_tree = ROOT_ONLY
     n = 0
     while n < max_tokens:
@@ -164,6 +225,9 @@ def decode_trees(
             step_tree = ROOT_ONLY  # near the end of the context: no room for drafts
         result, state = step(step_tree, state, cache, k)
         n += len(result.tokens)
+        if ctx is not None:
+            ctx.extend(result.tokens)
+            state = SpecState(state.root, _with_context_column(state.candidates, ctx.propose(), depth))
         yield result
         step_tree = tree
 
@@ -179,8 +243,10 @@ def speculative_generate_step(
     prompt_cache: Optional[List[KVCache]] = None,
     prefill_step_size: int = 512,
     context: Optional[int] = None,
+    lookup: Optional[int] = None,
 ) -> Generator[StepResult, None, None]:
-    """Speculative Streaming: yield one :class:`StepResult` per forward pass."""
+    """Speculative Streaming: yield one :class:`StepResult` per forward pass. ``lookup``: context
+    drafts per step (default: the stream config's)."""
     accept = accept or GreedyAcceptance()
     return decode_trees(
         prompt, model,
@@ -188,4 +254,32 @@ def speculative_generate_step(
         # in shared mode the MSA layers' LoRA applies to prompt rows too
         lambda toks, cache: main_forward(model, streams, toks, cache),
         num_drafts=streams.config.num_streams, tree=tree or build_tree(streams.config.tree_paths),
-        max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context)
+        max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context,
+        lookup=streams.config.lookup if lookup is None else lookup)
+
+
+def lookup_generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    lookup: int,
+    max_tokens: int,
+    accept: Optional[Callable] = None,
+    prompt_cache: Optional[List[KVCache]] = None,
+    prefill_step_size: int = 512,
+    context: Optional[int] = None,
+) -> Generator[StepResult, None, None]:
+    """Context drafts only (prompt lookup decoding), for any model: the baseline that tells how
+    much of a drafter's gain copying from the context alone would give."""
+    accept = accept or GreedyAcceptance()
+
+    def step(t, state, cache, k):
+        P = cache[0].offset
+        dt = device_tree(t)
+        tokens = _tree_tokens(dt, state)
+        h = model.hidden(tokens[None], cache, mask=tree_mask(dt, P), positions=dt.depth + P)[0]
+        return commit_step(t, dt, tokens, model.head(h), None, cache, P, accept, k)
+
+    return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache), num_drafts=0,
+                        tree=ROOT_ONLY, max_tokens=max_tokens, prompt_cache=prompt_cache,
+                        prefill_step_size=prefill_step_size, context=context, lookup=lookup)

@@ -45,6 +45,7 @@ class StreamConfig:
     lora_rank: int = 8  # LoRA in the MSA layers: stream rows only (lossless) or every row (shared); 0 = none
     lora_scale: float = 1.0
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
+    lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
 
     def __post_init__(self):
         if self.num_streams < 1:
@@ -57,6 +58,8 @@ class StreamConfig:
             raise ValueError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
         if self.stream_positions not in POSITION_POLICIES:
             raise ValueError(f"stream_positions must be one of {POSITION_POLICIES}")
+        if self.lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {self.lookup}")
         if not 0.0 <= self.prune_threshold < 1.0:
             raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         if self.tree is not None:

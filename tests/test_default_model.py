@@ -37,6 +37,18 @@ def test_default_model_speculative_equals_ar(default):
         assert spec[-1].steps < ar[-1].steps  # the trained streams do get accepted
 
 
+def test_default_model_context_drafts_equal_ar_and_land(default):
+    """Context drafts (prompt lookup), with the streams and alone: the same tokens, fewer steps."""
+    model, tok = default
+    for p in eval_prompts(2):
+        ar = list(stream_generate(model, tok, p["prompt"], max_tokens=64, speculative=False))
+        ref = [t for r in ar for t in r.tokens]
+        for m in (model, model.base):
+            rs = list(stream_generate(m, tok, p["prompt"], max_tokens=64, lookup=4))
+            assert [t for r in rs for t in r.tokens] == ref
+            assert rs[-1].steps < ar[-1].steps
+
+
 def test_default_model_writes_code(default):
     """Greedy continuations of held-out modules look like Python: indented lines, calls or
     assignments (a 7M-parameter model: code-shaped, not good code)."""

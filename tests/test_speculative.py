@@ -232,3 +232,47 @@ def test_shared_lora_fuses_into_the_base(hf_model):
     np.testing.assert_allclose(np.array(str_after), np.array(str_before), atol=1e-4)
     np.testing.assert_allclose(np.array(model(prompt[None])), np.array(main_before), atol=1e-4)
     assert ar_tokens(model, prompt, 60) == shared
+
+
+def test_context_drafts_copy_the_latest_longest_match():
+    from mlx_specstream.speculative import ContextDrafts
+
+    # suffix "1 2": the 2-gram last continued with 8 beats the 1-gram "2" (last continued with 7)
+    assert ContextDrafts([5, 1, 2, 8, 9, 2, 7, 1, 2], n=2).propose() == [8, 9]
+    # a loop shorter than n repeats itself: a b c a b -> c a b c
+    assert ContextDrafts([1, 2, 3, 1, 2], n=4).propose() == [3, 1, 2, 3]
+    # the most recent occurrence wins; no match -> no drafts
+    assert ContextDrafts([4, 6, 4, 9, 3, 4], n=1).propose() == [9]
+    assert ContextDrafts([1, 2, 3], n=3).propose() == []
+    cd = ContextDrafts([], n=2)
+    assert cd.propose() == []
+    cd.extend([7, 8, 7])
+    assert cd.propose() == [8, 7]
+
+
+@pytest.mark.parametrize("name,tree,lookup,tau,sampled", [
+    ("llama", None, 3, 0.0, False),
+    ("qwen3", chain(2), 5, 0.05, False),
+    ("phi", cartesian(2, 2), 2, 0.0, True),
+])
+def test_context_drafts_join_the_tree_and_keep_greedy_output(hf_model, name, tree, lookup, tau, sampled):
+    model, tok = _ss_model(hf_model, name, num_streams=3, num_msa_layers=2, prune_threshold=tau)
+    prompt = [5, 6, 7, 8] * 6  # a repetitive prompt: the context drafts get accepted
+    ar = [t for r in stream_generate(model, tok, prompt, max_tokens=48, speculative=False) for t in r.tokens]
+    rs = list(stream_generate(model, tok, prompt, max_tokens=48, tree=tree, lookup=lookup))
+    assert [t for r in rs for t in r.tokens] == ar
+    assert max(r.accepted for r in rs) <= lookup + 1 or tree is not None
+    # a plain model decodes with context drafts alone (prompt lookup), same tokens
+    plain = list(stream_generate(model.base, tok, prompt, max_tokens=48, lookup=lookup))
+    assert [t for r in plain for t in r.tokens] == ar
+    assert all(r.accepted <= lookup + 1 for r in plain)
+    if sampled:  # sampling acceptance takes context drafts too (and stays seeded)
+        sp = SamplingParams(temp=0.7)
+        mx.random.seed(1)
+        a = [t for r in stream_generate(model, tok, prompt, max_tokens=20, sampling=sp, lookup=lookup) for t in r.tokens]
+        mx.random.seed(1)
+        b = [t for r in stream_generate(model, tok, prompt, max_tokens=20, sampling=sp, lookup=lookup) for t in r.tokens]
+        assert a == b and len(a) == 20
+    with pytest.raises(ValueError, match="lookup"):
+        list(stream_generate(model, tok, prompt, max_tokens=4, lookup=-1))
+

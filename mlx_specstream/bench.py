@@ -271,22 +271,28 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     npt = [len(p) for p in ids]
     total_runs = len(plan) * (warmup + trials)
     done = 0
-    for name, fn, extra in plan:
+    for _, fn, _ in plan:
         for _ in range(warmup):
             fn(ids[0])
             done += 1
-        mx.reset_peak_memory()
-        trial_runs = []
-        for t in range(trials):
-            trial_runs.append([fn(p) for p in ids])
+    # Trials interleave the methods (trial t of every method, then t+1), so load drift on a shared
+    # machine hits every method alike and the same-run ratios stay fair.
+    trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _ in plan}
+    peak: Dict[str, float] = {}
+    for t in range(trials):
+        for name, fn, _ in plan:
+            mx.reset_peak_memory()
+            trial_runs[name].append([fn(p) for p in ids])
+            peak[name] = max(peak.get(name, 0.0), mx.get_peak_memory() / 1e9)
             done += 1
             if progress:
-                print(f"\r[{'#' * int(24 * done / total_runs):<24}] {name} trial {t + 1}/{trials}", end="",
+                print(f"\r[{'#' * int(24 * done / total_runs):<24}] trial {t + 1}/{trials} {name:<28}", end="",
                       file=sys.stderr, flush=True)
-        res = summarize(trial_runs, npt)
-        res["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    for name, _, extra in plan:
+        res = summarize(trial_runs[name], npt)
+        res["peak_memory_gb"] = peak[name]
         res["extra_params"] = extra
-        res["_tokens"] = [r.tokens for r in trial_runs[0]]
+        res["_tokens"] = [r.tokens for r in trial_runs[name][0]]
         results[name] = res
     if progress:
         print(file=sys.stderr)

@@ -248,14 +248,20 @@ def speculative_generate_step(
     """Speculative Streaming: yield one :class:`StepResult` per forward pass. ``lookup``: context
     drafts per step (default: the stream config's)."""
     accept = accept or GreedyAcceptance()
+    tree = tree or build_tree(streams.config.tree_paths)
+    lookup = streams.config.lookup if lookup is None else lookup
+    if tree.size == 1 and lookup and not streams.changes_main:
+        # No stream drafts in the tree: the streams would be computed for nothing.
+        return lookup_generate_step(prompt, model, lookup=lookup, max_tokens=max_tokens, accept=accept,
+                                    prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+                                    context=context)
     return decode_trees(
         prompt, model,
         lambda t, st, cache, k: spec_step(model, streams, t, st, cache, accept, k),
         # in shared mode the MSA layers' LoRA applies to prompt rows too
         lambda toks, cache: main_forward(model, streams, toks, cache),
-        num_drafts=streams.config.num_streams, tree=tree or build_tree(streams.config.tree_paths),
-        max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context,
-        lookup=streams.config.lookup if lookup is None else lookup)
+        num_drafts=streams.config.num_streams, tree=tree, max_tokens=max_tokens, prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size, context=context, lookup=lookup)
 
 
 def lookup_generate_step(

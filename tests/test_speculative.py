@@ -254,6 +254,7 @@ def test_context_drafts_copy_the_latest_longest_match():
     ("llama", None, 3, 0.0, False),
     ("qwen3", chain(2), 5, 0.05, False),
     ("phi", cartesian(2, 2), 2, 0.0, True),
+    ("llama", [], 4, 0.0, False),  # no stream drafts: the verify-only step
 ])
 def test_context_drafts_join_the_tree_and_keep_greedy_output(hf_model, name, tree, lookup, tau, sampled):
     model, tok = _ss_model(hf_model, name, num_streams=3, num_msa_layers=2, prune_threshold=tau)

@@ -537,24 +537,28 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     ids = load_prompts(prompts, n_prompts, tok, base.args.vocab_size)
     acc = measure_rank_acceptance(base, streams, tok, ids, max_tokens=48 if quick else 96)
     paths, rate = choose_tree(cost, acc, streams.config.num_streams, max_nodes=max(sizes))
-    # The pruning threshold, measured: decode speed of the chosen tree under a few τ.
-    # and the number of context drafts joining it (prompt lookup; 0 = none)
-    taus = {}
+    # Then, measured end to end: that tree or none (context drafts only), the number of context
+    # drafts joining it (prompt lookup; 0 = none) and the pruning threshold τ.
     from .generate import stream_generate
 
-    for tau in (0.0, 0.02, 0.1):
+    measured = {}
+    for tree_paths in dict.fromkeys([paths, ()]):
         for lookup in (0, 3, 5, 8):
-            streams.config.prune_threshold = tau
-            tic, n = time.perf_counter(), 0
-            for p in ids[:3]:
-                for r in stream_generate(model, tok, p, max_tokens=48, tree=paths, lookup=lookup):
-                    n += len(r.tokens)
-            taus[(tau, lookup)] = n / (time.perf_counter() - tic)
-    best_tau, best_lookup = max(taus, key=taus.get)
+            for tau in ((0.0, 0.02, 0.1) if tree_paths else (0.0,)):
+                if not tree_paths and not lookup:
+                    continue  # no drafts at all
+                streams.config.prune_threshold = tau
+                tic, n = time.perf_counter(), 0
+                for p in ids[:3]:
+                    for r in stream_generate(model, tok, p, max_tokens=48, tree=tree_paths, lookup=lookup):
+                        n += len(r.tokens)
+                measured[(tree_paths, lookup, tau)] = n / (time.perf_counter() - tic)
+    paths, best_lookup, best_tau = max(measured, key=measured.get)
     result = {"fingerprint": fingerprint(), "cost_ms": {str(k): v for k, v in cost.items()},
               "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": build_tree(paths).size,
               "expected_tokens_per_s": rate, "prune_threshold": best_tau, "lookup": best_lookup,
-              "measured_tps_by_threshold_and_lookup": {f"tau={t} lookup={n}": v for (t, n), v in taus.items()}}
+              "measured_tps": {f"tree={[list(p) for p in t]} lookup={n} tau={tau}": v
+                               for (t, n, tau), v in measured.items()}}
     if write:
         cfg_file = path / STREAMS_CONFIG
         cfg = json.loads(cfg_file.read_text())

@@ -27,13 +27,14 @@ def bench_result(hf_model, tmp_path_factory):
     save_medusa(d / "medusa", heads)
     draft = hf_model("llama_linear_rope")[0]  # any model with the same vocabulary
     res = run_bench(str(d), trees=["default", "chain"], prompts="random:12", n_prompts=2, max_tokens=16,
-                    trials=2, warmup=1, draft=str(draft), medusa=str(d / "medusa"), progress=False)
+                    trials=2, warmup=1, draft=str(draft), medusa=str(d / "medusa"), progress=False, lookups=[3])
     return res, d
 
 
 def test_every_method_and_metric_present(bench_result):
     res, _ = bench_result
-    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "mlx_lm_draft[3]"}
+    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "mlx_lm_draft[3]",
+                                   "ss[default]+lookup[3]", "ss[chain]+lookup[3]", "lookup[3]"}
     for name, m in res["methods"].items():
         for f in METHOD_FIELDS:
             assert f in m, (name, f)
@@ -43,7 +44,7 @@ def test_every_method_and_metric_present(bench_result):
     for k in ("backend", "device", "memory_gb", "os", "python", "mlx", "mlx_lm", "blas"):
         assert k in fp
     # greedy peers produce our AR's tokens
-    for name in ("mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "mlx_lm_draft[3]"):
+    for name in res["methods"]:
         assert res["methods"][name]["equal_to_ar"], name
     assert res["methods"]["ss[default]"]["extra_params"] > 0
     assert res["methods"]["ours_ar"]["mean_accepted"] == 1.0
@@ -87,3 +88,24 @@ def test_tuner_picks_known_best_tree():
     paths, _ = choose_tree(steep, acc, 2, max_nodes=8)
     assert paths == ((0,),)
     assert expected_tokens(((0,), (0, 0)), acc) == pytest.approx(1 + 0.9 + 0.9 * 0.02)
+
+
+def test_tune_writes_a_measured_choice(bench_result, tmp_path):
+    from mlx_specstream.bench import tune
+    from mlx_specstream.generate import stream_generate
+    from mlx_specstream.utils import load
+
+    _, d = bench_result
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    res = tune(str(m), prompts="random:12", n_prompts=3, write=True, quick=True)
+    assert len(res["measured_tps"]) == 4 * 3 + 3 or len(res["measured_tps"]) == 3  # (tree, lookup, τ) tried
+    cfg = json.loads((m / "speculative_streams.json").read_text())
+    assert cfg["lookup"] == res["lookup"] in (0, 3, 5, 8) and cfg["prune_threshold"] == res["prune_threshold"]
+    assert cfg["tree"] == res["tree"] and (cfg["tree"] or cfg["lookup"])  # some drafts
+    best = max(res["measured_tps"].values())
+    assert res["measured_tps"][f"tree={res['tree']} lookup={res['lookup']} tau={res['prune_threshold']}"] == best
+    model, tok = load(str(m))
+    spec = [t for r in stream_generate(model, tok, "a b c a b c", max_tokens=24) for t in r.tokens]
+    ar = [t for r in stream_generate(model, tok, "a b c a b c", max_tokens=24, speculative=False) for t in r.tokens]
+    assert spec == ar

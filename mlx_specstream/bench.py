@@ -245,11 +245,14 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     plan.append(("ours_ar", lambda p: _ours(base, tok, p, max_tokens, speculative=False), 0))
     plan.append(("mlx_lm_ar", lambda p: _mlx_lm(lm_model, tok, p, max_tokens), 0))
     if streams is not None:
+        shipped = streams.config.lookup
         for spec in trees:
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
-            plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths),
+            # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
+            # stream config's own number joins the default tree: what a user of it gets)
+            plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths, lookup=0),
                          streams.num_params))
-            for n in lookups:  # the streams' drafts and context drafts in one tree
+            for n in list(lookups) + ([shipped] if spec == "default" and shipped and shipped not in lookups else []):  # the streams' drafts and context drafts in one tree
                 plan.append((f"ss[{spec}]+lookup[{n}]",
                              lambda p, paths=paths, n=n: _ours(model, tok, p, max_tokens, tree=paths, lookup=n),
                              streams.num_params))

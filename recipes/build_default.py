@@ -8,8 +8,10 @@ Stages (each skipped when its output exists; ``--force STAGE`` redoes one):
             (recipes/pretrain_torch.py), saved as a transformers checkpoint
   convert   transformers checkpoint -> MLX float16 in mlx_specstream/assets/default
   distill   the base's own greedy continuations of stdlib-train prompts (self-distillation data)
-  streams   `specstream train --mode lossless` -> speculative_streams.* next to the base
-  shared    `specstream train --mode shared` -> speculative_streams-shared.*
+  streams   `specstream train --mode lossless` (γ=3, Ns=1, LoRA r16) -> speculative_streams.* next
+            to the base, then `specstream bench tune --write` fits tree, context drafts and τ to
+            this machine (on the stdlib held-out modules, never the evaluation prompts)
+  shared    `specstream train --mode shared` (γ=4, Ns=4) -> speculative_streams-shared.*
   medusa    `specstream train --medusa 3` -> WORK/medusa (baseline, not shipped)
   draft     a 2-layer draft model, same tokenizer and recipe -> mlx_specstream/assets/draft
 """
@@ -100,7 +102,7 @@ def main():
     ap.add_argument("--work", default="build/default")
     ap.add_argument("--pretrain-minutes", type=float, default=45)
     ap.add_argument("--draft-minutes", type=float, default=10)
-    ap.add_argument("--stream-iters", type=int, default=600)
+    ap.add_argument("--stream-iters", type=int, default=1000)
     ap.add_argument("--shared-iters", type=int, default=300)
     ap.add_argument("--medusa-iters", type=int, default=300)
     ap.add_argument("--distill", type=int, default=2048, help="self-distillation sequences")
@@ -130,15 +132,21 @@ def main():
         timed("distill", lambda: distill(base, work / "distill", args.distill, 128, 64, 192, 64, 0))
     common = ["--data", work / "distill", "--seq-len", "256", "--batch-size", "8", "--val-every", "100",
               "--val-batches", "4", "--save-every", "100"]
-    # Stream adapters: (stage, mode, iterations, name of the shipped file next to the base)
-    for name, mode, iters, stem in (("streams", "lossless", args.stream_iters, "speculative_streams"),
-                                    ("shared", "shared", args.shared_iters, "speculative_streams-shared")):
+    # Stream adapters: (stage, mode, iterations, γ, Ns, LoRA rank, name of the shipped file next to the base).
+    # Lossless: one MSA layer — on this CPU every stream row costs real compute, and Ns=1 reached
+    # the validation loss of Ns=4 at a quarter of the stream rows.
+    for name, mode, iters, g, ns, rank, stem in (
+            ("streams", "lossless", args.stream_iters, 3, 1, 16, "speculative_streams"),
+            ("shared", "shared", args.shared_iters, 4, 4, 8, "speculative_streams-shared")):
         if stage(name, (base / f"{stem}.json").exists()):
             timed(name, lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / mode,
-                                     "--mode", mode, "--num-streams", "4", "--msa-layers", "4",
+                                     "--mode", mode, "--num-streams", g, "--msa-layers", ns, "--lora-rank", rank,
                                      "--iters", iters, "--lr", "2e-3", *common], cwd=ROOT))
             for ext in ("json", "safetensors"):
                 shutil.copy(work / mode / f"speculative_streams.{ext}", base / f"{stem}.{ext}")
+            if mode == "lossless":
+                timed("tune", lambda: run([py, "-m", "mlx_specstream", "bench", "tune", "--model", base, "--write",
+                                           "--json", work / "tune.json"], cwd=ROOT))
     if stage("medusa", (work / "medusa" / "medusa_heads.json").exists()):
         timed("medusa", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "medusa",
                                      "--medusa", "3", "--iters", args.medusa_iters, "--lr", "1e-3", *common], cwd=ROOT))

@@ -468,7 +468,7 @@ def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), pref
     tokens; the cache is trimmed back after every step."""
     from .cache import make_cache
     from .sample import GreedyAcceptance
-    from .speculative import SpecState, spec_step
+    from .speculative import SpecState, drafts_needed, spec_step
     from .tree import build_tree, sparse
 
     prompt = mx.random.randint(3, model.args.vocab_size, (prefix,), key=mx.random.key(0)).astype(mx.int32)
@@ -486,7 +486,7 @@ def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), pref
         for i in range(trials + 2):
             state = SpecState(prompt[-1], mx.zeros((streams.config.num_streams, k), mx.int32))
             tic = time.perf_counter()
-            spec_step(model, streams, tree, state, cache, GreedyAcceptance(), k)
+            spec_step(model, streams, tree, state, cache, GreedyAcceptance(), k, drafts_needed(streams.config, tree))
             if i >= 2:
                 ts.append(time.perf_counter() - tic)
             for c in cache:
@@ -544,18 +544,29 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     # drafts joining it (prompt lookup; 0 = none) and the pruning threshold τ.
     from .generate import stream_generate
 
-    measured = {}
-    for tree_paths in dict.fromkeys([paths, ()]):
-        for lookup in (0, 3, 5, 8):
-            for tau in ((0.0, 0.02, 0.1) if tree_paths else (0.0,)):
-                if not tree_paths and not lookup:
-                    continue  # no drafts at all
-                streams.config.prune_threshold = tau
-                tic, n = time.perf_counter(), 0
-                for p in ids[:3]:
-                    for r in stream_generate(model, tok, p, max_tokens=48, tree=tree_paths, lookup=lookup):
-                        n += len(r.tokens)
-                measured[(tree_paths, lookup, tau)] = n / (time.perf_counter() - tic)
+    from .tree import chain
+
+    # candidate trees: the cost model's pick, the two cheapest chains, and none (context drafts only)
+    trees = dict.fromkeys([paths, chain(1), chain(2), ()])
+    configs = [(t, n, tau) for t in trees for n in (0, 3, 5, 8)
+               for tau in ((0.0, 0.1) if t else (0.0,)) if t or n]  # (tree, lookup, τ); some drafts
+
+    def decode_tps(tree_paths, lookup, tau):  # decode tokens/s (prefill excluded) over the prompts
+        streams.config.prune_threshold = tau
+        n = secs = 0.0
+        for p in ids[:3]:
+            for r in stream_generate(model, tok, p, max_tokens=32 if quick else 96, tree=tree_paths, lookup=lookup):
+                pass
+            n, secs = n + r.generation_tokens, secs + r.generation_tokens / r.generation_tps
+        return n / secs
+
+    for c in configs:  # warm-up: first-use costs (mask shapes, allocations) out of the timings
+        decode_tps(*c)
+    runs = {c: [] for c in configs}
+    for _ in range(2 if quick else 3):  # interleaved rounds: load drift hits every config alike
+        for c in configs:
+            runs[c].append(decode_tps(*c))
+    measured = {c: float(np.median(v)) for c, v in runs.items()}
     paths, best_lookup, best_tau = max(measured, key=measured.get)
     result = {"fingerprint": fingerprint(), "cost_ms": {str(k): v for k, v in cost.items()},
               "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": build_tree(paths).size,

@@ -38,12 +38,12 @@ class SpecState:
 _MASKS: dict = {}
 
 
-def _msa_mask_for(dt, c) -> mx.array:
-    """The tree's multi-stream mask, built once per (tree shape, γ, main_sees_streams)."""
-    key = (dt.tree.paths, c.num_streams, c.main_sees_streams)
+def _msa_mask_for(dt, g: int, main_sees_streams: bool) -> mx.array:
+    """The tree's multi-stream mask, built once per (tree shape, streams run, main_sees_streams)."""
+    key = (dt.tree.paths, g, main_sees_streams)
     m = _MASKS.get(key)
     if m is None:
-        m = msa_mask(dt.ancestors, mx.arange(dt.size), c.num_streams, c.main_sees_streams)
+        m = msa_mask(dt.ancestors, mx.arange(dt.size), g, main_sees_streams)
         mx.eval(m)
         _MASKS[key] = m
     return m
@@ -93,6 +93,12 @@ def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Optional[Callable]
     return StepResult(out, len(path) - 1, tree.size), SpecState(correction, cand)
 
 
+def drafts_needed(config, tree: Tree) -> int:
+    """Streams a step must run: the tree's depth (deeper streams draft nothing it uses), unless
+    main rows see their streams (then every stream shapes the main logits)."""
+    return config.num_streams if config.main_sees_streams else max(tree.max_depth, 1)
+
+
 def spec_step(
     model,
     streams: SpeculativeStreams,
@@ -101,9 +107,12 @@ def spec_step(
     cache: List[KVCache],
     accept: Callable,
     k_candidates: int,
+    num_drafts: Optional[int] = None,
 ) -> Tuple[StepResult, SpecState]:
-    """One forward pass: verify ``tree`` (built from ``state``) and draft from every survivor."""
+    """One forward pass: verify ``tree`` (built from ``state``) and draft ``num_drafts`` levels
+    (default γ) from every survivor."""
     c = streams.config
+    g = num_drafts or c.num_streams
     n_bottom = len(model.layers) - c.num_msa_layers
     P = cache[0].offset
     dt = device_tree(tree)
@@ -126,10 +135,11 @@ def spec_step(
             h, tokens, positions = h[:, idx], tokens[idx], positions[idx]
             tree, dt = sub, device_tree(sub)
     h_main, h_str = msa_forward(model, streams, h, anc=dt.ancestors, owners=mx.arange(tree.size),
-                                positions=positions, caches=cache[n_bottom:], full_mask=_msa_mask_for(dt, c))
+                                positions=positions, caches=cache[n_bottom:],
+                                full_mask=_msa_mask_for(dt, g, c.main_sees_streams), num_streams=g)
     logits = model.head(model.final_norm(h_main))[0]  # (T, V)
     # The next draft: stream logits of the last accepted node only.
-    streams_at = lambda best: model.head(model.final_norm(h_str[0].reshape(tree.size, c.num_streams, -1)[best]))  # noqa: E731
+    streams_at = lambda best: model.head(model.final_norm(h_str[0].reshape(tree.size, g, -1)[best]))  # noqa: E731
     return commit_step(tree, dt, tokens, logits, streams_at, cache, P, accept, k_candidates, sel, n_bottom)
 
 
@@ -255,12 +265,13 @@ def speculative_generate_step(
         return lookup_generate_step(prompt, model, lookup=lookup, max_tokens=max_tokens, accept=accept,
                                     prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
                                     context=context)
+    g = drafts_needed(streams.config, tree)
     return decode_trees(
         prompt, model,
-        lambda t, st, cache, k: spec_step(model, streams, t, st, cache, accept, k),
+        lambda t, st, cache, k: spec_step(model, streams, t, st, cache, accept, k, g),
         # in shared mode the MSA layers' LoRA applies to prompt rows too
         lambda toks, cache: main_forward(model, streams, toks, cache),
-        num_drafts=streams.config.num_streams, tree=tree, max_tokens=max_tokens, prompt_cache=prompt_cache,
+        num_drafts=g, tree=tree, max_tokens=max_tokens, prompt_cache=prompt_cache,
         prefill_step_size=prefill_step_size, context=context, lookup=lookup)
 
 

@@ -256,10 +256,12 @@ def stream_positions(pos_main: mx.array, owners: mx.array, num_streams: int, pol
     return pos
 
 
-def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array) -> mx.array:
-    """(B, T, h) main hidden states -> (B, K·γ, h) stream states ``H_t + P_j``, owner-major."""
+def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array, num_streams: Optional[int] = None) -> mx.array:
+    """(B, T, h) main hidden states -> (B, K·γ, h) stream states ``H_t + P_j``, owner-major
+    (the first ``num_streams`` streams only, when given)."""
     B, _, d = h.shape
-    s = h[:, owners][:, :, None, :] + streams.stream_embeddings[None, None].astype(h.dtype)
+    P = streams.stream_embeddings[:num_streams] if num_streams else streams.stream_embeddings
+    s = h[:, owners][:, :, None, :] + P[None, None].astype(h.dtype)
     return s.reshape(B, -1, d)
 
 
@@ -292,6 +294,7 @@ def msa_forward(
     positions: mx.array,
     caches: Optional[List[KVCache]] = None,
     full_mask: Optional[mx.array] = None,
+    num_streams: Optional[int] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Insert streams on ``owners`` and run the top Ns layers. Returns hidden states (before the
     final norm) of main rows (B, T, h) and stream rows (B, K·γ, h).
@@ -299,16 +302,18 @@ def msa_forward(
     ``caches``: the MSA layers' caches (decode: the prefix is cached and this step's main rows
     are appended); ``None`` for whole sequences (training), using transient caches.
     ``full_mask``: :func:`msa_mask` of (anc, owners), when the caller has it precomputed.
+    ``num_streams``: run only the first streams (stream j attends to streams ≤ j only, so the
+    first g streams are exactly what all γ would give them): a tree drafting g levels needs no more.
     """
     c = streams.config
-    g = c.num_streams
+    g = num_streams or c.num_streams
     layers = model.layers[len(model.layers) - c.num_msa_layers :]
     caches = caches if caches is not None else [KVCache() for _ in layers]
     prefix = caches[0].offset
     T = h_main.shape[1]
     full = full_mask if full_mask is not None else msa_mask(anc, owners, g, c.main_sees_streams)
     pos_s = stream_positions(positions, owners, g, c.stream_positions)
-    h_str = insert_streams(streams, h_main, owners)
+    h_str = insert_streams(streams, h_main, owners, g)
     joint_mask = _with_prefix(full, prefix)
     pos_joint = mx.concatenate([positions, pos_s])
     # One call per layer over [main ; streams] rows, caching main rows only. The mask keeps main

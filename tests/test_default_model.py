@@ -31,10 +31,12 @@ def test_default_model_speculative_equals_ar(default):
     assert isinstance(model, SpecStreamModel) and model.streams.config.mode == "lossless"
     for p in eval_prompts(3):
         prompt = p["prompt"]
-        spec = list(stream_generate(model, tok, prompt, max_tokens=64))
         ar = list(stream_generate(model, tok, prompt, max_tokens=64, speculative=False))
-        assert [t for r in spec for t in r.tokens] == [t for r in ar for t in r.tokens]
-        assert spec[-1].steps < ar[-1].steps  # the trained streams do get accepted
+        # as shipped (the tuned tree and context drafts), and the streams' own drafts alone
+        for kw in ({}, {"tree": [[0], [0, 0]], "lookup": 0}):
+            spec = list(stream_generate(model, tok, prompt, max_tokens=64, **kw))
+            assert [t for r in spec for t in r.tokens] == [t for r in ar for t in r.tokens]
+            assert spec[-1].steps < ar[-1].steps  # the drafts do get accepted
 
 
 def test_default_model_context_drafts_equal_ar_and_land(default):

@@ -84,6 +84,27 @@ def test_streams_on_chosen_positions_match_all_positions(hf_model):
     np.testing.assert_allclose(np.array(some), np.array(all_[:, owners]), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_first_streams_alone_equal_their_rows_among_all(hf_model, mode):
+    """Stream j attends to streams <= j only: running the first g streams gives exactly their
+    rows of the full γ run (what decoding relies on to skip streams a tree does not use)."""
+    from mlx_specstream.streams import bottom_forward, msa_forward
+
+    model, _ = load_model(hf_model("llama")[0])
+    s = randomize(SpeculativeStreams(StreamConfig(num_streams=3, num_msa_layers=2, mode=mode), model))
+    ids = mx.array([[1, 9, 40, 7, 300, 12]])
+    L = ids.shape[1]
+    pos = mx.arange(L)
+    h = bottom_forward(model, s, ids, mask="causal", positions=pos)
+    anc = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    m3, s3 = msa_forward(model, s, h, anc=anc, owners=pos, positions=pos)
+    for g in (1, 2):
+        mg, sg = msa_forward(model, s, h, anc=anc, owners=pos, positions=pos, num_streams=g)
+        np.testing.assert_allclose(np.array(mg), np.array(m3), atol=1e-5)
+        np.testing.assert_allclose(np.array(sg.reshape(1, L, g, -1)), np.array(s3.reshape(1, L, 3, -1)[:, :, :g]),
+                                   atol=1e-5)
+
+
 def test_stream_lora_applies_to_stream_rows_only(hf_model):
     model, _ = load_model(hf_model("llama")[0])
     ids = mx.array([[1, 9, 40, 7, 300, 12]])

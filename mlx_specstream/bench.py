@@ -554,7 +554,7 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     def decode_tps(tree_paths, lookup, tau):  # decode tokens/s (prefill excluded) over the prompts
         streams.config.prune_threshold = tau
         n = secs = 0.0
-        for p in ids[:3]:
+        for p in ids:
             for r in stream_generate(model, tok, p, max_tokens=32 if quick else 96, tree=tree_paths, lookup=lookup):
                 pass
             n, secs = n + r.generation_tokens, secs + r.generation_tokens / r.generation_tps

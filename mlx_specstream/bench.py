@@ -210,7 +210,8 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
 
     return {
-        "decode_tps": spread(decode), "prompt_tps": spread(prefill_tps), "ttft_s": spread(ttft),
+        "decode_tps": spread(decode), "decode_tps_by_trial": decode, "prompt_tps": spread(prefill_tps),
+        "ttft_s": spread(ttft),
         "latency_ms": ({f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} if lat else None),
         "mean_accepted": total / max(steps, 1), "acceptance_by_depth": hist,
         "tree_size": max(r.tree_size for r in runs), "generated_tokens": total,
@@ -278,15 +279,19 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         for _ in range(warmup):
             fn(ids[0])
             done += 1
-    # Trials interleave the methods (trial t of every method, then t+1), so load drift on a shared
-    # machine hits every method alike and the same-run ratios stay fair.
+    # Methods interleave: each prompt runs under every method back to back, so load drift on a
+    # shared machine hits all alike; speedups are the median of per-trial ratios (paired runs).
     trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _ in plan}
     peak: Dict[str, float] = {}
     for t in range(trials):
-        for name, fn, _ in plan:
-            mx.reset_peak_memory()
-            trial_runs[name].append([fn(p) for p in ids])
-            peak[name] = max(peak.get(name, 0.0), mx.get_peak_memory() / 1e9)
+        for name in trial_runs:
+            trial_runs[name].append([])
+        for p in ids:
+            for name, fn, _ in plan:
+                mx.reset_peak_memory()
+                trial_runs[name][t].append(fn(p))
+                peak[name] = max(peak.get(name, 0.0), mx.get_peak_memory() / 1e9)
+        for name, _, _ in plan:
             done += 1
             if progress:
                 print(f"\r[{'#' * int(24 * done / total_runs):<24}] trial {t + 1}/{trials} {name:<28}", end="",
@@ -304,7 +309,8 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         toks = res.pop("_tokens")
         if ref is not None:
             res.update(divergence(toks, ref))
-        res["speedup"] = {b: res["decode_tps"]["median"] / results[b]["decode_tps"]["median"]
+        res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
+                                                                      results[b]["decode_tps_by_trial"]))
                           for b in ("ours_ar", "mlx_lm_ar") if b in results}
     return {"fingerprint": fingerprint(), "model": str(path),
             "config": {"prompts": prompts, "n_prompts": len(ids), "max_tokens": max_tokens, "trials": trials,

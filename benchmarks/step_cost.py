@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,15 +22,17 @@ def main(argv=None):
     from ar_vs_mlx_lm import random_llama
 
     from mlx_specstream.bench import measure_cost_curve
-    from mlx_specstream.cache import make_cache
+    from mlx_specstream.speculative import drafts_needed
+    from mlx_specstream.tree import build_tree, sparse
     from mlx_specstream.streams import SpeculativeStreams, StreamConfig
     from mlx_specstream.utils import default_model_path, load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--random", default=None, help="LAYERSxHIDDEN random Llama")
-    ap.add_argument("--num-streams", type=int, default=4)
-    ap.add_argument("--msa-layers", type=int, default=2)
+    ap.add_argument("--num-streams", type=int, default=3)  # defaults: the embedded model's adapter
+    ap.add_argument("--msa-layers", type=int, default=1)
+    ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--sizes", default="1,4,8,16,32,64")
     ap.add_argument("--prefix", type=int, default=128)
     ap.add_argument("--trials", type=int, default=20)
@@ -41,31 +42,20 @@ def main(argv=None):
     path = Path(args.model) if args.model else (random_llama(args.random, "float32") if args.random else default_model_path())
     # float32 on the CPU (as `load` does there): half-precision matmuls have no fast CPU path
     model, cfg = load_model(path, dtype=mx.float32 if mx.default_device() == mx.cpu else None)
-    streams = SpeculativeStreams(StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers), model)
+    streams = SpeculativeStreams(StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers,
+                                                 lora_rank=args.lora_rank), model)
     sizes = [int(x) for x in args.sizes.split(",")]
-    cost = measure_cost_curve(model, streams, sizes=sizes, prefix=args.prefix, trials=args.trials)
-
-    # One AR step (one token after the same prefix), median over trials.
-    prompt = mx.random.randint(3, cfg["vocab_size"], (args.prefix,), key=mx.random.key(0)).astype(mx.int32)
-    cache = make_cache(model)
-    model(prompt[None], cache=cache)
-    mx.eval([c.state for c in cache])
-    P = cache[0].offset
-    ts = []
-    for i in range(args.trials + 3):
-        tic = time.perf_counter()
-        mx.argmax(model(prompt[-1:][None], cache=cache)[0, -1]).item()
-        if i >= 3:
-            ts.append(time.perf_counter() - tic)
-        for c in cache:
-            c.trim(c.offset - P)
-    ar = statistics.median(ts) * 1e3
+    ar_ms = []  # one AR step (one token after the same prefix), timed right after each speculative step
+    cost = measure_cost_curve(model, streams, sizes=sizes, prefix=args.prefix, trials=args.trials, ar_ms=ar_ms)
+    ar = statistics.median(ar_ms)
+    P = args.prefix
 
     print(f"device {mx.default_device()}  model {path.name}  γ={args.num_streams} Ns={args.msa_layers} prefix={P}")
     print(f"{'tree nodes':>10} {'MSA rows':>9} {'step ms':>9} {'AR ms':>8} {'step/AR':>8}")
     rows = []
     for T, ms in cost.items():
-        rows.append({"tree_nodes": T, "msa_rows": T * (1 + args.num_streams), "step_ms": ms, "ar_ms": ar,
+        tree = build_tree(sparse(args.num_streams, T - 1)) if T > 1 else build_tree(())
+        rows.append({"tree_nodes": T, "msa_rows": T * (1 + drafts_needed(streams.config, tree)), "step_ms": ms, "ar_ms": ar,
                      "ratio": ms / ar})
         r = rows[-1]
         print(f"{r['tree_nodes']:>10} {r['msa_rows']:>9} {r['step_ms']:>9.2f} {r['ar_ms']:>8.2f} {r['ratio']:>8.2f}")

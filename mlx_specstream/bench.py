@@ -469,9 +469,11 @@ def choose_tree(cost_ms: Dict[int, float], rank_accept, num_streams: int, max_no
     return best[1], best[0] * 1e3
 
 
-def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), prefix=128, trials=5) -> Dict[int, float]:
+def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), prefix=128, trials=5,
+                       ar_ms: Optional[List[float]] = None) -> Dict[int, float]:
     """Median ms of one speculative step (verify + draft) per tree size, after ``prefix`` cached
-    tokens; the cache is trimmed back after every step."""
+    tokens; the cache is trimmed back after every step. ``ar_ms``: a list that receives the ms of
+    one AR step (same prefix) timed right after every speculative one."""
     from .cache import make_cache
     from .sample import GreedyAcceptance
     from .speculative import SpecState, drafts_needed, spec_step
@@ -497,6 +499,12 @@ def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), pref
                 ts.append(time.perf_counter() - tic)
             for c in cache:
                 c.trim(c.offset - P)
+            if ar_ms is not None and i >= 2:
+                tic = time.perf_counter()
+                mx.argmax(model(prompt[-1:][None], cache=cache)[0, -1]).item()
+                ar_ms.append((time.perf_counter() - tic) * 1e3)
+                for c in cache:
+                    c.trim(c.offset - P)
         out[tree.size] = statistics.median(ts) * 1e3
     return out
 

@@ -221,7 +221,8 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
 def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
               prompts: str = "heldout", n_prompts: int = 8, max_tokens: int = 128, trials: int = 3,
               warmup: int = 1, draft: Optional[str] = None, num_draft: int = 3, medusa: Optional[str] = None,
-              seed: int = 0, progress=True, dtype: Optional[str] = None, lookups: Sequence[int] = ()) -> dict:
+              seed: int = 0, progress=True, dtype: Optional[str] = None, lookups: Sequence[int] = (),
+              streams_name: Optional[str] = None) -> dict:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     from .medusa import MedusaModel, load_medusa
@@ -231,11 +232,21 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
 
     mx.random.seed(seed)
     path = default_model_path() if model_path is None else get_model_path(model_path)
-    model, tok = load(str(path), dtype=dtype)
+    model, tok = load(str(path), dtype=dtype, streams=streams_name)
     base = model.base if isinstance(model, SpecStreamModel) else model
     streams = getattr(model, "streams", None)
     lm_model, _ = mlx_lm_load_model(path)
-    from .streams import model_dtype
+    from .streams import find_stream_file, load_streams, model_dtype
+
+    if streams is not None and streams.changes_main:
+        # A shared-mode adapter changes the model: the AR baselines decode that model, i.e. the
+        # base with the LoRA fused in (ours and mlx-lm's alike).
+        if streams.config.main_sees_streams:
+            raise ValueError("main_sees_streams adapters have no plain-AR equivalent to benchmark against")
+        file = find_stream_file(path, streams_name)
+        base = load(str(path), dtype=dtype, streams=False)[0]
+        for m in (base, lm_model):
+            load_streams(file, m).fuse_lora(m)
 
     if "quantization" not in json.loads((path / "config.json").read_text()):
         dtype = dtype or {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[model_dtype(base)]
@@ -611,6 +622,7 @@ def setup_arg_parser(parser=None):
     p.add_argument("--methods", default=None, help="comma list of method prefixes to run")
     p.add_argument("--draft-model", default=None, help="draft model for mlx-lm's speculative decoding")
     p.add_argument("--num-draft", type=int, default=3)
+    p.add_argument("--streams", default=None, help="stream adapter to bench (a name or .json; default: the model's)")
     p.add_argument("--medusa", default=None, help="folder with medusa_heads.json")
     p.add_argument("--lookup", type=int, action="append", default=[],
                    help="also run context drafts (prompt lookup) of this length, alone and with the streams")
@@ -658,7 +670,7 @@ def main(argv=None) -> int:
                     trees=args.tree or ["default"], prompts=args.prompts, n_prompts=args.n_prompts,
                     max_tokens=args.max_tokens, trials=args.trials, warmup=args.warmup, draft=draft,
                     num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype,
-                    lookups=args.lookup)
+                    lookups=args.lookup, streams_name=args.streams)
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -109,3 +109,22 @@ def test_tune_writes_a_measured_choice(bench_result, tmp_path):
     spec = [t for r in stream_generate(model, tok, "a b c a b c", max_tokens=24) for t in r.tokens]
     ar = [t for r in stream_generate(model, tok, "a b c a b c", max_tokens=24, speculative=False) for t in r.tokens]
     assert spec == ar
+
+
+def test_bench_shared_adapter_against_its_fused_model(bench_result, tmp_path):
+    """A shared-mode adapter changes the model: both AR baselines decode the base with the LoRA
+    fused in, and every method's greedy output equals that."""
+    _, d = bench_result
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    base, _ = load_model(m)
+    mx.random.seed(3)
+    s = SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=2, mode="shared", lora_rank=4), base)
+    s.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, s.parameters()))
+    save_streams(m, s, name="shared")
+    res = run_bench(str(m), trees=["chain"], prompts="random:12", n_prompts=2, max_tokens=16, trials=1,
+                    warmup=0, progress=False, lookups=[2], streams_name="shared")
+    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[chain]", "ss[chain]+lookup[2]", "lookup[2]"}
+    for name, r in res["methods"].items():
+        assert r["equal_to_ar"], name
+    assert res["config"]["stream_config"]["mode"] == "shared"

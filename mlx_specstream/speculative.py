@@ -67,10 +67,12 @@ def _tree_tokens(dt, state: SpecState) -> mx.array:
 
 
 def tree_mask(dt, prefix: int) -> mx.array:
-    """Tree nodes see the whole cached prefix and their ancestors."""
-    if not prefix:
-        return dt.ancestors
-    return mx.concatenate([mx.ones((dt.size, prefix), dtype=mx.bool_), dt.ancestors], axis=1)
+    """Tree nodes see the whole cached prefix and their ancestors: (1, 1, T, prefix + T), shaped
+    for attention once per step rather than once per layer."""
+    m = dt.ancestors
+    if prefix:
+        m = mx.concatenate([mx.ones((dt.size, prefix), dtype=mx.bool_), m], axis=1)
+    return m[None, None]
 
 
 def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Optional[Callable], cache: List[KVCache],

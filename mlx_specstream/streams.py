@@ -314,7 +314,7 @@ def msa_forward(
     full = full_mask if full_mask is not None else msa_mask(anc, owners, g, c.main_sees_streams)
     pos_s = stream_positions(positions, owners, g, c.stream_positions)
     h_str = insert_streams(streams, h_main, owners, g)
-    joint_mask = _with_prefix(full, prefix)
+    joint_mask = _with_prefix(full, prefix)[None, None]  # shaped for attention once, not per layer
     pos_joint = mx.concatenate([positions, pos_s])
     # One call per layer over [main ; streams] rows, caching main rows only. The mask keeps main
     # rows off the streams (unless main_sees_streams); in lossless mode the LoRA views touch stream

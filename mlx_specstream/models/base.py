@@ -62,7 +62,8 @@ def apply_rope(rope, x: mx.array, offset: int, positions: Optional[mx.array]) ->
     if positions is None:
         return rope(x.transpose(0, 2, 1, 3), offset=offset)
     B, L, H, D = x.shape
-    positions = mx.broadcast_to(positions, (B, L)).reshape(-1).astype(mx.int32)
+    if not (B == 1 and positions.ndim == 1 and positions.dtype == mx.int32):  # else already one per row
+        positions = mx.broadcast_to(positions, (B, L)).reshape(-1).astype(mx.int32)
     rows = rope(x.reshape(B * L, H, 1, D), offset=positions)
     return rows.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 

@@ -11,7 +11,7 @@ Stages (each skipped when its output exists; ``--force STAGE`` redoes one):
   streams   `specstream train --mode lossless` (γ=3, Ns=1, LoRA r16) -> speculative_streams.* next
             to the base, then `specstream bench tune --write` fits tree, context drafts and τ to
             this machine (on the stdlib held-out modules, never the evaluation prompts)
-  shared    `specstream train --mode shared` (γ=4, Ns=4) -> speculative_streams-shared.*
+  shared    `specstream train --mode shared` (γ=3, Ns=1, LoRA r16) -> speculative_streams-shared.*
   medusa    `specstream train --medusa 3` -> WORK/medusa (baseline, not shipped)
   draft     a 2-layer draft model, same tokenizer and recipe -> mlx_specstream/assets/draft
 """
@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--pretrain-minutes", type=float, default=45)
     ap.add_argument("--draft-minutes", type=float, default=10)
     ap.add_argument("--stream-iters", type=int, default=1000)
-    ap.add_argument("--shared-iters", type=int, default=300)
+    ap.add_argument("--shared-iters", type=int, default=500)
     ap.add_argument("--medusa-iters", type=int, default=300)
     ap.add_argument("--distill", type=int, default=2048, help="self-distillation sequences")
     ap.add_argument("--force", action="append", default=[])
@@ -137,7 +137,7 @@ def main():
     # the validation loss of Ns=4 at a quarter of the stream rows.
     for name, mode, iters, g, ns, rank, stem in (
             ("streams", "lossless", args.stream_iters, 3, 1, 16, "speculative_streams"),
-            ("shared", "shared", args.shared_iters, 4, 4, 8, "speculative_streams-shared")):
+            ("shared", "shared", args.shared_iters, 3, 1, 16, "speculative_streams-shared")):
         if stage(name, (base / f"{stem}.json").exists()):
             timed(name, lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / mode,
                                      "--mode", mode, "--num-streams", g, "--msa-layers", ns, "--lora-rank", rank,

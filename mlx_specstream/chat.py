@@ -57,7 +57,7 @@ class Chat:
         text, emitted = "", []
         try:
             for r in stream_generate(self.model, self.tokenizer, suffix, max_tokens=self.max_tokens,
-                                     sampling=self.sampling, prompt_cache=self.pcache.cache,
+                                     sampling=self.sampling, prompt_cache=self.pcache.cache, history=self.pcache.tokens,
                                      speculative=self.speculative):
                 text += r.text
                 emitted += r.tokens

@@ -166,6 +166,7 @@ def stream_generate(
     speculative: Optional[bool] = None,
     tree=None,
     lookup: Optional[int] = None,
+    history: Sequence[int] = (),
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     logits_processors: Optional[List[Callable]] = None,
 ) -> Generator[GenerationResponse, None, None]:
@@ -174,7 +175,8 @@ def stream_generate(
     Stops at an EOS token (not emitted), at a stop string (cut before it), or at ``max_tokens``.
     ``speculative`` defaults to on when the model carries streams; ``tree`` (rank paths)
     overrides the stream config's tree; ``lookup`` sets how many context drafts (prompt lookup)
-    join each tree (default: the stream config's; any model can decode with them). ``sampling`` sets both the AR sampler and the
+    join each tree (default: the stream config's; any model can decode with them), copying also
+    from ``history`` (the tokens already in ``prompt_cache``). ``sampling`` sets both the AR sampler and the
     speculative acceptance rule; ``sampler``/``accept`` pass custom callables.
     """
     from .speculative import ROOT_ONLY, lookup_generate_step, speculative_generate_step
@@ -205,7 +207,7 @@ def stream_generate(
             prompt, model.base, medusa, max_tokens=max_tokens, accept=accept,
             tree=build_tree(tuple(map(tuple, tree))) if tree is not None else None,
             prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context_limit(model),
-            lookup=lookup or 0))
+            lookup=lookup or 0, history=history))
     elif streams is not None and (speculative or model.main_depends_on_streams):
         if logits_processors:
             raise ValueError("logits_processors are not supported with speculative decoding")
@@ -213,13 +215,13 @@ def stream_generate(
         steps = _spec_steps(speculative_generate_step(
             prompt, model.base, streams, max_tokens=max_tokens, accept=accept, tree=step_tree,
             prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-            context=context_limit(model), lookup=lookup if speculative else 0))
+            context=context_limit(model), lookup=lookup if speculative else 0, history=history))
     elif speculative:  # a plain model with context drafts
         if logits_processors:
             raise ValueError("logits_processors are not supported with speculative decoding")
         steps = _spec_steps(lookup_generate_step(
             prompt, model, lookup=lookup, max_tokens=max_tokens, accept=accept, prompt_cache=prompt_cache,
-            prefill_step_size=prefill_step_size, context=context_limit(model)))
+            prefill_step_size=prefill_step_size, context=context_limit(model), history=history))
     else:
         base = model.base if (streams is not None or medusa is not None) else model
         steps = _ar_steps(base, prompt, max_tokens=max_tokens, sampler=sampler,

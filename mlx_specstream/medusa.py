@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -92,7 +92,7 @@ class MedusaModel(DraftedModel):
 def medusa_generate_step(
     prompt: mx.array, model, medusa: MedusaHeads, *, max_tokens: int, accept: Optional[Callable] = None,
     tree: Optional[Tree] = None, prompt_cache: Optional[List[KVCache]] = None, prefill_step_size: int = 512,
-    context: Optional[int] = None, lookup: int = 0,
+    context: Optional[int] = None, lookup: int = 0, history: Sequence[int] = (),
 ):
     """Yield one StepResult per forward pass: verify the tree with the base model, draft from the
     heads at the last accepted node (the loop and bookkeeping of Speculative Streaming)."""
@@ -110,7 +110,7 @@ def medusa_generate_step(
     return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache),
                         num_drafts=medusa.config.num_heads, tree=tree or build_tree(medusa.config.tree_paths),
                         max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-                        context=context, lookup=lookup)
+                        context=context, lookup=lookup, history=history)
 
 
 def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array):

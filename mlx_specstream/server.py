@@ -185,7 +185,8 @@ class ModelServer:
         try:
             for r in stream_generate(self.model, self.tokenizer, suffix, max_tokens=req["max_tokens"],
                                      sampling=req["sampling"], stop=req["stop"],
-                                     prompt_cache=self.pcache.cache, speculative=self.speculative):
+                                     prompt_cache=self.pcache.cache, history=self.pcache.tokens,
+                                     speculative=self.speculative):
                 text += r.text
                 emitted += r.tokens
                 last, finish = r, r.finish_reason

@@ -209,6 +209,7 @@ def decode_trees(
     prefill_step_size: int = 512,
     context: Optional[int] = None,
     lookup: int = 0,
+    history: Sequence[int] = (),
 ) -> Generator[StepResult, None, None]:
     """The loop every drafter shares. All but the last prompt token go through ``prefill(tokens,
     cache)`` in chunks; the last one is a one-node tree that yields the first correction token and
@@ -216,13 +217,14 @@ def decode_trees(
     drafts the next. Yields one :class:`StepResult` per forward pass.
 
     ``lookup`` > 0 adds a chain of that many context drafts (:class:`ContextDrafts`) to every
-    tree, verified in the same forward as the model's drafts."""
+    tree, verified in the same forward as the model's drafts; they copy from ``history`` (the
+    tokens already in ``prompt_cache``, e.g. earlier chat turns), the prompt and the output."""
     k = max(tree.max_rank, 1)
     ctx, depth = None, num_drafts
     if lookup:
         tree = build_tree(tree.paths[1:] + lookup_paths(k, lookup))
         depth = max(num_drafts, lookup)
-        ctx = ContextDrafts(np.array(prompt).tolist(), lookup)
+        ctx = ContextDrafts(list(history) + np.array(prompt).tolist(), lookup)
     cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + tree.size + 1)
     rest = prompt[:-1]
     while rest.size:
@@ -256,6 +258,7 @@ def speculative_generate_step(
     prefill_step_size: int = 512,
     context: Optional[int] = None,
     lookup: Optional[int] = None,
+    history: Sequence[int] = (),
 ) -> Generator[StepResult, None, None]:
     """Speculative Streaming: yield one :class:`StepResult` per forward pass. ``lookup``: context
     drafts per step (default: the stream config's)."""
@@ -266,7 +269,7 @@ def speculative_generate_step(
         # No stream drafts in the tree: the streams would be computed for nothing.
         return lookup_generate_step(prompt, model, lookup=lookup, max_tokens=max_tokens, accept=accept,
                                     prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-                                    context=context)
+                                    context=context, history=history)
     g = drafts_needed(streams.config, tree)
     return decode_trees(
         prompt, model,
@@ -274,7 +277,7 @@ def speculative_generate_step(
         # in shared mode the MSA layers' LoRA applies to prompt rows too
         lambda toks, cache: main_forward(model, streams, toks, cache),
         num_drafts=g, tree=tree, max_tokens=max_tokens, prompt_cache=prompt_cache,
-        prefill_step_size=prefill_step_size, context=context, lookup=lookup)
+        prefill_step_size=prefill_step_size, context=context, lookup=lookup, history=history)
 
 
 def lookup_generate_step(
@@ -287,6 +290,7 @@ def lookup_generate_step(
     prompt_cache: Optional[List[KVCache]] = None,
     prefill_step_size: int = 512,
     context: Optional[int] = None,
+    history: Sequence[int] = (),
 ) -> Generator[StepResult, None, None]:
     """Context drafts only (prompt lookup decoding), for any model: the baseline that tells how
     much of a drafter's gain copying from the context alone would give."""
@@ -301,4 +305,4 @@ def lookup_generate_step(
 
     return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache), num_drafts=0,
                         tree=ROOT_ONLY, max_tokens=max_tokens, prompt_cache=prompt_cache,
-                        prefill_step_size=prefill_step_size, context=context, lookup=lookup)
+                        prefill_step_size=prefill_step_size, context=context, lookup=lookup, history=history)

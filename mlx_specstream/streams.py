@@ -256,7 +256,8 @@ def stream_positions(pos_main: mx.array, owners: mx.array, num_streams: int, pol
     return pos
 
 
-def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array, num_streams: Optional[int] = None) -> mx.array:
+def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array,
+                   num_streams: Optional[int] = None) -> mx.array:
     """(B, T, h) main hidden states -> (B, K·γ, h) stream states ``H_t + P_j``, owner-major
     (the first ``num_streams`` streams only, when given)."""
     B, _, d = h.shape

@@ -277,3 +277,26 @@ def test_context_drafts_join_the_tree_and_keep_greedy_output(hf_model, name, tre
     with pytest.raises(ValueError, match="lookup"):
         list(stream_generate(model, tok, prompt, max_tokens=4, lookup=-1))
 
+
+
+def test_context_drafts_copy_from_the_cached_history(hf_model, monkeypatch):
+    """With a prompt cache (chat turns, server requests) the tokens already cached are history the
+    context drafts copy from; output still equals AR over the whole sequence."""
+    import mlx_specstream.speculative as spec
+
+    model, tok = load(str(hf_model("llama")[0]))
+    first, second = [5, 6, 7, 8] * 5, [9, 5, 6]
+    ref = ar_tokens(model, mx.array(first + second), 24)
+    built, real = [], spec.ContextDrafts
+
+    def spy(tokens, n):
+        built.append(list(tokens))
+        return real(tokens, n)
+
+    monkeypatch.setattr(spec, "ContextDrafts", spy)
+    cache = make_cache(model)
+    model(mx.array(first)[None], cache=cache)
+    out = [t for r in stream_generate(model, tok, second, max_tokens=24, prompt_cache=cache, history=first, lookup=3)
+           for t in r.tokens]
+    assert out == ref
+    assert built == [first + second]

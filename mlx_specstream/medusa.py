@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from .cache import KVCache
 from .sample import GreedyAcceptance
 from .streams import DraftedModel
-from .tree import Tree, build_tree, device_tree, sparse
+from .tree import Tree, build_tree, sparse
 
 MEDUSA_CONFIG = "medusa_heads.json"
 MEDUSA_WEIGHTS = "medusa_heads.safetensors"
@@ -96,17 +96,10 @@ def medusa_generate_step(
 ):
     """Yield one StepResult per forward pass: verify the tree with the base model, draft from the
     heads at the last accepted node (the loop and bookkeeping of Speculative Streaming)."""
-    from .speculative import _tree_tokens, commit_step, decode_trees, tree_mask
+    from .speculative import decode_trees, verify_step
 
     accept = accept or GreedyAcceptance()
-
-    def step(t, state, cache, k):
-        P = cache[0].offset
-        dt = device_tree(t)
-        tokens = _tree_tokens(dt, state)
-        h = model.hidden(tokens[None], cache, mask=tree_mask(dt, P), positions=dt.depth + P)[0]
-        return commit_step(t, dt, tokens, model.head(h), lambda best: medusa(h[best]), cache, P, accept, k)
-
+    step = lambda t, state, cache, k: verify_step(model, t, state, cache, accept, k, medusa)  # noqa: E731
     return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache),
                         num_drafts=medusa.config.num_heads, tree=tree or build_tree(medusa.config.tree_paths),
                         max_tokens=max_tokens, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,

@@ -95,6 +95,19 @@ def commit_step(tree: Tree, dt, tokens, logits, draft_logits: Optional[Callable]
     return StepResult(out, len(path) - 1, tree.size), SpecState(correction, cand)
 
 
+def verify_step(model, tree: Tree, state: SpecState, cache: List[KVCache], accept: Callable, k: int,
+                head_drafter: Optional[Callable] = None) -> Tuple[StepResult, SpecState]:
+    """One forward pass of the plain model over the tree; ``head_drafter`` (final hidden state of
+    the last accepted node -> (drafts, V) logits, e.g. Medusa heads) drafts the next tree, else
+    only context drafts do."""
+    P = cache[0].offset
+    dt = device_tree(tree)
+    tokens = _tree_tokens(dt, state)
+    h = model.hidden(tokens[None], cache, mask=tree_mask(dt, P), positions=dt.depth + P)[0]
+    draft = (lambda best: head_drafter(h[best])) if head_drafter is not None else None
+    return commit_step(tree, dt, tokens, model.head(h), draft, cache, P, accept, k)
+
+
 def drafts_needed(config, tree: Tree) -> int:
     """Streams a step must run: the tree's depth (deeper streams draft nothing it uses), unless
     main rows see their streams (then every stream shapes the main logits)."""
@@ -295,14 +308,7 @@ def lookup_generate_step(
     """Context drafts only (prompt lookup decoding), for any model: the baseline that tells how
     much of a drafter's gain copying from the context alone would give."""
     accept = accept or GreedyAcceptance()
-
-    def step(t, state, cache, k):
-        P = cache[0].offset
-        dt = device_tree(t)
-        tokens = _tree_tokens(dt, state)
-        h = model.hidden(tokens[None], cache, mask=tree_mask(dt, P), positions=dt.depth + P)[0]
-        return commit_step(t, dt, tokens, model.head(h), None, cache, P, accept, k)
-
+    step = lambda t, state, cache, k: verify_step(model, t, state, cache, accept, k)  # noqa: E731
     return decode_trees(prompt, model, step, lambda toks, cache: model(toks, cache=cache), num_drafts=0,
                         tree=ROOT_ONLY, max_tokens=max_tokens, prompt_cache=prompt_cache,
                         prefill_step_size=prefill_step_size, context=context, lookup=lookup, history=history)

@@ -197,28 +197,25 @@ def stream_generate(
     prompt = _encode_prompt(tokenizer, prompt)
     cached = prompt_cache[0].offset if prompt_cache else 0
     max_tokens = check_prompt_length(model, prompt.size + cached, max_tokens)
-    if (speculative or (streams is not None and model.main_depends_on_streams)) and accept is None \
-            and sampler is not None and sampler is not _greedy_sampler():
+    tree_decoding = speculative or (streams is not None and model.main_depends_on_streams)
+    if tree_decoding and accept is None and sampler is not None and sampler is not _greedy_sampler():
         raise ValueError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
+    if tree_decoding and logits_processors:
+        raise ValueError("logits_processors are not supported with speculative decoding")
+    paths = build_tree(tuple(map(tuple, tree))) if tree is not None else None
     if medusa is not None and speculative:
         from .medusa import medusa_generate_step
 
         steps = _spec_steps(medusa_generate_step(
-            prompt, model.base, medusa, max_tokens=max_tokens, accept=accept,
-            tree=build_tree(tuple(map(tuple, tree))) if tree is not None else None,
+            prompt, model.base, medusa, max_tokens=max_tokens, accept=accept, tree=paths,
             prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, context=context_limit(model),
             lookup=lookup or 0, history=history))
-    elif streams is not None and (speculative or model.main_depends_on_streams):
-        if logits_processors:
-            raise ValueError("logits_processors are not supported with speculative decoding")
-        step_tree = (build_tree(tuple(map(tuple, tree))) if tree is not None else None) if speculative else ROOT_ONLY
+    elif streams is not None and tree_decoding:
         steps = _spec_steps(speculative_generate_step(
-            prompt, model.base, streams, max_tokens=max_tokens, accept=accept, tree=step_tree,
-            prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+            prompt, model.base, streams, max_tokens=max_tokens, accept=accept,
+            tree=paths if speculative else ROOT_ONLY, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
             context=context_limit(model), lookup=lookup if speculative else 0, history=history))
     elif speculative:  # a plain model with context drafts
-        if logits_processors:
-            raise ValueError("logits_processors are not supported with speculative decoding")
         steps = _spec_steps(lookup_generate_step(
             prompt, model, lookup=lookup, max_tokens=max_tokens, accept=accept, prompt_cache=prompt_cache,
             prefill_step_size=prefill_step_size, context=context_limit(model), history=history))

@@ -300,3 +300,17 @@ def test_context_drafts_copy_from_the_cached_history(hf_model, monkeypatch):
            for t in r.tokens]
     assert out == ref
     assert built == [first + second]
+
+
+def test_logits_processors_are_refused_by_every_tree_decoder(hf_model):
+    """Processors act on one distribution per step; tree decoding would silently skip them."""
+    from mlx_specstream.medusa import MedusaConfig, MedusaHeads, MedusaModel
+
+    model, tok = _ss_model(hf_model, num_streams=2, num_msa_layers=1)
+    proc = [lambda toks, logits: logits]
+    medusa = MedusaModel(model.base, MedusaHeads(MedusaConfig(num_heads=2), model.base))
+    for m, kw in ((model, {}), (model.base, {"lookup": 3}), (medusa, {})):
+        with pytest.raises(ValueError, match="logits_processors"):
+            list(stream_generate(m, tok, "x", max_tokens=4, logits_processors=proc, **kw))
+    # autoregressive decoding applies them
+    assert list(stream_generate(model, tok, "x", max_tokens=4, logits_processors=proc, speculative=False))

@@ -257,14 +257,15 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     plan.append(("ours_ar", lambda p: _ours(base, tok, p, max_tokens, speculative=False), 0))
     plan.append(("mlx_lm_ar", lambda p: _mlx_lm(lm_model, tok, p, max_tokens), 0))
     if streams is not None:
-        shipped = streams.config.lookup
+        own = streams.config.lookup
+        own = [own] if own and own not in lookups else []
         for spec in trees:
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
             # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
             # stream config's own number joins the default tree: what a user of it gets)
             plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths, lookup=0),
                          streams.num_params))
-            for n in list(lookups) + ([shipped] if spec == "default" and shipped and shipped not in lookups else []):  # the streams' drafts and context drafts in one tree
+            for n in list(lookups) + (own if spec == "default" else []):
                 plan.append((f"ss[{spec}]+lookup[{n}]",
                              lambda p, paths=paths, n=n: _ours(model, tok, p, max_tokens, tree=paths, lookup=n),
                              streams.num_params))
@@ -580,8 +581,7 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
         streams.config.prune_threshold = tau
         n = secs = 0.0
         for p in ids:
-            for r in stream_generate(model, tok, p, max_tokens=32 if quick else 96, tree=tree_paths, lookup=lookup):
-                pass
+            *_, r = stream_generate(model, tok, p, max_tokens=32 if quick else 96, tree=tree_paths, lookup=lookup)
             n, secs = n + r.generation_tokens, secs + r.generation_tokens / r.generation_tps
         return n / secs
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 def random_llama(spec: str, dtype: str) -> Path:
     from mlx_specstream.models import build_model
-    from mlx_specstream.utils import cast_floats, save_model
+    from mlx_specstream.checkpoint import cast_floats, save_model
 
     layers, hidden = (int(x) for x in spec.split("x"))
     cfg = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
@@ -49,8 +49,8 @@ def main(argv=None):
     from mlx_lm.generate import generate_step as lm_generate_step
     from mlx_lm.utils import load_model as mlx_lm_load
 
-    from mlx_specstream.generate import generate_step
-    from mlx_specstream.utils import cast_floats, default_model_path, load_model, quantize_model, save_model
+    from mlx_specstream.decode import generate_step
+    from mlx_specstream.checkpoint import cast_floats, default_model_path, load_model, quantize_model, save_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)

@@ -22,12 +22,12 @@ def main():
     import numpy as np
     import torch
 
-    from convert.reference import SpeculativeStreamsTorch, forward_with_streams, save_streams_torch
+    from convert.pytorch_reference import SpeculativeStreamsTorch, forward_with_streams, save_streams_torch
     from hf_models import CONFIGS, make_hf_model
     from mlx_specstream.convert import convert
     from mlx_specstream.streams import forward_with_streams as mlx_forward_with_streams
     from mlx_specstream.streams import load_streams
-    from mlx_specstream.utils import load_model
+    from mlx_specstream.checkpoint import load_model
 
     ids = torch.tensor([[1, 5, 9, 33, 200, 17, 40, 8, 77]])
     print(f"{'family config':24}{'max|Δ| base logits vs transformers':>36}")

@@ -21,11 +21,12 @@ import mlx.core as mx
 def main(argv=None):
     from ar_vs_mlx_lm import random_llama
 
-    from mlx_specstream.bench import measure_cost_curve
-    from mlx_specstream.speculative import drafts_needed
-    from mlx_specstream.tree import build_tree, sparse
+    from mlx_specstream.bench.tune import measure_cost_curve
+    from mlx_specstream.checkpoint import default_model_path, load_model
+    from mlx_specstream.drafters import StreamDrafter
+    from mlx_specstream.plan import TreePlan
     from mlx_specstream.streams import SpeculativeStreams, StreamConfig
-    from mlx_specstream.utils import default_model_path, load_model
+    from mlx_specstream.tree import sparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -54,8 +55,8 @@ def main(argv=None):
     print(f"{'tree nodes':>10} {'MSA rows':>9} {'step ms':>9} {'AR ms':>8} {'step/AR':>8}")
     rows = []
     for T, ms in cost.items():
-        tree = build_tree(sparse(args.num_streams, T - 1)) if T > 1 else build_tree(())
-        rows.append({"tree_nodes": T, "msa_rows": T * (1 + drafts_needed(streams.config, tree)), "step_ms": ms, "ar_ms": ar,
+        plan = TreePlan(sparse(args.num_streams, T - 1) if T > 1 else ())
+        rows.append({"tree_nodes": T, "msa_rows": T * (1 + StreamDrafter(streams).streams_run(plan)), "step_ms": ms, "ar_ms": ar,
                      "ratio": ms / ar})
         r = rows[-1]
         print(f"{r['tree_nodes']:>10} {r['msa_rows']:>9} {r['step_ms']:>9.2f} {r['ar_ms']:>8.2f} {r['ratio']:>8.2f}")

@@ -1,4 +1,5 @@
-"""Per-layer KV cache: a preallocated buffer and an offset, with trim and gather-compaction.
+"""Per-layer KV cache: a preallocated buffer and an offset, with trim and gather-compaction; and
+:class:`PromptCache`, a cache reused across calls that share a prefix.
 
 Tree steps write every tree node's main-stream K/V after the offset; once the accepted path is
 known, :meth:`KVCache.compact` gathers those rows into contiguous slots. Speculative-stream K/V
@@ -7,9 +8,11 @@ never enter the cache.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
+
+DEFAULT_PREFILL_STEP = 512  # prompt tokens per prefill chunk (bounds the attention scores' memory)
 
 
 class KVCache:
@@ -94,3 +97,49 @@ def prepared_cache(model, prompt_cache: Optional[List[KVCache]], rows: int) -> L
     for c in cache:
         c.reserve(c.offset + rows)
     return cache
+
+
+def prefill(forward: Callable[[mx.array, list], object], tokens: mx.array, cache: List[KVCache],
+            step: int = DEFAULT_PREFILL_STEP) -> None:
+    """Run ``tokens`` through ``forward(tokens (1, L), cache)`` in chunks of ``step``."""
+    while tokens.size:
+        forward(tokens[:step][None], cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[step:]
+
+
+class PromptCache:
+    """A KV cache plus the tokens it holds, reused across calls that share a prefix (chat turns,
+    server requests): only the new suffix is prefilled."""
+
+    def __init__(self, model):
+        self.cache = make_cache(model)
+        self.tokens: List[int] = []
+
+    def prepare(self, prompt: List[int]) -> List[int]:
+        """Trim the cache to the longest common prefix with ``prompt`` (keeping at least one
+        prompt token to feed) and return the suffix to pass as the prompt."""
+        held = self.tokens[: self.cache[0].offset]
+        n = 0
+        for a, b in zip(held, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)
+        for c in self.cache:
+            c.trim(c.offset - n)
+        self.tokens = list(prompt[:n])
+        return list(prompt[n:])
+
+    def record(self, prompt_suffix: List[int], emitted: List[int]) -> None:
+        """After a generation: the cache holds (at most) everything fed so far; trim rows past
+        the last token we actually kept (a stop may cut a speculative step short)."""
+        self.tokens += list(prompt_suffix) + list(emitted)
+        for c in self.cache:
+            if c.offset > len(self.tokens):
+                c.trim(c.offset - len(self.tokens))
+
+    def reset(self) -> None:
+        for c in self.cache:
+            c.trim(c.offset)
+        self.tokens = []

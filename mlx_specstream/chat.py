@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-import mlx.core as mx
-
-from .generate import DEFAULT_MAX_TOKENS, PromptCache, add_model_args, add_sampling_args, stream_generate
+from .cache import PromptCache
+from .cli import add_model_args, add_sampling_args, check_args, load_from_args
+from .decode import DEFAULT_MAX_TOKENS
+from .generate import cached_stream_generate
 from .sample import SamplingParams
 
 HELP = "commands: /reset /stats /temp T /top-p P /max-tokens N /speculate on|off /help /quit"
@@ -52,21 +53,19 @@ class Chat:
 
     def reply(self, user: str, write=print):
         """Stream one reply; returns its text. Interrupting (Ctrl-C) keeps what was said."""
-        prompt = self._prompt_tokens(user)
-        suffix = self.pcache.prepare(prompt)
-        text, emitted = "", []
+        text = ""
+        gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, self._prompt_tokens(user),
+                                     max_tokens=self.max_tokens, sampling=self.sampling, speculative=self.speculative)
         try:
-            for r in stream_generate(self.model, self.tokenizer, suffix, max_tokens=self.max_tokens,
-                                     sampling=self.sampling, prompt_cache=self.pcache.cache, history=self.pcache.tokens,
-                                     speculative=self.speculative):
+            for r in gen:
                 text += r.text
-                emitted += r.tokens
                 self.last = r
                 write(r.text, end="", flush=True)
         except KeyboardInterrupt:
             write(" [stopped]", end="", flush=True)
+        finally:
+            gen.close()  # the prompt cache records what was said
         write("")
-        self.pcache.record(suffix, emitted)
         if self.tokenizer.has_chat_template:
             self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         else:
@@ -109,12 +108,9 @@ class Chat:
 
 
 def main(argv=None) -> int:
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    model, tokenizer = load(args.model, streams=args.streams, dtype=args.dtype)
+    check_args(args)
+    model, tokenizer = load_from_args(args)
     chat = Chat(model, tokenizer, system_prompt=args.system_prompt,
                 sampling=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p),
                 max_tokens=args.max_tokens, speculative=False if args.no_speculate else None)

@@ -1,9 +1,18 @@
-"""``specstream <verb>``: one module per verb, each with ``setup_arg_parser()`` and ``main()``."""
+"""``specstream <verb>``: one module per verb, each with ``setup_arg_parser()`` and ``main()``;
+and the options several verbs share, declared once."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+
+import mlx.core as mx
+
+from .checkpoint import DTYPES
+from .drafters import DEFAULT_NUM_DRAFT
+from .loading import load
+from .sample import SamplingParams
 
 VERBS = {
     "generate": ("mlx_specstream.generate", "generate text from a prompt"),
@@ -11,8 +20,46 @@ VERBS = {
     "serve": ("mlx_specstream.server", "OpenAI-compatible HTTP server"),
     "convert": ("mlx_specstream.convert", "convert a PyTorch/HF checkpoint (+ streams, + LoRA) to MLX"),
     "bench": ("mlx_specstream.bench", "benchmark harness: peers side by side; `bench compare`, `bench tune`"),
-    "train": ("mlx_specstream.train", "train speculative streams (lossless / shared / pruning)"),
+    "train": ("mlx_specstream.train", "train speculative streams (lossless / shared / pruning) or Medusa heads"),
 }
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model and drafter options every serving verb shares."""
+    parser.add_argument("--model", default=None, help="model folder or hub repo (default: embedded model)")
+    parser.add_argument("--streams", default=None,
+                        help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
+    parser.add_argument("--medusa", default=None, help="folder with medusa_heads.json: draft with Medusa heads")
+    parser.add_argument("--draft-model", default=None,
+                        help="a small model with the same tokenizer drafting for the target (two-model decoding)")
+    parser.add_argument("--num-draft", type=int, default=DEFAULT_NUM_DRAFT, help="tokens the draft model drafts per step")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="cast weights at load (default: float32 on CPUs, as stored on GPUs)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    parser.add_argument("--temp", type=float, default=d.temp, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--min-p", type=float, default=d.min_p)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Apply the shared options that act at once (the seed)."""
+    if getattr(args, "seed", None) is not None:
+        mx.random.seed(args.seed)
+
+
+def load_from_args(args: argparse.Namespace, **kwargs):
+    return load(args.model, streams=args.streams, medusa=args.medusa, draft_model=args.draft_model,
+                num_draft=args.num_draft, dtype=args.dtype, **kwargs)
+
+
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    n = int(width * done / max(total, 1))
+    return "[" + "#" * n + "-" * (width - n) + "]"
 
 
 def main(argv=None) -> int:

@@ -19,19 +19,20 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
+from .checkpoint import (DTYPES, CheckpointError, build_checked, check_names, copy_tokenizer_files, load_config,
+                         load_model, read_safetensors, quantize_model, save_adapter, save_model, weight_files)
+from .cli import progress_bar
+from .models import normalize_rope_config
+from .streams import SpeculativeStreams
+from .streams.files import read_stream_config
 from .torch_pickle import load_torch_file, to_mx
-from .utils import (CheckpointError, check_weights, copy_tokenizer_files, load_config, load_safetensors,
-                    quantize_model, save_model)
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 def _progress(i: int, n: int, what: str) -> None:
-    w = 24
-    done = int(w * i / max(n, 1))
-    print(f"\r[{'#' * done}{'-' * (w - done)}] {i}/{n} {what[:60]:<60}", end="", file=sys.stderr, flush=True)
+    print(f"\r{progress_bar(i, n)} {i}/{n} {what[:60]:<60}", end="", file=sys.stderr, flush=True)
     if i == n:
         print(file=sys.stderr)
 
@@ -41,32 +42,13 @@ def read_tensors(files, label: str) -> Dict[str, mx.array]:
     for i, f in enumerate(files, 1):
         _progress(i - 1, len(files), f"reading {f.name}")
         if f.suffix == ".safetensors":
-            out.update(load_safetensors(f))
+            out.update(read_safetensors(f))
         else:
             out.update({k: to_mx(v) for k, v in load_torch_file(f).items()})
         _progress(i, len(files), f"read {f.name}")
     if not out:
         raise CheckpointError(f"no tensors in {label}")
     return out
-
-
-def weight_files(src: Path):
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (src / index).exists():
-            try:
-                names = sorted(set(json.loads((src / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{src / index} is malformed: {e}") from e
-            missing = [n for n in names if not (src / n).exists()]
-            if missing:
-                raise CheckpointError(f"{src / index} lists missing shards: {missing}")
-            return [src / n for n in names]
-    files = sorted(src.glob("model*.safetensors"))
-    if not files:
-        files = sorted(src.glob("pytorch_model*.bin")) + sorted(src.glob("*.pt"))
-    if not files:
-        raise CheckpointError(f"no model*.safetensors, pytorch_model*.bin or *.pt in {src}")
-    return files
 
 
 def read_peft(adapter_dir: Path):
@@ -130,34 +112,20 @@ def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int) -> Non
 
 
 def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
-    from .streams import SpeculativeStreams, StreamConfig
-
-    try:
-        config = StreamConfig.from_dict(json.loads(src_json.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{src_json}: {e}") from e
+    """A stream file (PyTorch reference or MLX) checked against ``model`` and written for MLX."""
+    config = read_stream_config(src_json)
     weights_file = next((p for p in (src_json.with_suffix(".safetensors"), src_json.with_suffix(".bin"))
                          if p.exists()), None)
     if weights_file is None:
         raise CheckpointError(f"{src_json}: no matching .safetensors/.bin with the stream parameters")
     weights = read_tensors([weights_file], str(weights_file))
     streams = SpeculativeStreams(config, model)
-    expected = dict(tree_flatten(streams.parameters()))
-    problems = sorted(set(expected) ^ set(weights)) + [
-        f"{k}: {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-        if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
-    if problems:
-        raise CheckpointError(f"{weights_file} does not match {src_json.name} and the model: {problems[:8]}")
-    # Stream parameters, adapters and norms stay in float16 whatever the base is quantized to.
-    mx.save_safetensors(str(dst / f"{stem}.safetensors"),
-                        {k: v.astype(mx.float16) for k, v in weights.items()}, metadata={"format": "mlx"})
-    (dst / f"{stem}.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    check_names(dict(tree_flatten(streams.parameters())), weights, weights_file, f"{src_json.name} and the model")
+    save_adapter(dst, stem, weights, config.to_dict())
 
 
 def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optional[str] = None,
             adapter_path=None, keep_lora=False, streams_only=False, force=False, verify=False) -> Path:
-    from .models import build_model, normalize_rope_config
-
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"--torch-path {src} is not a folder")
@@ -167,8 +135,6 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
             raise CheckpointError(f"--streams-only needs an already converted base at {dst}")
         if not stream_jsons:
             raise CheckpointError(f"no speculative_streams*.json in {src}")
-        from .utils import load_model
-
         model, _ = load_model(dst, lazy=True)
         with tempfile.TemporaryDirectory(dir=dst) as tmp:
             for j in stream_jsons:
@@ -182,15 +148,11 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
         raise CheckpointError(f"{dst} exists (use --force to replace it)")
     tic = time.perf_counter()
     config = load_config(src)
-    weights = read_tensors(weight_files(src), str(src))
+    weights = read_tensors(weight_files(src, torch_files=True), str(src))
     adapter = Path(adapter_path) if adapter_path else (src if (src / "adapter_config.json").exists() else None)
     if adapter is not None and not keep_lora:
         weights = merge_peft(weights, adapter)
-    if "tie_word_embeddings" not in config:
-        config["tie_word_embeddings"] = "lm_head.weight" not in weights
-    model = build_model(config)
-    weights = model.sanitize(weights)
-    check_weights(model, weights, src)
+    model, weights = build_checked(config, weights, src)
     target = DTYPES[dtype] if dtype else None
     if target is None:
         src_dtype = config.get("torch_dtype") or config.get("dtype")
@@ -235,10 +197,6 @@ def verify_against_torch(src: Path, dst: Path, adapter: Optional[Path] = None, p
         import transformers
     except ImportError:
         raise CheckpointError("--verify needs torch and transformers (pip install -e '.[torch]')") from None
-    import numpy as np
-
-    from .utils import load_model
-
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
     if adapter is not None:
         import peft

@@ -21,7 +21,10 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 
-from .generate import DEFAULT_MAX_TOKENS, PromptCache, add_model_args, context_limit, stream_generate
+from .cache import PromptCache
+from .cli import add_model_args, load_from_args
+from .decode import DEFAULT_MAX_TOKENS
+from .generate import cached_stream_generate, context_limit
 from .sample import SamplingParams
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
@@ -180,13 +183,12 @@ class ModelServer:
         req = job.req
         if req["seed"] is not None:
             mx.random.seed(req["seed"])
-        suffix = self.pcache.prepare(req["prompt"])
         text, emitted, last, finish = "", [], None, None
+        gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, req["prompt"],
+                                     max_tokens=req["max_tokens"], sampling=req["sampling"], stop=req["stop"],
+                                     speculative=self.speculative)
         try:
-            for r in stream_generate(self.model, self.tokenizer, suffix, max_tokens=req["max_tokens"],
-                                     sampling=req["sampling"], stop=req["stop"],
-                                     prompt_cache=self.pcache.cache, history=self.pcache.tokens,
-                                     speculative=self.speculative):
+            for r in gen:
                 text += r.text
                 emitted += r.tokens
                 last, finish = r, r.finish_reason
@@ -196,7 +198,7 @@ class ModelServer:
                 if r.text:
                     job.out.put(("piece", r.text))
         finally:
-            self.pcache.record(suffix, emitted)
+            gen.close()  # records what the cache kept
         usage = {"prompt_tokens": len(req["prompt"]), "completion_tokens": len(emitted),
                  "total_tokens": len(req["prompt"]) + len(emitted),
                  "speculative": {"steps": last.steps if last else 0,
@@ -354,10 +356,8 @@ def setup_arg_parser(parser=None):
 
 
 def main(argv=None) -> int:
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
-    model, tokenizer = load(args.model, streams=args.streams, dtype=args.dtype)
+    model, tokenizer = load_from_args(args)
     model_id = args.model or "specstream-default"
     ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,
                      max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None)

@@ -6,6 +6,7 @@ evaluation prompts come from code the model never saw.
 
 from __future__ import annotations
 
+import random
 import sysconfig
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -46,8 +47,6 @@ def read(files: List[Path]) -> List[str]:
 
 def eval_prompts(n: int = 16, prompt_lines: int = 12, seed: int = 0) -> List[Dict[str, str]]:
     """Prompts cut from held-out modules: a function's header and first lines."""
-    import random
-
     rng = random.Random(seed)
     _, valid = split_files()
     cands = []

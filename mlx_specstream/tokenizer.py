@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+import sentencepiece as spm
 from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as _load_hf
 
@@ -16,8 +17,6 @@ class SentencePieceTokenizer:
     chat_template = None
 
     def __init__(self, model_file: Path, add_bos: bool = True):
-        import sentencepiece as spm
-
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except Exception as e:

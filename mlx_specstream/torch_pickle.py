@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict
 
+import mlx.core as mx
 import numpy as np
 
 
@@ -127,8 +128,6 @@ def load_torch_file(path: Path) -> Dict[str, object]:
 
 
 def to_mx(v):
-    import mlx.core as mx
-
     if isinstance(v, BF16):
         return mx.array(v.bits).view(mx.bfloat16)
     return mx.array(v)

@@ -14,19 +14,24 @@ Worked example, three nodes — root, its top-1 child ``(0,)`` and its top-2 chi
     ancestors = [[1, 0, 0],      # node i attends to itself and its ancestors
                  [1, 1, 0],
                  [1, 0, 1]]
-    leaves    = [[0, 1], [0, 2]]  # root-to-leaf retrieve paths
+    children  = [[1, 2], [-1, -1], [-1, -1]]  # by rank order, padded with -1
+
+Pure numpy: the device copy of a tree (and everything else a decode precomputes once) is
+:class:`mlx_specstream.plan.TreePlan`.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import json
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 Path = Tuple[int, ...]
+DEFAULT_TREE_BUDGET = 12  # non-root nodes of a drafter's default sparse tree
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,6 @@ class Tree:
     parent: np.ndarray  # (T,) int32, -1 for the root
     rank: np.ndarray  # (T,) int32, the node's rank among its stream's candidates
     ancestors: np.ndarray  # (T, T) bool, row i: ancestors of i and i itself
-    leaves: np.ndarray  # (n_leaves, max_depth+1) int32 root-to-leaf paths, padded with -1
     children: np.ndarray  # (T, max_children) int32 children by rank order, padded with -1
 
     @property
@@ -70,9 +74,8 @@ def normalize_paths(paths: Sequence[Sequence[int]]) -> Tuple[Path, ...]:
     return ((),) + tuple(sorted(ps, key=lambda p: (len(p), p)))
 
 
-@lru_cache(maxsize=64)
-def build_tree(paths: Tuple[Path, ...]) -> Tree:
-    """Build a :class:`Tree` from rank paths (cached per shape)."""
+def build_tree(paths: Sequence[Sequence[int]]) -> Tree:
+    """Build a :class:`Tree` from rank paths (the root ``()`` may be given or not)."""
     paths = normalize_paths(paths)
     index = {p: i for i, p in enumerate(paths)}
     T = len(paths)
@@ -83,20 +86,13 @@ def build_tree(paths: Tuple[Path, ...]) -> Tree:
     for i, p in enumerate(paths):
         for g in range(len(p) + 1):
             anc[i, index[p[:g]]] = True
-    is_parent = set(parent[1:].tolist())
-    leaf_ids = [i for i in range(T) if i not in is_parent]
-    D = int(depth.max())
-    leaves = np.full((len(leaf_ids), D + 1), -1, np.int32)
-    for r, i in enumerate(leaf_ids):
-        row = np.flatnonzero(anc[i])
-        leaves[r, : len(row)] = row
     kids = [[j for j in range(T) if parent[j] == i] for i in range(T)]
     kids = [sorted(k, key=lambda j: rank[j]) for k in kids]
     C = max(1, max(len(k) for k in kids))
     children = np.full((T, C), -1, np.int32)
     for i, k in enumerate(kids):
         children[i, : len(k)] = k
-    return Tree(paths, depth, parent, rank, anc, leaves, children)
+    return Tree(paths, depth, parent, rank, anc, children)
 
 
 def chain(depth: int) -> Tuple[Path, ...]:
@@ -116,8 +112,6 @@ def sparse(depth: int, budget: int, rank_accept: Sequence[Sequence[float]] | Non
     token; a path's value is the product along it (independence assumed). Without measurements, a
     geometric prior (top-1 strongly preferred, deeper levels less reliable) is used.
     """
-    import heapq
-
     if rank_accept is None:
         rank_accept = [[0.6 * 0.8**g * 0.35**r for r in range(8)] for g in range(depth)]
     cand: list = []  # max-heap of (-value, path) over children of chosen nodes
@@ -147,47 +141,34 @@ def prune(tree: Tree, child_prob: np.ndarray, threshold: float) -> np.ndarray:
     return ~((tree.ancestors & ~keep[None, :]).any(axis=1))
 
 
-@dataclass(frozen=True)
-class DeviceTree:
-    """A :class:`Tree`'s index arrays on the device, built once per shape."""
+@dataclass
+class TreeSetting:
+    """The tree fields every drafter config shares (declared once): explicit rank paths, or the
+    default sparse tree of ``tree_budget`` nodes over the drafter's ``draft_depth`` levels."""
 
-    tree: Tree
-    depth: "object"
-    parent_or_self: "object"  # the root is its own parent
-    ancestors: "object"
-    children: "object"
-    rank: "object"
+    tree: Optional[List[List[int]]] = None  # rank paths; None: a sparse default tree
+    tree_budget: int = DEFAULT_TREE_BUDGET
+
+    draft_depth = 0  # levels the drafter can fill (overridden by a property)
+
+    def check_tree(self) -> None:
+        if self.tree is not None:
+            paths = normalize_paths(self.tree)
+            deepest = max((len(p) for p in paths), default=0)
+            if deepest > self.draft_depth:
+                raise ValueError(f"tree depth {deepest} exceeds the {self.draft_depth} levels this drafter drafts")
+            self.tree = [list(p) for p in paths[1:]]
 
     @property
-    def max_depth(self) -> int:
-        return self.tree.max_depth
-
-    @property
-    def size(self) -> int:
-        return self.tree.size
-
-
-_DEVICE_TREES: dict = {}
-
-
-def device_tree(tree: Tree) -> DeviceTree:
-    import mlx.core as mx
-
-    dt = _DEVICE_TREES.get(tree.paths)
-    if dt is None:
-        pos = tree.parent.copy()
-        pos[0] = 0
-        dt = DeviceTree(tree, mx.array(tree.depth), mx.array(pos), mx.array(tree.ancestors),
-                        mx.array(tree.children), mx.array(tree.rank))
-        _DEVICE_TREES[tree.paths] = dt
-    return dt
+    def tree_paths(self) -> Tuple[Path, ...]:
+        if self.tree is not None:
+            return tuple(tuple(p) for p in self.tree)
+        return sparse(self.draft_depth, self.tree_budget)
 
 
 def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
     """CLI tree spec: ``chain``, ``chain:D``, ``cartesian:K`` (or ``cartesian:K:D``),
     ``sparse:N`` (N nodes of the default prior), or a JSON list of rank paths."""
-    import json
-
     spec = spec.strip()
     if spec.startswith("["):
         try:

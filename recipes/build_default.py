@@ -42,7 +42,7 @@ def run(cmd, **kw):
 def convert(hf_dir: Path, dst: Path, tokenizer: Path):
     import mlx.core as mx
 
-    from mlx_specstream.utils import load_model, save_model
+    from mlx_specstream.checkpoint import load_model, save_model
 
     model, cfg = load_model(hf_dir, dtype=mx.float16)
     tmp = dst.with_name(dst.name + ".tmp")
@@ -64,7 +64,7 @@ def distill(model_dir: Path, out: Path, n_train: int, n_valid: int, prompt_len: 
     import numpy as np
 
     from mlx_specstream.cache import make_cache
-    from mlx_specstream.utils import load
+    from mlx_specstream import load
     from mlx_specstream.stdlib_data import read, split_files
 
     model, tok = load(str(model_dir), streams=False, dtype="float32")

@@ -8,7 +8,7 @@ import urllib.request
 
 from mlx_specstream.chat import Chat
 from mlx_specstream.generate import generate
-from mlx_specstream.utils import load
+from mlx_specstream import load
 
 
 def test_chat_reuses_kv_across_turns(hf_model):

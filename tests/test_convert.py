@@ -11,12 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from convert.reference import SpeculativeStreamsTorch, forward_with_streams, save_streams_torch, speculative_greedy  # noqa: E402
+from convert.pytorch_reference import SpeculativeStreamsTorch, forward_with_streams, save_streams_torch, speculative_greedy  # noqa: E402
 from hf_models import CONFIGS, make_hf_model  # noqa: E402
 from mlx_specstream.convert import convert  # noqa: E402
+from mlx_specstream.decode import tree_generate_step  # noqa: E402
 from mlx_specstream.streams import forward_with_streams as mlx_forward_with_streams  # noqa: E402
 from mlx_specstream.torch_pickle import UnsafeCheckpointError  # noqa: E402
-from mlx_specstream.utils import CheckpointError, load, load_model  # noqa: E402
+from mlx_specstream import load
+from mlx_specstream.checkpoint import CheckpointError, load_model  # noqa: E402
 
 IDS = [[1, 5, 9, 33, 200, 17, 40, 8, 77]]
 
@@ -34,7 +36,7 @@ def compare(hf, s, dst, atol=2e-5):
     with torch.no_grad():
         main, strm = forward_with_streams(hf, s, torch.tensor(IDS))
     model, _ = load(str(dst))
-    mm, ms = mlx_forward_with_streams(model.base, model.streams, mx.array(IDS))
+    mm, ms = mlx_forward_with_streams(model.base, model.drafter.streams, mx.array(IDS))
     d_main = np.abs(np.array(mm) - main.numpy()).max()
     d_str = np.abs(np.array(ms.astype(mx.float32)) - strm.numpy()).max()
     assert d_main < atol and d_str < atol, (d_main, d_str)
@@ -58,9 +60,6 @@ def test_convert_parity_main_and_streams(tmp_path, sp_model_file, name, mode):
 
 
 def test_reference_and_mlx_agree_on_speculative_greedy(tmp_path, sp_model_file):
-    from mlx_specstream.speculative import speculative_generate_step
-    from mlx_specstream.tree import build_tree
-
     src = tmp_path / "src"
     hf = make_hf_model("qwen2", src)
     shutil.copy(sp_model_file, src / "tokenizer.model")
@@ -75,7 +74,7 @@ def test_reference_and_mlx_agree_on_speculative_greedy(tmp_path, sp_model_file):
     prompt = [1, 5, 9, 33, 200]
     ref = speculative_greedy(hf, s, prompt, 24, tree_paths=paths)
     out = []
-    for r in speculative_generate_step(mx.array(prompt), model.base, model.streams, max_tokens=24, tree=build_tree(paths)):
+    for r in tree_generate_step(mx.array(prompt), model.base, model.drafter, max_tokens=24, tree=paths):
         out += r.tokens
     assert out[:24] == ref
 
@@ -144,7 +143,7 @@ def test_streams_only_into_existing_base(tmp_path, sp_model_file):
     save_streams_torch(only, s, name="code", bin_format=True)
     convert(only, dst, streams_only=True)
     model, _ = load(str(dst), streams="code")
-    assert model.streams.config.num_streams == 3
+    assert model.drafter.streams.config.num_streams == 3
     with pytest.raises(CheckpointError, match="exists"):
         convert(only, dst, streams_only=True)
 
@@ -164,7 +163,7 @@ def test_quantized_conversion(tmp_path, sp_model_file):
     assert np.abs(np.array(m8(mx.array(IDS))) - ref).max() < 0.05 * np.abs(ref).max()
     q4 = convert(src, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
     model, tok = load(str(q4))
-    assert model.streams.stream_embeddings.dtype == mx.float32  # runs in the model's float dtype
+    assert model.drafter.streams.stream_embeddings.dtype == mx.float32  # runs in the model's float dtype
     assert len(generate(model, tok, "def", max_tokens=10)) > 0
 
 

@@ -6,8 +6,9 @@ import pytest
 
 from mlx_specstream.generate import stream_generate
 from mlx_specstream.stdlib_data import eval_prompts
-from mlx_specstream.streams import SpecStreamModel
-from mlx_specstream.utils import default_model_path, load
+from mlx_specstream.drafters import StreamDrafter
+from mlx_specstream import load
+from mlx_specstream.checkpoint import default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_assets_are_small_and_complete():
 
 def test_default_model_speculative_equals_ar(default):
     model, tok = default
-    assert isinstance(model, SpecStreamModel) and model.streams.config.mode == "lossless"
+    assert isinstance(model.drafter, StreamDrafter) and model.drafter.streams.config.mode == "lossless"
     for p in eval_prompts(3):
         prompt = p["prompt"]
         ar = list(stream_generate(model, tok, prompt, max_tokens=64, speculative=False))
@@ -66,7 +67,7 @@ def test_default_model_writes_code(default):
 
 def test_shared_variant_equals_its_own_ar():
     model, tok = load(streams="shared")
-    assert model.streams.config.mode == "shared"
+    assert model.drafter.streams.config.mode == "shared"
     prompt = eval_prompts(1)[0]["prompt"]
     spec = [t for r in stream_generate(model, tok, prompt, max_tokens=48) for t in r.tokens]
     ar = [t for r in stream_generate(model, tok, prompt, max_tokens=48, speculative=False) for t in r.tokens]

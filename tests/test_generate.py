@@ -3,9 +3,12 @@ import json
 import mlx.core as mx
 import pytest
 
-from mlx_specstream.generate import StopMatcher, generate, generate_step, stream_generate
+from mlx_specstream.decode import generate_step
+from mlx_specstream.generate import generate, stream_generate
+from mlx_specstream.responses import StopMatcher
 from mlx_specstream.sample import SamplingParams
-from mlx_specstream.utils import load, load_model, save_model
+from mlx_specstream import load
+from mlx_specstream.checkpoint import load_model, save_model
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3_tied_headdim", "mistral", "qwen2", "qwen3", "phi"])

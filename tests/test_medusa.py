@@ -4,11 +4,13 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
 
-from mlx_specstream.generate import generate_step, stream_generate
-from mlx_specstream.medusa import MedusaConfig, MedusaHeads, MedusaModel, medusa_generate_step, save_medusa
-from mlx_specstream.train import TrainConfig, read_jsonl, train
-from mlx_specstream.tree import build_tree, cartesian
-from mlx_specstream.utils import load, load_model
+from mlx_specstream.decode import generate_step, tree_generate_step
+from mlx_specstream.generate import stream_generate
+from mlx_specstream.drafters import DraftedModel, MedusaConfig, MedusaDrafter, MedusaHeads, save_medusa
+from mlx_specstream.trainer import TrainConfig, read_jsonl, train
+from mlx_specstream.tree import cartesian
+from mlx_specstream import load
+from mlx_specstream.checkpoint import load_model
 
 
 @pytest.mark.parametrize("name,k,tree", [("llama", 3, None), ("qwen3", 2, cartesian(2, 3)), ("phi", 4, None)])
@@ -21,7 +23,7 @@ def test_medusa_greedy_equals_plain_greedy(hf_model, name, k, tree):
     prompt = mx.array([1, 40, 7, 300, 22])
     ref = [t for t, _ in generate_step(prompt, model, max_tokens=120)]
     out, steps = [], 0
-    for r in medusa_generate_step(prompt, model, heads, max_tokens=120, tree=build_tree(tree) if tree else None):
+    for r in tree_generate_step(prompt, model, MedusaDrafter(heads), max_tokens=120, tree=tree):
         out += r.tokens
         steps += 1
     assert out[:120] == ref and steps < 120
@@ -50,7 +52,7 @@ def test_medusa_model_through_stream_generate(hf_model, tmp_path):
     heads.init_from_lm_head(base)
     save_medusa(d, heads)
     model, tok = load(str(d), medusa=True)
-    assert isinstance(model, MedusaModel)
+    assert isinstance(model, DraftedModel) and isinstance(model.drafter, MedusaDrafter)
     a = "".join(r.text for r in stream_generate(model, tok, "def", max_tokens=40))
     b = "".join(r.text for r in stream_generate(model, tok, "def", max_tokens=40, speculative=False))
     assert a == b

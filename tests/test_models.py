@@ -8,7 +8,7 @@ from hf_models import CONFIGS, VOCAB
 from mlx_specstream.cache import make_cache
 from mlx_specstream.models import MODEL_TYPES, UnsupportedModelError, build_model
 from mlx_specstream.models.base import normalize_rope_config
-from mlx_specstream.utils import load_model
+from mlx_specstream.checkpoint import load_model
 
 
 def _ids(n, seed=0):

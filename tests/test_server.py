@@ -7,8 +7,8 @@ import pytest
 
 from mlx_specstream.generate import generate
 from mlx_specstream.server import ModelServer, make_server
-from mlx_specstream.streams import SpecStreamModel
-from mlx_specstream.utils import load
+from mlx_specstream.drafters import StreamDrafter
+from mlx_specstream import load
 
 API_KEY = "sekret"
 
@@ -16,7 +16,7 @@ API_KEY = "sekret"
 @pytest.fixture(scope="module")
 def served():
     model, tok = load()  # the embedded default model, with its lossless streams
-    assert isinstance(model, SpecStreamModel)
+    assert isinstance(model.drafter, StreamDrafter)
     ms = ModelServer(model, tok, "tiny", api_key=API_KEY, max_body=40000, max_tokens_limit=300)
     httpd = make_server(ms, "127.0.0.1", 0)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -5,7 +5,9 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_specstream.streams import (SpeculativeStreams, StreamConfig, forward_with_streams, load_streams,
                                     msa_mask, save_streams)
-from mlx_specstream.utils import CheckpointError, load, load_model
+from mlx_specstream import load
+from mlx_specstream.checkpoint import CheckpointError, load_model
+from mlx_specstream.drafters import StreamDrafter
 
 
 def randomize(streams, scale=0.1, seed=0):
@@ -128,19 +130,19 @@ def test_stream_files_round_trip_and_swap(hf_model, tmp_path):
     save_streams(d, a)
     save_streams(d, b, name="task-b")
     model, _ = load(str(d))
-    assert model.streams.config.num_streams == 2
+    assert model.drafter.streams.config.num_streams == 2
     model_b, _ = load(str(d), streams="task-b")
-    assert model_b.streams.config.num_streams == 3
+    assert model_b.drafter.streams.config.num_streams == 3
     for k, v in tree_flatten(b.parameters()):
-        np.testing.assert_allclose(np.array(dict(tree_flatten(model_b.streams.parameters()))[k]),
+        np.testing.assert_allclose(np.array(dict(tree_flatten(model_b.drafter.streams.parameters()))[k]),
                                    np.array(v.astype(mx.float16)), atol=0)
     # Swap adapters over the same base at run time.
     base_params = model.base.parameters()
-    model.set_streams(load_streams(d / "speculative_streams-task-b.json", model.base))
-    assert model.streams.config.num_streams == 3 and model.base.parameters() is not None
+    model.drafter = StreamDrafter(load_streams(d / "speculative_streams-task-b.json", model.base))
+    assert model.drafter.streams.config.num_streams == 3 and model.base.parameters() is not None
     assert dict(tree_flatten(base_params)).keys() == dict(tree_flatten(model.base.parameters())).keys()
     plain, _ = load(str(d), streams=False)
-    assert not hasattr(plain, "streams")
+    assert not hasattr(plain, "drafter")
     with pytest.raises(FileNotFoundError, match="task-c"):
         load(str(d), streams="task-c")
 

@@ -29,9 +29,9 @@ def hf_tokenizer(path: Path, corpus: str):
 
 @pytest.mark.parametrize("mode,peft_rank", [("lossless", 0), ("shared", 4)])
 def test_trainer_script_then_convert(tmp_path, mode, peft_rank):
-    from convert.train_torch import main as train_main
+    from convert.pytorch_train import main as train_main
     from mlx_specstream.convert import convert
-    from mlx_specstream.utils import load
+    from mlx_specstream import load
 
     src = tmp_path / "base"
     make_hf_model("llama", src)
@@ -47,7 +47,7 @@ def test_trainer_script_then_convert(tmp_path, mode, peft_rank):
     assert (tmp_path / "ss" / "adapter_config.json").exists() == bool(peft_rank)
     dst = convert(tmp_path / "ss", tmp_path / "mlx", dtype="float32")
     model, tok = load(str(dst))
-    assert model.streams.config.num_streams == 2
+    assert model.drafter.streams.config.num_streams == 2
     # converted logits equal the PyTorch side's (PEFT merged)
     import transformers
 

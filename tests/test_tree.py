@@ -11,7 +11,7 @@ def test_three_node_tree_by_hand():
     np.testing.assert_array_equal(t.parent, [-1, 0, 0])
     np.testing.assert_array_equal(t.rank, [0, 0, 1])
     np.testing.assert_array_equal(t.ancestors, [[1, 0, 0], [1, 1, 0], [1, 0, 1]])
-    np.testing.assert_array_equal(t.leaves, [[0, 1], [0, 2]])
+    np.testing.assert_array_equal(t.children, [[1, 2], [-1, -1], [-1, -1]])
     np.testing.assert_array_equal(t.children, [[1, 2], [-1, -1], [-1, -1]])
 
 
@@ -34,7 +34,7 @@ def test_five_node_tree_by_hand():
          [1, 0, 1, 0, 0],
          [1, 1, 0, 1, 0],
          [1, 1, 0, 1, 1]])
-    np.testing.assert_array_equal(t.leaves, [[0, 2, -1, -1], [0, 1, 3, 4]])
+    np.testing.assert_array_equal(t.children, [[1, 2], [3, -1], [-1, -1], [4, -1], [-1, -1]])
     assert t.path_to(4) == [0, 1, 3, 4] and t.max_depth == 3 and t.max_rank == 2
 
 

@@ -6,8 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_specstream.sample import GreedyAcceptance, SamplingAcceptance, SamplingParams
-from mlx_specstream.tree import build_tree, device_tree
+from mlx_specstream.acceptance import GreedyAcceptance, SamplingAcceptance
+from mlx_specstream.sample import SamplingParams
+from mlx_specstream.plan import TreePlan
+from mlx_specstream.tree import build_tree
 
 V = 4
 PATHS = ((0,), (1,), (0, 0), (1, 0))  # root, two depth-1 drafts, one depth-2 draft under each
@@ -62,7 +64,7 @@ def ours(temp):
     rule = SamplingAcceptance(temp=temp)
 
     def step(tree, seqs, rng):
-        dt = device_tree(tree)
+        dt = TreePlan(tree.paths)
         logits = mx.array(np.stack([target_logits(s) for s in seqs]).astype(np.float32))
         key = mx.random.key(int(rng.randint(2**31)))
         best, corr = rule(dt, mx.array(TOKENS), logits, key=key)
@@ -80,8 +82,8 @@ def paper_rule(temp):
 
     def step(tree, seqs, rng):
         best = None
-        for leaf in tree.leaves:
-            path = [int(i) for i in leaf if i >= 0]
+        for leaf in (i for i in range(tree.size) if tree.children[i, 0] < 0):
+            path = tree.path_to(leaf)
             n_ok = 0
             for i in path[1:]:
                 x, d = TOKENS[i], tree.depth[i]
@@ -118,7 +120,7 @@ def test_paper_per_path_rule_fails_the_same_test():
 
 def test_sampling_with_top_k_never_leaves_the_support():
     tree = build_tree(PATHS)
-    dt = device_tree(tree)
+    dt = TreePlan(tree.paths)
     logits = mx.array(np.stack([target_logits(s) for s in node_seqs(tree)]).astype(np.float32))
     rule = SamplingAcceptance(temp=1.0, top_k=1)  # top-1 support: behaves like greedy
     g_best, g_corr = GreedyAcceptance()(dt, mx.array(TOKENS), logits)
@@ -129,7 +131,7 @@ def test_sampling_with_top_k_never_leaves_the_support():
 
 def test_greedy_acceptance_by_hand():
     tree = build_tree(PATHS)  # tokens: root 0, (0,)=1, (1,)=3, (0,0)=2, (1,0)=2
-    dt = device_tree(tree)
+    dt = TreePlan(tree.paths)
     big = lambda t: np.eye(V)[t] * 10  # noqa: E731
     # root predicts 3 -> node 2 accepted; node 2 predicts 2 -> node 4 accepted; node 4 predicts 1
     logits = mx.array(np.stack([big(3), big(0), big(2), big(0), big(1)]).astype(np.float32))

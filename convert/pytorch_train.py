@@ -2,7 +2,7 @@
 ``accelerate``/``torchrun`` like any Trainer script), then save a checkpoint for
 ``specstream convert``.
 
-    python convert/train_torch.py --model hf_folder --data train.jsonl --out ss_ckpt \\
+    python convert/pytorch_train.py --model hf_folder --data train.jsonl --out ss_ckpt \\
         --mode lossless --num-streams 4 --msa-layers 4 --steps 1000
     specstream convert --torch-path ss_ckpt --mlx-path ss_mlx
 
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convert.reference import SpeculativeStreamsTorch, save_streams_torch, ss_loss  # noqa: E402
+from convert.pytorch_reference import SpeculativeStreamsTorch, save_streams_torch, ss_loss  # noqa: E402
 
 
 class SSModule(torch.nn.Module):
@@ -88,7 +88,7 @@ def main(argv=None):
         import peft
 
         n = hf.config.num_hidden_layers
-        from convert.reference import Family
+        from convert.pytorch_reference import Family
 
         leaf = sorted({name.split(".")[-1] for name, m in Family(hf).layers[0].named_modules()
                        if isinstance(m, torch.nn.Linear)})

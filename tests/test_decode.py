@@ -4,12 +4,15 @@ import pytest
 from mlx.utils import tree_map
 
 from mlx_specstream.cache import make_cache
-from mlx_specstream.generate import generate_step, stream_generate
+from mlx_specstream.decode import generate_step
+from mlx_specstream.generate import stream_generate
 from mlx_specstream.sample import SamplingParams
-from mlx_specstream.speculative import ROOT_ONLY, speculative_generate_step
-from mlx_specstream.streams import SpecStreamModel, SpeculativeStreams, StreamConfig
+from mlx_specstream.decode import tree_generate_step
+from mlx_specstream.drafters import ContextDrafts, DraftedModel, MedusaConfig, MedusaDrafter, MedusaHeads, StreamDrafter
+from mlx_specstream.streams import SpeculativeStreams, StreamConfig, forward_with_streams, save_streams
 from mlx_specstream.tree import cartesian, chain, sparse
-from mlx_specstream.utils import load, load_model
+from mlx_specstream import load
+from mlx_specstream.checkpoint import load_model
 
 
 def randomize(streams, scale=0.1, seed=0):
@@ -20,7 +23,7 @@ def randomize(streams, scale=0.1, seed=0):
 
 def spec_tokens(model, streams, prompt, n, tree=None, cache=None):
     out, steps = [], 0
-    for r in speculative_generate_step(prompt, model, streams, max_tokens=n, tree=tree, prompt_cache=cache):
+    for r in tree_generate_step(prompt, model, StreamDrafter(streams), max_tokens=n, tree=tree, prompt_cache=cache):
         out += r.tokens
         steps += 1
     return out[:n], steps
@@ -62,7 +65,7 @@ def test_greedy_speculative_equals_plain_greedy(hf_model, name, gamma, ns, tree,
     streams = randomize(SpeculativeStreams(cfg, model), seed=plen)
     prompt = _prompt(plen, seed=plen)
     if streams.changes_main:  # shared-mode LoRA: the model's own one-token-per-step decoding
-        ref, _ = spec_tokens(model, streams, prompt, 150, tree=ROOT_ONLY)
+        ref, _ = spec_tokens(model, streams, prompt, 150, tree=())
     else:  # lossless: the base model itself
         ref = ar_tokens(model, prompt, 150)
     got, steps = spec_tokens(model, streams, prompt, 150)
@@ -79,10 +82,8 @@ def test_shared_main_sees_streams_equals_its_own_ar(hf_model, name, ns):
                        tree=[list(p) for p in cartesian(3, 2)])
     streams = randomize(SpeculativeStreams(cfg, model), scale=0.3)
     prompt = _prompt(11, seed=4)
-    ar, ar_steps = spec_tokens(model, streams, prompt, 120, tree=ROOT_ONLY)
+    ar, ar_steps = spec_tokens(model, streams, prompt, 120, tree=())
     assert ar_steps == 120
-    from mlx_specstream.streams import forward_with_streams
-
     main, _ = forward_with_streams(model, streams, prompt[None])  # the streams really change the model
     assert np.abs(np.array(main) - np.array(model(prompt[None]))).max() > 1e-4
     got, _ = spec_tokens(model, streams, prompt, 120)
@@ -110,7 +111,7 @@ def test_kv_cache_equals_plain_decoding_cache(hf_model, mode, main_sees):
     # Reference: the same model one token per step (for lossless that is the base model).
     ref = make_cache(model)
     n_ref = []
-    for r in speculative_generate_step(prompt, model, streams, max_tokens=10**6, tree=ROOT_ONLY, prompt_cache=ref):
+    for r in tree_generate_step(prompt, model, StreamDrafter(streams), max_tokens=10**6, tree=(), prompt_cache=ref):
         n_ref += r.tokens
         if ref[0].offset >= cache[0].offset:
             break
@@ -129,7 +130,7 @@ def _ss_model(hf_model, name="llama", **cfg):
     path, _ = hf_model(name)
     model, tok = load(str(path))
     streams = randomize(SpeculativeStreams(StreamConfig(**cfg), model))
-    return SpecStreamModel(model, streams), tok
+    return DraftedModel(model, StreamDrafter(streams)), tok
 
 
 def test_stream_generate_speculative_stats_and_no_speculate(hf_model):
@@ -181,7 +182,7 @@ def test_speculative_sampling_runs_and_is_seeded(hf_model):
 
 def test_no_streams_means_no_speculation(hf_model):
     model, tok = load(str(hf_model("llama")[0]))
-    with pytest.raises(ValueError, match="stream adapter"):
+    with pytest.raises(ValueError, match="needs a drafter"):
         list(stream_generate(model, tok, "x", max_tokens=3, speculative=True))
 
 
@@ -198,7 +199,6 @@ def test_cli_speculative_json(hf_model, tmp_path, capsys):
     import shutil
 
     from mlx_specstream.cli import main
-    from mlx_specstream.streams import save_streams
 
     d = tmp_path / "m"
     shutil.copytree(hf_model("llama")[0], d)
@@ -222,7 +222,6 @@ def test_shared_lora_fuses_into_the_base(hf_model):
     assert streams.changes_main
     prompt = _prompt(10, seed=5)
     shared, _ = spec_tokens(model, streams, prompt, 60)
-    from mlx_specstream.streams import forward_with_streams
 
     main_before, str_before = forward_with_streams(model, streams, prompt[None])
     streams.fuse_lora(model)
@@ -235,8 +234,6 @@ def test_shared_lora_fuses_into_the_base(hf_model):
 
 
 def test_context_drafts_copy_the_latest_longest_match():
-    from mlx_specstream.speculative import ContextDrafts
-
     # suffix "1 2": the 2-gram last continued with 8 beats the 1-gram "2" (last continued with 7)
     assert ContextDrafts([5, 1, 2, 8, 9, 2, 7, 1, 2], n=2).propose() == [8, 9]
     # a loop shorter than n repeats itself: a b c a b -> c a b c
@@ -282,21 +279,21 @@ def test_context_drafts_join_the_tree_and_keep_greedy_output(hf_model, name, tre
 def test_context_drafts_copy_from_the_cached_history(hf_model, monkeypatch):
     """With a prompt cache (chat turns, server requests) the tokens already cached are history the
     context drafts copy from; output still equals AR over the whole sequence."""
-    import mlx_specstream.speculative as spec
+    import mlx_specstream.decode as decode
 
     model, tok = load(str(hf_model("llama")[0]))
     first, second = [5, 6, 7, 8] * 5, [9, 5, 6]
     ref = ar_tokens(model, mx.array(first + second), 24)
-    built, real = [], spec.ContextDrafts
+    built, real = [], decode.ContextDrafts
 
     def spy(tokens, n):
         built.append(list(tokens))
         return real(tokens, n)
 
-    monkeypatch.setattr(spec, "ContextDrafts", spy)
+    monkeypatch.setattr(decode, "ContextDrafts", spy)
     cache = make_cache(model)
     model(mx.array(first)[None], cache=cache)
-    out = [t for r in stream_generate(model, tok, second, max_tokens=24, prompt_cache=cache, history=first, lookup=3)
+    out = [t for r in stream_generate(model, tok, second, max_tokens=24, prompt_cache=cache, cached_tokens=first, lookup=3)
            for t in r.tokens]
     assert out == ref
     assert built == [first + second]
@@ -304,11 +301,9 @@ def test_context_drafts_copy_from_the_cached_history(hf_model, monkeypatch):
 
 def test_logits_processors_are_refused_by_every_tree_decoder(hf_model):
     """Processors act on one distribution per step; tree decoding would silently skip them."""
-    from mlx_specstream.medusa import MedusaConfig, MedusaHeads, MedusaModel
-
     model, tok = _ss_model(hf_model, num_streams=2, num_msa_layers=1)
     proc = [lambda toks, logits: logits]
-    medusa = MedusaModel(model.base, MedusaHeads(MedusaConfig(num_heads=2), model.base))
+    medusa = DraftedModel(model.base, MedusaDrafter(MedusaHeads(MedusaConfig(num_heads=2), model.base)))
     for m, kw in ((model, {}), (model.base, {"lookup": 3}), (medusa, {})):
         with pytest.raises(ValueError, match="logits_processors"):
             list(stream_generate(m, tok, "x", max_tokens=4, logits_processors=proc, **kw))

@@ -6,8 +6,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_specstream.streams import SpeculativeStreams, StreamConfig
-from mlx_specstream.train import DataError, LossWeights, TrainConfig, read_jsonl, stream_loss, train
-from mlx_specstream.utils import load
+from mlx_specstream.streams.loss import LossWeights, stream_loss
+from mlx_specstream.trainer import DataError, TrainConfig, read_jsonl, train
+from mlx_specstream import load
 
 
 @pytest.fixture

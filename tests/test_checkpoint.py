@@ -7,7 +7,8 @@ import pytest
 
 from hf_models import VOCAB
 from mlx_specstream.models import UnsupportedModelError
-from mlx_specstream.utils import CheckpointError, get_model_path, load, load_model, quantize_model, save_model
+from mlx_specstream import load
+from mlx_specstream.checkpoint import CheckpointError, get_model_path, load_model, quantize_model, save_model
 
 
 def _copy(src, dst):
@@ -134,7 +135,7 @@ def test_8bit_close_to_float_and_round_trips(hf_model, tmp_path, group_size):
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "phi", "opt"])
 def test_4bit_generates(hf_model, name):
-    from mlx_specstream.generate import generate_step
+    from mlx_specstream.decode import generate_step
 
     path, _ = hf_model(name)
     model, cfg = load_model(path)

@@ -1,0 +1,93 @@
+"""``specstream bench``: on-device benchmark harness.
+
+    specstream bench [--model M] [--quick] [--json out.json] [--csv out.csv] [--plots DIR]
+    specstream bench compare A.json B.json
+    specstream bench tune [--model M] [--write]
+
+One process, one run, same weights and prompts for every method (:mod:`.runners`); prompt sets
+(:mod:`.prompts`); table, CSV, plots, comparison (:mod:`.report`); device tuning (:mod:`.tune`).
+Stored results live under ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..checkpoint import default_model_path
+from ..drafters import DEFAULT_NUM_DRAFT
+from .report import compare, plots, table, write_csv
+from .runners import run_bench
+from .tune import tune
+
+
+def setup_arg_parser(parser=None):
+    p = parser or argparse.ArgumentParser(description="On-device benchmark harness")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", default="heldout", help="heldout | sitepackages | random:LEN | file.jsonl")
+    p.add_argument("--n-prompts", type=int, default=8)
+    p.add_argument("-m", "--max-tokens", type=int, default=128)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--tree", action="append", default=None, help="SS tree(s) to run (default: the stream config's)")
+    p.add_argument("--methods", default=None, help="comma list of method prefixes to run")
+    p.add_argument("--draft-model", default=None,
+                   help="draft model: two-model decoding in our loop and in mlx-lm's (default model: its draft)")
+    p.add_argument("--num-draft", type=int, default=DEFAULT_NUM_DRAFT)
+    p.add_argument("--streams", default=None, help="stream adapter to bench (a name or .json; default: the model's)")
+    p.add_argument("--medusa", default=None, help="folder with medusa_heads.json")
+    p.add_argument("--lookup", type=int, action="append", default=[],
+                   help="also run context drafts (prompt lookup) of this length, alone and with the streams")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast every peer's weights (CPU: float32 is fastest)")
+    p.add_argument("--quick", action="store_true", help="small run (~1 minute on 2 CPU cores)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--csv", default=None)
+    p.add_argument("--plots", default=None, help="folder for PNG plots")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        if len(argv) != 3:
+            raise ValueError("usage: specstream bench compare A.json B.json")
+        print(compare(json.loads(Path(argv[1]).read_text()), json.loads(Path(argv[2]).read_text())))
+        return 0
+    if argv and argv[0] == "tune":
+        ap = argparse.ArgumentParser(description="tune the tree to this device")
+        ap.add_argument("--model", default=None)
+        ap.add_argument("--prompts", default="heldout")
+        ap.add_argument("--n-prompts", type=int, default=6)
+        ap.add_argument("--write", action="store_true", help="write the tree into the stream config")
+        ap.add_argument("--quick", action="store_true")
+        ap.add_argument("--json", default=None)
+        a = ap.parse_args(argv[1:])
+        res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write, quick=a.quick)
+        print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+        return 0
+    args = setup_arg_parser().parse_args(argv)
+    if args.quick:
+        args.n_prompts, args.max_tokens, args.trials, args.warmup = min(args.n_prompts, 3), min(args.max_tokens, 48), 1, 1
+    draft = args.draft_model
+    if draft is None and args.model is None:  # the embedded model comes with its draft model
+        draft = str(default_model_path("draft"))
+    res = run_bench(args.model, methods=args.methods.split(",") if args.methods else None,
+                    trees=args.tree or ["default"], prompts=args.prompts, n_prompts=args.n_prompts,
+                    max_tokens=args.max_tokens, trials=args.trials, warmup=args.warmup, draft=draft,
+                    num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype,
+                    lookups=args.lookup, streams_name=args.streams)
+    print(table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    if args.csv:
+        write_csv(res, Path(args.csv))
+    if args.plots:
+        for f in plots(res, Path(args.plots)):
+            print(f"wrote {f}")
+    return 0

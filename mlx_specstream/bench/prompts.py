@@ -1,0 +1,53 @@
+"""Prompt sets: ``heldout`` (stdlib modules the default model never saw), ``sitepackages`` (real
+code from installed third-party packages), ``random:LEN`` and ``.jsonl`` files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import List
+
+import mlx_lm
+import numpy as np
+
+from ..stdlib_data import eval_prompts
+
+
+def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
+    """``heldout``: functions from the stdlib modules the default model never saw;
+    ``sitepackages``: real code from installed third-party packages (not the stdlib at all)."""
+    rng = random.Random(0)
+    if name == "heldout":
+        return [p["prompt"][-max_chars:] for p in eval_prompts(n)]
+    if name == "sitepackages":
+        root = Path(mlx_lm.__file__).parent.parent
+        files = sorted(p for pkg in ("mlx_lm", "huggingface_hub", "numpy") for p in (root / pkg).rglob("*.py"))
+        cands = []
+        for f in files:
+            lines = f.read_text(errors="ignore").splitlines(keepends=True)
+            for i, line in enumerate(lines):
+                if line.lstrip().startswith("def ") and i + 10 < len(lines):
+                    cands.append("".join(lines[max(0, i - 2) : i + 10]))
+        rng.shuffle(cands)
+        return [c[-max_chars:] for c in cands[:n]]
+    raise ValueError(f"unknown prompt set {name!r} (heldout, sitepackages, random:LEN, or a .jsonl file)")
+
+
+def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
+    if spec.startswith("random:"):
+        length = int(spec.split(":")[1])
+        rng = np.random.RandomState(0)
+        return [rng.randint(3, vocab, size=length).tolist() for _ in range(n)]
+    if spec.endswith(".jsonl"):
+        out = []
+        for ln, line in enumerate(Path(spec).read_text().splitlines(), 1):
+            if line.strip():
+                rec = json.loads(line)
+                if "prompt" not in rec:
+                    raise ValueError(f"{spec}:{ln}: records need a 'prompt'")
+                out.append(rec["prompt"])
+        texts = out[:n]
+    else:
+        texts = builtin_prompts(spec, n)
+    return [tokenizer.encode(t) for t in texts]

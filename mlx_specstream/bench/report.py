@@ -1,0 +1,104 @@
+"""Bench output: the table, CSV, PNG plots, and the comparison of two stored runs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import List
+
+
+def table(result: dict) -> str:
+    fp = result["fingerprint"]
+    lines = [f"{fp['backend']} | {fp['device']} | mlx {fp['mlx']} | mlx-lm {fp['mlx_lm']}"
+             + (f" | BLAS {fp['blas']}" if fp.get("blas") else "")]
+    hdr = f"{'method':<22}{'decode tok/s':>18}{'TTFT ms':>9}{'p50 ms':>8}{'p99 ms':>8}{'acc/step':>9}{'vs AR':>7}{'vs mlx-lm':>10}{'equal':>7}{'extra params':>13}"
+    lines += [hdr, "-" * len(hdr)]
+    for name, m in result["methods"].items():
+        d = m["decode_tps"]
+        lat = m["latency_ms"] or {}
+        lines.append(
+            f"{name:<22}{d['median']:>8.1f} ({d['min']:.0f}-{d['max']:.0f}){m['ttft_s']['median'] * 1e3:>9.1f}"
+            f"{lat.get('p50', 0):>8.2f}{lat.get('p99', 0):>8.2f}{m['mean_accepted']:>9.2f}"
+            f"{m['speedup'].get('ours_ar', 0):>7.2f}{m['speedup'].get('mlx_lm_ar', 0):>10.2f}"
+            f"{str(m.get('equal_to_ar', '-')):>7}{m['extra_params']:>13}")
+        if m["acceptance_by_depth"]:
+            lines.append(f"{'':<22}levels reached: " + " ".join(f"{a:.2f}" for a in m["acceptance_by_depth"]))
+    return "\n".join(lines)
+
+
+def write_csv(result: dict, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s", "prompt_tps",
+                    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_accepted", "speedup_vs_ours_ar",
+                    "speedup_vs_mlx_lm_ar", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate"])
+        for name, m in result["methods"].items():
+            lat = m["latency_ms"] or {}
+            w.writerow([name, m["decode_tps"]["median"], m["decode_tps"]["min"], m["decode_tps"]["max"],
+                        m["ttft_s"]["median"], m["prompt_tps"]["median"], lat.get("p50"), lat.get("p90"),
+                        lat.get("p99"), m["mean_accepted"], m["speedup"].get("ours_ar"),
+                        m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m["extra_params"],
+                        m.get("equal_to_ar"), m.get("divergence_rate")])
+
+
+def plots(result: dict, out: Path) -> List[Path]:
+    import matplotlib  # optional: the bench extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    ms = result["methods"]
+    names = list(ms)
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        files.append(out / name)
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [ms[n]["speedup"].get("mlx_lm_ar", 0) for n in names], color="tab:blue")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("decode speedup vs mlx-lm AR")
+    ax.set_title(result["fingerprint"]["device"])
+    ax.tick_params(axis="x", labelrotation=20)
+    save(fig, "speedup.png")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [(ms[n]["latency_ms"] or {}).get("p50", 0) for n in names], label="p50")
+    ax.scatter(names, [(ms[n]["latency_ms"] or {}).get("p99", 0) for n in names], color="tab:red", label="p99", zorder=3)
+    ax.set_ylabel("per-token latency (ms)")
+    ax.legend()
+    ax.tick_params(axis="x", labelrotation=20)
+    save(fig, "latency.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in names:
+        acc = ms[n]["acceptance_by_depth"]
+        if acc:
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", label=n)
+    ax.set_xlabel("tree level")
+    ax.set_ylabel("share of steps reaching it")
+    ax.set_ylim(0, 1)
+    if ax.lines:
+        ax.legend()
+    save(fig, "acceptance.png")
+    return files
+
+
+def compare(a: dict, b: dict) -> str:
+    lines = []
+    for k in ("backend", "device", "mlx", "mlx_lm", "blas"):
+        if a["fingerprint"].get(k) != b["fingerprint"].get(k):
+            lines.append(f"fingerprint {k}: {a['fingerprint'].get(k)} -> {b['fingerprint'].get(k)}")
+    lines.append(f"{'method':<22}{'A tok/s':>10}{'B tok/s':>10}{'B/A':>7}{'A acc':>7}{'B acc':>7}")
+    for name in sorted(set(a["methods"]) | set(b["methods"])):
+        ma, mb = a["methods"].get(name), b["methods"].get(name)
+        if ma is None or mb is None:
+            lines.append(f"{name:<22}{'only in ' + ('B' if ma is None else 'A'):>20}")
+            continue
+        ta, tb = ma["decode_tps"]["median"], mb["decode_tps"]["median"]
+        lines.append(f"{name:<22}{ta:>10.1f}{tb:>10.1f}{tb / ta:>7.2f}{ma['mean_accepted']:>7.2f}{mb['mean_accepted']:>7.2f}")
+        if ma.get("equal_to_ar") != mb.get("equal_to_ar"):
+            lines.append(f"{'':<22}equal_to_ar: {ma.get('equal_to_ar')} -> {mb.get('equal_to_ar')}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Running every method on the same weights and prompts: our AR, mlx-lm's AR, our tree decoding
+with each drafter (streams per tree, with and without context drafts; context drafts alone;
+Medusa heads; a draft model) and mlx-lm's two-model decoding. Methods interleave prompt by
+prompt so machine-load drift hits all alike; speedups are medians of paired per-trial ratios."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from ..checkpoint import DTYPES, cast_floats, default_model_path, get_model_path, load_config, model_dtype
+from ..cli import progress_bar
+from ..decode import levels_reached
+from ..drafters import DEFAULT_NUM_DRAFT, MedusaDrafter, StreamDrafter, load_medusa
+from ..generate import stream_generate
+from ..loading import load, load_draft_model
+from ..streams import find_stream_file, load_streams
+from ..tree import parse_tree_spec
+from .fingerprint import fingerprint
+from .prompts import load_prompts
+
+METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "latency_ms", "mean_accepted", "acceptance_by_depth",
+                 "speedup", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
+                 "generated_tokens")
+
+
+@dataclass
+class Run:
+    tokens: List[int]
+    arrivals: List[Tuple[float, int]]  # (time since start, tokens delivered)
+    depths: List[int] = field(default_factory=list)
+    tree_size: int = 1
+
+
+def _ours(model, tok, prompt, max_tokens, **kw) -> Run:
+    tic = time.perf_counter()
+    toks, arr, depths, size = [], [], [], 1
+    for r in stream_generate(model, tok, prompt, max_tokens=max_tokens, **kw):
+        arr.append((time.perf_counter() - tic, len(r.tokens)))
+        toks += r.tokens
+        size = max(size, r.tree_size)
+    # depth of each step's last accepted node: accepted drafts = tokens - 1 (correction)
+    depths = [max(n - 1, 0) for _, n in arr[1:]]
+    return Run(toks, arr, depths, size)
+
+
+def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DRAFT) -> Run:
+    kw = {"draft_model": draft, "num_draft_tokens": num_draft} if draft is not None else {}
+    tic = time.perf_counter()
+    toks, arr, depths, run_len = [], [], [], 0
+    for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0), **kw):
+        if r.finish_reason == "stop" and r.token in tok.eos_token_ids:
+            break
+        toks.append(int(r.token))
+        # mlx-lm streams token by token; a verify pass ends with the target's own token
+        # (from_draft False), so group accepted draft tokens with it into one step.
+        if draft is not None and getattr(r, "from_draft", False):
+            run_len += 1
+            continue
+        arr.append((time.perf_counter() - tic, run_len + 1))
+        if draft is not None and len(arr) > 1:
+            depths.append(run_len)
+        run_len = 0
+    if run_len:
+        arr.append((time.perf_counter() - tic, run_len))
+    return Run(toks, arr, depths, num_draft + 1 if draft is not None else 1)
+
+
+def divergence(outputs: List[List[int]], reference: List[List[int]]) -> dict:
+    """Per prompt, does a method's output equal our AR output; the share that differ and where
+    the first difference falls (token index; None when equal)."""
+    first = []
+    for a, b in zip(outputs, reference):
+        i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is None and len(a) != len(b):
+            i = min(len(a), len(b))
+        first.append(i)
+    n_diff = sum(i is not None for i in first)
+    return {"equal_to_ar": n_diff == 0, "divergence_rate": n_diff / max(len(first), 1), "first_divergence": first}
+
+
+def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dict:
+    """Aggregate trials x prompts into the method's metrics (medians over trials)."""
+    decode, prefill_tps, ttft, lat = [], [], [], []
+    for runs in runs_by_trial:
+        d_tok = d_time = 0.0
+        for run, npt in zip(runs, n_prompt_tokens):
+            if not run.arrivals:
+                continue
+            t0, n0 = run.arrivals[0]
+            ttft.append(t0)
+            prefill_tps.append(npt / max(t0, 1e-9))
+            prev = t0
+            for t, n in run.arrivals[1:]:
+                lat.extend([(t - prev) / n * 1e3] * n)
+                prev = t
+            d_tok += sum(n for _, n in run.arrivals[1:])
+            d_time += run.arrivals[-1][0] - t0
+        decode.append(d_tok / max(d_time, 1e-9))
+    runs = runs_by_trial[0]
+    steps = sum(len(r.arrivals) for r in runs)
+    total = sum(len(r.tokens) for r in runs)
+    hist = levels_reached([d for r in runs for d in r.depths])
+
+    def spread(xs):
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
+
+    return {
+        "decode_tps": spread(decode), "decode_tps_by_trial": decode, "prompt_tps": spread(prefill_tps),
+        "ttft_s": spread(ttft),
+        "latency_ms": ({f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} if lat else None),
+        "mean_accepted": total / max(steps, 1), "acceptance_by_depth": hist,
+        "tree_size": max(r.tree_size for r in runs), "generated_tokens": total,
+    }
+
+
+def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
+              prompts: str = "heldout", n_prompts: int = 8, max_tokens: int = 128, trials: int = 3,
+              warmup: int = 1, draft: Optional[str] = None, num_draft: int = DEFAULT_NUM_DRAFT,
+              medusa: Optional[str] = None, seed: int = 0, progress=True, dtype: Optional[str] = None,
+              lookups: Sequence[int] = (), streams_name: Optional[str] = None) -> dict:
+    """Every method on the same weights and prompts, interleaved; see the module docstring."""
+    mx.random.seed(seed)
+    path = default_model_path() if model_path is None else get_model_path(model_path)
+    model, tok = load(str(path), dtype=dtype, streams=streams_name)
+    base = getattr(model, "base", model)
+    drafter = getattr(model, "drafter", None)
+    streams = drafter.streams if isinstance(drafter, StreamDrafter) else None
+    lm_model, _ = mlx_lm_load_model(path)
+    if streams is not None and streams.changes_main:
+        # A shared-mode adapter changes the model: the AR baselines decode that model, i.e. the
+        # base with the LoRA fused in (ours and mlx-lm's alike).
+        if streams.config.main_sees_streams:
+            raise ValueError("main_sees_streams adapters have no plain-AR equivalent to benchmark against")
+        file = find_stream_file(path, streams_name)
+        base = load(str(path), dtype=dtype, streams=False)[0]
+        for m in (base, lm_model):
+            load_streams(file, m).fuse_lora(m)
+    if "quantization" not in load_config(path):
+        dtype = dtype or {v: k for k, v in DTYPES.items()}[model_dtype(base)]
+    if dtype:  # the same weights in the same dtype for every peer
+        cast_floats(lm_model, dtype)
+    ids = load_prompts(prompts, n_prompts, tok, base.args.vocab_size)
+    plan: List[Tuple[str, Callable[[List[int]], Run], int]] = []  # (name, fn, extra params)
+    plan.append(("ours_ar", lambda p: _ours(base, tok, p, max_tokens, speculative=False), 0))
+    plan.append(("mlx_lm_ar", lambda p: _mlx_lm(lm_model, tok, p, max_tokens), 0))
+    if streams is not None:
+        own = streams.config.lookup
+        own = [own] if own and own not in lookups else []
+        for spec in trees:
+            paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
+            # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
+            # stream config's own number joins the default tree: what a user of it gets)
+            plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths, lookup=0),
+                         streams.num_params))
+            for n in list(lookups) + (own if spec == "default" else []):
+                plan.append((f"ss[{spec}]+lookup[{n}]",
+                             lambda p, paths=paths, n=n: _ours(model, tok, p, max_tokens, tree=paths, lookup=n),
+                             streams.num_params))
+    for n in lookups:  # context drafts alone (prompt lookup decoding): no trained parameters
+        plan.append((f"lookup[{n}]", lambda p, n=n: _ours(base, tok, p, max_tokens, lookup=n), 0))
+    if medusa:
+        md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
+        plan.append(("medusa", lambda p: _ours(base, tok, p, max_tokens, drafter=md), md.num_params))
+    if draft:
+        # Two-model decoding: our loop with the draft model as its drafter, beside mlx-lm's own.
+        dd = load_draft_model(draft, base, num_draft=num_draft)
+        plan.append((f"draft[{num_draft}]", lambda p: _ours(base, tok, p, max_tokens, drafter=dd), dd.num_params))
+        d_model, _ = mlx_lm_load_model(get_model_path(draft))
+        if dtype:
+            cast_floats(d_model, dtype)
+        plan.append((f"mlx_lm_draft[{num_draft}]", lambda p: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft),
+                     dd.num_params))
+    if methods:
+        plan = [x for x in plan if any(x[0].startswith(m) for m in methods)]
+    results = {}
+    npt = [len(p) for p in ids]
+    total_runs = len(plan) * (warmup + trials)
+    done = 0
+    for _, fn, _ in plan:
+        for _ in range(warmup):
+            fn(ids[0])
+            done += 1
+    # Methods interleave: each prompt runs under every method back to back, so load drift on a
+    # shared machine hits all alike; speedups are the median of per-trial ratios (paired runs).
+    trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _ in plan}
+    peak: Dict[str, float] = {}
+    for t in range(trials):
+        for name in trial_runs:
+            trial_runs[name].append([])
+        for p in ids:
+            for name, fn, _ in plan:
+                mx.reset_peak_memory()
+                trial_runs[name][t].append(fn(p))
+                peak[name] = max(peak.get(name, 0.0), mx.get_peak_memory() / 1e9)
+        for name, _, _ in plan:
+            done += 1
+            if progress:
+                print(f"\r{progress_bar(done, total_runs)} trial {t + 1}/{trials} {name:<28}", end="",
+                      file=sys.stderr, flush=True)
+    for name, _, extra in plan:
+        res = summarize(trial_runs[name], npt)
+        res["peak_memory_gb"] = peak[name]
+        res["extra_params"] = extra
+        res["_tokens"] = [r.tokens for r in trial_runs[name][0]]
+        results[name] = res
+    if progress:
+        print(file=sys.stderr)
+    ref = results.get("ours_ar", {}).get("_tokens")
+    for name, res in results.items():
+        toks = res.pop("_tokens")
+        if ref is not None:
+            res.update(divergence(toks, ref))
+        res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
+                                                                      results[b]["decode_tps_by_trial"]))
+                          for b in ("ours_ar", "mlx_lm_ar") if b in results}
+    return {"fingerprint": fingerprint(), "model": str(path),
+            "config": {"prompts": prompts, "n_prompts": len(ids), "max_tokens": max_tokens, "trials": trials,
+                       "warmup": warmup, "seed": seed, "greedy": True,
+                       "stream_config": streams.config.to_dict() if streams is not None else None},
+            "methods": results}

@@ -1,0 +1,179 @@
+"""``specstream bench tune``: fit the stream adapter's decode settings to this device — the cost
+curve of a step per tree size, the measured acceptance of each stream's ranks, the tree that
+maximises expected tokens per second, then end-to-end measurements of candidate settings."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..acceptance import GreedyAcceptance
+from ..cache import make_cache
+from ..checkpoint import default_model_path, get_model_path, read_json
+from ..decode import generate_step, tree_step
+from ..drafters import DraftState, StreamDrafter
+from ..generate import stream_generate
+from ..loading import load
+from ..plan import TreePlan
+from ..streams import STREAMS_CONFIG, forward_with_streams
+from ..tree import chain, sparse
+from .fingerprint import fingerprint
+from .prompts import load_prompts
+
+
+def expected_tokens(paths, rank_accept) -> float:
+    """1 (the correction) + Σ over nodes of P(every draft on the path to it is right)."""
+    total = 1.0
+    for p in paths:
+        v = 1.0
+        for g, r in enumerate(p):
+            v *= rank_accept[g][r] if r < len(rank_accept[g]) else 0.0
+        total += v
+    return total
+
+
+def choose_tree(cost_ms: Dict[int, float], rank_accept, num_streams: int, max_nodes: int = 128):
+    """The sparse tree maximising expected tokens per second: for each budget the greedy-best
+    tree of that size (optimal for a product-form acceptance), scored by E[tokens] / cost(T).
+    ``cost_ms[T]``: time of one forward over T nodes (interpolated between measured T)."""
+    ts = sorted(cost_ms)
+
+    def cost(t):
+        if t <= ts[0]:
+            return cost_ms[ts[0]]
+        if t >= ts[-1]:
+            return cost_ms[ts[-1]] * t / ts[-1]
+        i = next(i for i, x in enumerate(ts) if x >= t)
+        a, b = ts[i - 1], ts[i]
+        return cost_ms[a] + (cost_ms[b] - cost_ms[a]) * (t - a) / (b - a)
+
+    best = (0.0, ())
+    for budget in range(0, max_nodes):
+        paths = sparse(num_streams, budget, rank_accept) if budget else ()
+        if len(paths) < budget:
+            break
+        rate = expected_tokens(paths, rank_accept) / cost(budget + 1)
+        if rate > best[0]:
+            best = (rate, paths)
+    return best[1], best[0] * 1e3
+
+
+def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), prefix=128, trials=5,
+                       ar_ms: Optional[List[float]] = None) -> Dict[int, float]:
+    """Median ms of one speculative step (verify + draft + accept + commit, as the decode loop
+    runs it) per tree size, after ``prefix`` cached tokens; the cache is trimmed back after every
+    step. ``ar_ms``: a list that receives the ms of one AR step (same prefix) timed right after
+    every speculative one."""
+    prompt = mx.random.randint(3, model.args.vocab_size, (prefix,), key=mx.random.key(0)).astype(mx.int32)
+    cache = make_cache(model)
+    for c in cache:
+        c.reserve(prefix + max(sizes) + 8)
+    model(prompt[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    start = cache[0].offset
+    drafter = StreamDrafter(streams)
+    out = {}
+    for T in sizes:
+        plan = TreePlan(sparse(streams.config.num_streams, T - 1) if T > 1 else ())
+        ts = []
+        for i in range(trials + 2):
+            state = DraftState(prompt[-1], mx.zeros((streams.config.num_streams, plan.width), mx.int32))
+            tic = time.perf_counter()
+            tree_step(model, drafter, plan, state, cache, GreedyAcceptance())
+            if i >= 2:
+                ts.append(time.perf_counter() - tic)
+            for c in cache:
+                c.trim(c.offset - start)
+            if ar_ms is not None and i >= 2:
+                tic = time.perf_counter()
+                mx.argmax(model(prompt[-1:][None], cache=cache)[0, -1]).item()
+                ar_ms.append((time.perf_counter() - tic) * 1e3)
+                for c in cache:
+                    c.trim(c.offset - start)
+        out[plan.size] = statistics.median(ts) * 1e3
+    return out
+
+
+def measure_rank_acceptance(model, streams, tokenizer, prompts: List[List[int]], max_tokens=64, max_rank=8):
+    """P(stream g's rank-r candidate is the token the model emits g positions later), measured on
+    the model's own greedy continuations of calibration prompts."""
+    g = streams.config.num_streams
+    counts = np.zeros((g, max_rank))
+    n = np.zeros(g)
+    for p in prompts:
+        cont = [t for t, _ in generate_step(mx.array(p), model, max_tokens=max_tokens)]
+        seq = mx.array(p + cont)[None]
+        start = len(p) - 1
+        owners = mx.arange(start, seq.shape[1])
+        _, strm = forward_with_streams(model, streams, seq, owners=owners)
+        order = mx.argsort(-strm[0], axis=-1)[..., :max_rank]  # (K, γ, R)
+        order = np.array(order)
+        full = p + cont
+        for i, t in enumerate(range(start, len(full))):
+            for j in range(g):
+                tgt = t + 2 + j
+                if tgt >= len(full):
+                    continue
+                n[j] += 1
+                hit = np.flatnonzero(order[i, j] == full[tgt])
+                if hit.size:
+                    counts[j, hit[0]] += 1
+    return (counts / np.maximum(n[:, None], 1)).tolist()
+
+
+def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False) -> dict:
+    """Fit the stream config to this device: the cost model's tree from the measured cost curve
+    and rank acceptance, then end-to-end decode speed of candidate (tree, lookup, τ) settings;
+    ``write`` stores the fastest in the stream config."""
+    path = default_model_path() if model_path is None else get_model_path(model_path)
+    model, tok = load(str(path))
+    drafter = getattr(model, "drafter", None)
+    if not isinstance(drafter, StreamDrafter):
+        raise ValueError(f"{path} has no stream file to tune")
+    base, streams = model.base, drafter.streams
+    sizes = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64, 128)
+    cost = measure_cost_curve(base, streams, sizes=sizes, trials=3 if quick else 7)
+    ids = load_prompts(prompts, n_prompts, tok, base.args.vocab_size)
+    acc = measure_rank_acceptance(base, streams, tok, ids, max_tokens=48 if quick else 96)
+    paths, rate = choose_tree(cost, acc, streams.config.num_streams, max_nodes=max(sizes))
+    # Then, measured end to end: that tree or none (context drafts only), the number of context
+    # drafts joining it (prompt lookup; 0 = none) and the pruning threshold τ.
+    # candidate trees: the cost model's pick, the two cheapest chains, and none (context drafts only)
+    trees = dict.fromkeys([paths, chain(1), chain(2), ()])
+    configs = [(t, n, tau) for t in trees for n in (0, 3, 5, 8)
+               for tau in ((0.0, 0.1) if t else (0.0,)) if t or n]  # (tree, lookup, τ); some drafts
+
+    def decode_tps(tree_paths, lookup, tau):  # decode tokens/s (prefill excluded) over the prompts
+        d = StreamDrafter(streams, prune_threshold=tau)
+        n = secs = 0.0
+        for p in ids:
+            *_, r = stream_generate(base, tok, p, drafter=d, max_tokens=32 if quick else 96, tree=tree_paths,
+                                    lookup=lookup)
+            n, secs = n + r.generation_tokens, secs + r.generation_tokens / r.generation_tps
+        return n / secs
+
+    for c in configs:  # warm-up: first-use costs (mask shapes, allocations) out of the timings
+        decode_tps(*c)
+    runs = {c: [] for c in configs}
+    for _ in range(2 if quick else 3):  # interleaved rounds: load drift hits every config alike
+        for c in configs:
+            runs[c].append(decode_tps(*c))
+    measured = {c: float(np.median(v)) for c, v in runs.items()}
+    paths, best_lookup, best_tau = max(measured, key=measured.get)
+    result = {"fingerprint": fingerprint(), "cost_ms": {str(k): v for k, v in cost.items()},
+              "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": len(paths) + 1,
+              "expected_tokens_per_s": rate, "prune_threshold": best_tau, "lookup": best_lookup,
+              "measured_tps": {f"tree={[list(p) for p in t]} lookup={n} tau={tau}": v
+                               for (t, n, tau), v in measured.items()}}
+    if write:
+        cfg_file = path / STREAMS_CONFIG
+        cfg = read_json(cfg_file)
+        cfg["tree"], cfg["prune_threshold"], cfg["lookup"] = result["tree"], best_tau, best_lookup
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        result["written_to"] = str(cfg_file)
+    return result

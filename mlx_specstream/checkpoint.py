@@ -1,0 +1,279 @@
+"""Checkpoints in mlx-lm's layout (HF tensor names, config.json): finding, reading, strict
+loading, casting, quantizing, saving; and the small adapter files drafters keep beside a base.
+
+Imports only the model plugins: drafters and verbs build on this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from huggingface_hub import snapshot_download
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import save_model as save_mlx_lm_weights
+
+from .models import UnsupportedModelError, build_model, normalize_rope_config
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+QUANT_BITS = (4, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file or tensor at fault."""
+
+
+# ---------------------------------------------------------------- finding
+
+
+def get_model_path(path_or_hf_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo id fetched with ``snapshot_download``."""
+    path = Path(path_or_hf_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a model folder")
+        return path
+    repo = str(path_or_hf_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise FileNotFoundError(f"model folder {repo!r} does not exist (and is not a hub repo id)")
+    try:
+        return Path(snapshot_download(
+            repo, revision=revision,
+            allow_patterns=["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja", "speculative_streams*"]))
+    except Exception as e:  # offline, unknown repo, auth...: say which and why
+        raise CheckpointError(
+            f"could not fetch {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If this machine is offline, pass a local model folder instead."
+        ) from e
+
+
+def default_model_path(name: str = "default") -> Path:
+    """An embedded model: ``default`` (the 7M model with its streams) or ``draft`` (its draft)."""
+    path = Path(__file__).parent / "assets" / name
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"the embedded {name} model is missing from {path}; pass --model")
+    return path
+
+
+def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
+    """The weight files of a checkpoint folder: those a shard index lists, else
+    ``model*.safetensors`` (and, with ``torch_files``, ``pytorch_model*.bin`` / ``*.pt``)."""
+    for name in SHARD_INDEXES if torch_files else SHARD_INDEXES[:1]:
+        index = path / name
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                raise CheckpointError(f"{index} is malformed: {e}") from e
+            missing = [n for n in names if not (path / n).exists()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {missing}")
+            return [path / n for n in names]
+    files = sorted(path.glob("model*.safetensors"))
+    if not files and torch_files:
+        files = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pt"))
+    if not files:
+        hint = ("no model*.safetensors, pytorch_model*.bin or *.pt" if torch_files else
+                "no model*.safetensors (PyTorch .bin/.pt checkpoints: run `specstream convert`)")
+        raise CheckpointError(f"{hint} in {path}")
+    return files
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_json(file: Path, what: str = "") -> Any:
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def load_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{file} not found: a model folder needs config.json")
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    return config
+
+
+def read_safetensors(file: Path) -> Dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: corrupt or truncated safetensors ({e})") from e
+
+
+def load_weights(path: Path) -> Dict[str, mx.array]:
+    weights: Dict[str, mx.array] = {}
+    for f in weight_files(path):
+        weights.update(read_safetensors(f))
+    return weights
+
+
+def check_names(expected: Mapping[str, mx.array], weights: Mapping[str, mx.array], where, against: str) -> None:
+    """Strict name and shape check of ``weights`` against a module's parameters, every problem
+    named: ``weights in WHERE do not match AGAINST: missing ... | unexpected ... | wrong shapes``."""
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:8]))
+    if problems:
+        raise CheckpointError(f"weights in {where} do not match {against}: " + " | ".join(problems))
+
+
+def _quant_predicate(config_q: dict, weights: dict) -> Callable:
+    def predicate(p, m):
+        if p in config_q:  # per-layer override (mlx-lm's mixed recipes)
+            return config_q[p]
+        return hasattr(m, "to_quantized") and f"{p}.scales" in weights
+
+    return predicate
+
+
+def build_checked(config: dict, weights: Dict[str, mx.array], where: Path) -> Tuple[nn.Module, dict]:
+    """The family's model for ``config``, its sanitized weights checked strictly (not loaded)."""
+    if "tie_word_embeddings" not in config:
+        config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    try:
+        model = build_model(config)
+    except UnsupportedModelError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where / 'config.json'}: {e}") from e
+    weights = model.sanitize(weights)
+    if (q := config.get("quantization")) is not None:
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=_quant_predicate(q, weights))
+    check_names(dict(tree_flatten(model.parameters())), weights, where, "config.json")
+    return model, weights
+
+
+def load_model(path: Path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) -> Tuple[nn.Module, dict]:
+    """The base model of a converted folder (strict: every tensor present, named, shaped)."""
+    config = load_config(path)
+    model, weights = build_checked(config, load_weights(path), path)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=False)
+    if (path / "adapter_config.json").exists() and (path / "adapters.safetensors").exists():
+        # A kept (unfused) LoRA in mlx-lm's adapter format, applied with mlx-lm's own loader.
+        load_adapters(model, str(path))
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+def model_dtype(model) -> mx.Dtype:
+    """The model's float dtype (a quantized model's scales tell it); adapters run in it."""
+    for _, v in tree_flatten(model.parameters()):
+        if v.dtype in DTYPES.values():
+            return v.dtype
+    return mx.float16
+
+
+# ---------------------------------------------------------------- transforming
+
+
+def cast_floats(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
+    """Cast a model's float parameters in place (quantized weights and int tensors untouched)."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+    return model
+
+
+def quantize_model(model: nn.Module, config: dict, *, bits: int = 4, group_size: int = 64,
+                   recipe: Optional[str] = None) -> dict:
+    """Affine-quantize ``model`` in place; return the config with mlx-lm's ``quantization`` keys.
+
+    ``recipe="mixed_4_8"`` keeps embeddings and the LM head at 8 bits, the rest at ``bits``.
+    Layers whose input width is not a multiple of ``group_size`` stay in float.
+    """
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
+    if group_size not in QUANT_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
+    if recipe not in (None, "mixed_4_8"):
+        raise ValueError(f"unknown quantization recipe {recipe!r} (known: mixed_4_8)")
+    config = copy.deepcopy(config)
+    q: Dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+    def predicate(p, m):
+        if not hasattr(m, "to_quantized") or m.weight.shape[-1] % group_size:
+            return False
+        if recipe == "mixed_4_8" and (p.endswith("embed_tokens") or p.endswith("lm_head")):
+            q[p] = {"group_size": group_size, "bits": 8}
+            return q[p]
+        return True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    config["quantization"] = q
+    config["quantization_config"] = q
+    return config
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_model(path: Union[str, Path], model: nn.Module, config: dict) -> None:
+    """Write weights (sharded if large, with index) and config.json as mlx-lm does."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_mlx_lm_weights(path, model)
+    # Older rope keys at top level too: mlx-lm (and older transformers) read only those.
+    config = normalize_rope_config(config)
+    config.pop("_name_or_path", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+# ---------------------------------------------------------------- adapter files
+
+
+def save_adapter(folder: Path, stem: str, weights: Mapping[str, mx.array], config: dict) -> Path:
+    """``STEM.safetensors`` (float weights stored as float16: a few thousand to a few million
+    parameters, whatever the base is quantized to) and ``STEM.json``. Returns the JSON path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    half = {k: v.astype(mx.float16) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    mx.save_safetensors(str(folder / f"{stem}.safetensors"), half, metadata={"format": "mlx"})
+    (folder / f"{stem}.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder / f"{stem}.json"
+
+
+def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dtype: mx.Dtype) -> None:
+    """Load an adapter's weights into ``module`` strictly, cast to the base's ``dtype``."""
+    if not Path(weights_file).exists():
+        raise CheckpointError(f"{weights_file} not found (adapter config without its weights)")
+    weights = read_safetensors(weights_file)
+    check_names(dict(tree_flatten(module.parameters())), weights, weights_file, against)
+    module.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    mx.eval(module.parameters())

@@ -1,0 +1,151 @@
+"""The decode loops: autoregressive (:func:`generate_step`) and tree decoding for every drafter
+(:func:`tree_generate_step`: prefill → forward → accept → commit, one host sync per step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Generator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .acceptance import GreedyAcceptance
+from .cache import DEFAULT_PREFILL_STEP, KVCache, prefill, prepared_cache
+from .drafters import ContextDrafts, Drafter, DraftState, Verifier, top_candidates
+from .plan import TreePlan
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class StepResult:
+    tokens: List[int]  # accepted drafts, then the correction token
+    depth: int  # depth of the last accepted node (= accepted drafts)
+    tree_size: int  # nodes verified (after pruning)
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    prompt_cache: Optional[List[KVCache]] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+) -> Generator[Tuple[int, mx.array], None, None]:
+    """Yield ``(token, logprobs)`` autoregressively. One host sync per token; the next token's
+    graph is queued with ``mx.async_eval`` before the current one is read back."""
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + 1)
+    tokens = prompt if logits_processors else None
+
+    def _step(y):
+        nonlocal tokens
+        logits = model(y[None], cache=cache)[:, -1, :]
+        if logits_processors:
+            for p in logits_processors:
+                logits = p(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tok = sampler(logprobs)
+        if logits_processors:
+            tokens = mx.concatenate([tokens, tok])
+        return tok, logprobs.squeeze(0)
+
+    prefill(lambda t, c: model(t, cache=c), prompt[:-1], cache, prefill_step_size)
+    y, logprobs = _step(prompt[-1:])
+    mx.async_eval(y, logprobs)
+    n = 0
+    while n < max_tokens:
+        if n + 1 < max_tokens:
+            next_y, next_lp = _step(y)
+            mx.async_eval(next_y, next_lp)
+        yield y.item(), logprobs  # the one host sync per token
+        n += 1
+        if n < max_tokens:
+            y, logprobs = next_y, next_lp
+
+
+def tree_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    drafter: Optional[Drafter] = None,
+    *,
+    max_tokens: int,
+    accept: Optional[Callable] = None,
+    tree: Optional[Sequence[Sequence[int]]] = None,
+    lookup: Optional[int] = None,
+    prompt_cache: Optional[List[KVCache]] = None,
+    cached_tokens: Sequence[int] = (),
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    max_context: Optional[int] = None,
+) -> Generator[StepResult, None, None]:
+    """Tree decoding with any drafter; yields one :class:`StepResult` per forward pass.
+
+    All but the last prompt token are prefilled; the last one is a one-node tree that yields the
+    first correction token and the first drafts; then every forward verifies the previous drafts
+    and proposes the next. ``tree``: rank paths (default: the drafter's). ``lookup``: context
+    drafts (prompt lookup) joining every tree (default: the drafter's), copied from
+    ``cached_tokens`` (what ``prompt_cache`` already holds, e.g. earlier chat turns), the prompt
+    and the output. ``max_context``: near it, steps verify the root alone.
+    """
+    drafter = drafter or Verifier()
+    accept = accept or GreedyAcceptance()
+    lookup = drafter.default_lookup if lookup is None else lookup
+    if lookup < 0:
+        raise ValueError(f"lookup must be >= 0, got {lookup}")
+    plan = TreePlan(drafter.default_paths if tree is None else tree, lookup=lookup)
+    if plan.draft_levels == 0 and not drafter.changes_main:
+        drafter = Verifier()  # no drafter nodes in the tree: its drafts would be computed for nothing
+    context = list(cached_tokens) + np.array(prompt).tolist()
+    ctx = ContextDrafts(context, lookup) if lookup else None
+    drafter.reset(context)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + plan.size + 1)
+    prefill(lambda t, c: drafter.prefill(model, t, c), prompt[:-1], cache, prefill_step_size)
+    state = DraftState(prompt[-1].astype(mx.int32), plan.empty_candidates())
+    step_plan = plan.root_only
+    n = 0
+    while n < max_tokens:
+        if max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context:
+            step_plan = plan.root_only  # near the end of the context: no room for drafts
+        result, cand = tree_step(model, drafter, step_plan, state, cache, accept)
+        if ctx is not None:
+            ctx.extend(result.tokens)
+            cand = plan.with_context(cand, ctx.propose())
+        state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
+        n += len(result.tokens)
+        yield result
+        step_plan = plan
+
+
+def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
+              accept: Callable) -> Tuple[StepResult, mx.array]:
+    """One forward pass: verify ``plan``'s tree, accept, commit the accepted path's K/V; returns
+    the step and the drafter's candidates for the next tree."""
+    prefix = cache[0].offset
+    v = drafter.forward(model, plan, state, cache)
+    best, correction = accept(v.plan, v.tokens, v.logits)
+    if v.draft is not None:
+        cand = top_candidates(v.draft(best), plan.width)
+    else:
+        cand = mx.zeros((0, plan.width), mx.int32)
+    mx.eval(best, correction, v.tokens, cand)  # the one host sync of the step
+    path = v.plan.tree.path_to(best.item())
+    toks = np.array(v.tokens)
+    accepted = [int(toks[i]) for i in path[1:]]
+    keep = np.array(path, np.int32)
+    keep_bottom = keep if v.bottom_rows is None else v.bottom_rows[path].astype(np.int32)
+    for i, kv in enumerate(cache):
+        kv.compact(prefix, keep_bottom if i < v.n_bottom else keep)
+    result = StepResult(accepted + [int(correction.item())], len(path) - 1, v.plan.size)
+    late = drafter.after_commit(accepted, result.tokens[-1])
+    return result, late if late is not None else cand
+
+
+def levels_reached(depths: Sequence[int]) -> List[float]:
+    """Share of steps whose accepted path reached tree level g = 1, 2, ... (from each step's
+    depth, the number of drafts it accepted)."""
+    if not depths:
+        return []
+    return [sum(d >= g for d in depths) / len(depths) for g in range(1, max(depths) + 1)]

@@ -1,0 +1,124 @@
+"""The drafter interface: what the one decode loop (:mod:`mlx_specstream.decode`) asks of every
+way of proposing tokens.
+
+Each step the loop hands the drafter a :class:`~mlx_specstream.plan.TreePlan` and the
+:class:`DraftState` (the previous step's correction token, the tree's root, and the candidate
+matrix its other nodes are read from). The drafter runs the target model over the tree — and, in
+the same pass if it can, its own drafting — and returns :class:`Verified`. The loop accepts,
+syncs once, commits the accepted path's K/V, then asks for the next candidates: from
+``Verified.draft`` (device-side, computed before the sync: streams, heads) or from
+:meth:`Drafter.after_commit` (a separate draft model, which needs the accepted length first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..plan import TreePlan
+
+Paths = Tuple[Tuple[int, ...], ...]
+
+
+class DraftState(NamedTuple):
+    root: mx.array  # () int32: the correction token, the next tree's root (not yet cached)
+    candidates: mx.array  # (levels, ranks) int32: token of level g, rank r; best first
+
+
+@dataclass
+class Verified:
+    """One forward pass over a tree, as the loop needs it."""
+
+    plan: TreePlan  # the tree verified (a sub-plan when pruning dropped nodes)
+    tokens: mx.array  # (T,) int32
+    logits: mx.array  # (T, V) the target's logits at every node
+    draft: Optional[Callable[[mx.array], mx.array]] = None  # best node -> (g, V) logits of the next drafts
+    bottom_rows: Optional[np.ndarray] = None  # pruning: rows the first ``n_bottom`` layers wrote per node
+    n_bottom: int = 0
+
+
+class Drafter:
+    """Base class of every drafter. Subclasses set ``levels`` and ``default_paths`` and implement
+    :meth:`forward`; the rest has defaults that suit drafters without state of their own."""
+
+    levels: int = 0  # levels of drafts per step (the deepest tree it can fill)
+    default_paths: Paths = ()  # its default tree (rank paths)
+    default_lookup: int = 0  # context drafts joining its trees by default
+    changes_main: bool = False  # True: the target's own logits need this drafter's forward
+    num_params: int = 0  # parameters it adds to the target
+
+    def prefill(self, model: nn.Module, tokens: mx.array, cache: list) -> None:
+        """Run prompt tokens (1, L) through the target's cache."""
+        model(tokens, cache=cache)
+
+    def reset(self, context: Sequence[int]) -> None:
+        """Called once before a decode with every token of the context (cached history and
+        prompt, the last one being the first tree's root)."""
+
+    def forward(self, model: nn.Module, plan: TreePlan, state: DraftState, cache: list) -> Verified:
+        raise NotImplementedError
+
+    def after_commit(self, accepted: List[int], correction: int) -> Optional[mx.array]:
+        """After the sync: the accepted drafts and the correction. A drafter that cannot draft
+        before knowing them returns the next (g, ranks) candidates here (lazily)."""
+        return None
+
+
+def verify_tree(model: nn.Module, plan: TreePlan, state: DraftState, cache: list) -> Tuple[mx.array, mx.array]:
+    """The plain target over the tree: (tokens (T,), final-normed hidden states (T, h))."""
+    prefix = cache[0].offset
+    tokens = plan.tokens(state.root, state.candidates)
+    h = model.hidden(tokens[None], cache, mask=plan.attention_mask(prefix), positions=plan.depth + prefix)
+    return tokens, h[0]
+
+
+def top_candidates(logits: mx.array, k: int) -> mx.array:
+    """(g, V) draft logits -> (g, k) token ids, best first."""
+    if k == 1:  # chains: a plain argmax, no partition and sort
+        return mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32)
+    cand = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+    order = mx.argsort(-mx.take_along_axis(logits, cand, axis=-1), axis=-1)
+    return mx.take_along_axis(cand, order, axis=-1).astype(mx.int32)
+
+
+class DraftedModel(nn.Module):
+    """A target model with its drafter attached (what :func:`mlx_specstream.load` returns when
+    the folder has one): forwards the family seams and the plain forward to the base, which is
+    shared, never copied."""
+
+    def __init__(self, base: nn.Module, drafter: Drafter):
+        super().__init__()
+        self.base = base
+        self.drafter = drafter
+
+    @property
+    def args(self):
+        return self.base.args
+
+    @property
+    def layers(self):
+        return self.base.layers
+
+    def embed(self, *a, **kw):
+        return self.base.embed(*a, **kw)
+
+    def final_norm(self, h):
+        return self.base.final_norm(h)
+
+    def head(self, h):
+        return self.base.head(h)
+
+    def hidden(self, *a, **kw):
+        return self.base.hidden(*a, **kw)
+
+    def __call__(self, inputs, cache=None, *, mask=None, positions=None):
+        """The target's logits. Exactly the base model's unless the drafter changes them (a
+        shared-mode stream adapter): then decode with ``stream_generate``."""
+        if self.drafter.changes_main:
+            raise ValueError("this model's main stream depends on its stream adapter: decode it with "
+                             "stream_generate (speculative or not), not a plain forward")
+        return self.base(inputs, cache, mask=mask, positions=positions)

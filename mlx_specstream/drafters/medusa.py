@@ -1,0 +1,127 @@
+"""The Medusa-1 baseline: K extra heads (ResBlock + own vocabulary head) on a frozen base,
+decoded through the same loop as Speculative Streaming, so both compare on one base."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..checkpoint import CheckpointError, load_adapter_weights, model_dtype, read_json, save_adapter
+from ..tree import TreeSetting
+from .base import Drafter, DraftState, Verified, verify_tree
+
+MEDUSA_STEM = "medusa_heads"
+
+
+@dataclass
+class MedusaConfig(TreeSetting):
+    num_heads: int = 3
+
+    def __post_init__(self):
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        self.check_tree()
+
+    @property
+    def draft_depth(self) -> int:
+        return self.num_heads
+
+
+class ResBlock(nn.Module):
+    def __init__(self, h: int):
+        super().__init__()
+        self.linear = nn.Linear(h, h)
+        self.linear.weight = mx.zeros_like(self.linear.weight)  # starts as the identity
+
+    def __call__(self, x):
+        return x + nn.silu(self.linear(x))
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, h: int, vocab: int):
+        super().__init__()
+        self.block = ResBlock(h)
+        self.lm_head = nn.Linear(h, vocab, bias=False)
+
+    def __call__(self, h):
+        return self.lm_head(self.block(h))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: MedusaConfig, model):
+        super().__init__()
+        self.config = config
+        h, V = model.args.hidden_size, model.args.vocab_size
+        self.heads = [MedusaHead(h, V) for _ in range(config.num_heads)]
+
+    def init_from_lm_head(self, model) -> None:
+        """Medusa-1 initialisation: every head's vocabulary projection starts as the LM head."""
+        probe = mx.eye(model.args.hidden_size)
+        w = model.head(probe).T  # (V, h): the head as a matrix, whatever its storage
+        for hd in self.heads:
+            hd.lm_head.weight = w.astype(hd.lm_head.weight.dtype)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        """(..., h) normed final hidden states -> (..., K, V) logits."""
+        return mx.stack([hd(h) for hd in self.heads], axis=-2)
+
+    @property
+    def num_params(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+    def expected_num_params(self, model) -> int:
+        h, V = model.args.hidden_size, model.args.vocab_size
+        return self.config.num_heads * (h * h + h + h * V)
+
+
+class MedusaDrafter(Drafter):
+    """Verify the tree with the plain target; the heads draft from the final hidden state of
+    the last accepted node."""
+
+    def __init__(self, heads: MedusaHeads):
+        self.heads = heads
+        self.levels, self.default_paths = heads.config.num_heads, heads.config.tree_paths
+        self.num_params = heads.num_params
+
+    def forward(self, model, plan, state: DraftState, cache) -> Verified:
+        tokens, h = verify_tree(model, plan, state, cache)
+        return Verified(plan, tokens, model.head(h), lambda best: self.heads(h[best]))
+
+
+def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array):
+    """Σ_k CE(head_k(h_t), y[t+1+k]) over target positions; the base is frozen (no gradient)."""
+    x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+    L = x.shape[1]
+    h = mx.stop_gradient(model.hidden(x))
+    logits = medusa(h)  # (B, L, K, V)
+    total, metrics = mx.array(0.0), {}
+    for k in range(medusa.config.num_heads):
+        off = k + 1
+        if L - off <= 0:
+            break
+        ce = nn.losses.cross_entropy(logits[:, : L - off, k], y[:, off:]) * m[:, off:]
+        lk = ce.sum() / mx.maximum(m[:, off:].sum(), 1)
+        metrics[f"head{k + 1}"] = lk
+        total = total + lk
+    return total, metrics
+
+
+def save_medusa(path: Path, medusa: MedusaHeads) -> Path:
+    return save_adapter(path, MEDUSA_STEM, dict(tree_flatten(medusa.parameters())), asdict(medusa.config))
+
+
+def load_medusa(path: Path, model) -> MedusaHeads:
+    """The Medusa heads in folder ``path`` for ``model``, loaded strictly in its dtype."""
+    file = Path(path) / f"{MEDUSA_STEM}.json"
+    cfg = read_json(file)
+    try:
+        config = MedusaConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from e
+    heads = MedusaHeads(config, model)
+    load_adapter_weights(heads, file.with_suffix(".safetensors"), "the base model", model_dtype(model))
+    return heads

@@ -1,0 +1,69 @@
+"""Speculative Streaming: one forward pass verifies the tree and drafts the next one from the
+streams of every node (the multi-stream-attention layers, :mod:`mlx_specstream.streams`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..plan import TreePlan
+from ..streams import SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward, msa_mask
+from ..tree import prune
+from .base import Drafter, DraftState, Verified
+
+
+class StreamDrafter(Drafter):
+    """``prune_threshold`` (τ) overrides the stream config's for this drafter."""
+
+    def __init__(self, streams: SpeculativeStreams, *, prune_threshold: Optional[float] = None):
+        self.streams = streams
+        c = streams.config
+        self.levels, self.default_paths, self.default_lookup = c.num_streams, c.tree_paths, c.lookup
+        self.changes_main = c.changes_main
+        self.num_params = streams.num_params
+        self.prune_threshold = c.prune_threshold if prune_threshold is None else prune_threshold
+
+    def streams_run(self, plan: TreePlan) -> int:
+        """Streams a step computes: as deep as the tree's stream drafts go (stream j never sees
+        streams > j, so the first g are exact), or all γ when main rows see them."""
+        c = self.streams.config
+        return c.num_streams if c.main_sees_streams else max(plan.draft_levels, 1)
+
+    def prefill(self, model, tokens, cache) -> None:
+        main_forward(model, self.streams, tokens, cache)  # shared mode: the MSA layers' LoRA on prompt rows too
+
+    def forward(self, model, plan: TreePlan, state: DraftState, cache) -> Verified:
+        streams, c = self.streams, self.streams.config
+        g = self.streams_run(plan)
+        n_bottom = len(model.layers) - c.num_msa_layers
+        prefix = cache[0].offset
+        tokens = plan.tokens(state.root, state.candidates)
+        positions = plan.depth + prefix
+        h = bottom_forward(model, streams, tokens[None], mask=plan.attention_mask(prefix), positions=positions,
+                           caches=cache[:n_bottom] + [None] * c.num_msa_layers)
+        sel = None
+        if self.prune_threshold > 0 and plan.size > 1:
+            # Parallel tree pruning: a child's early-exit probability under its parent. The surviving
+            # shape must be known on the host to shrink the MSA rows: a second sync, only when τ > 0.
+            logp = early_exit_logits(model, streams, h[0])
+            logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+            child_lp = logp[plan.parent_or_self, tokens]
+            keep = prune(plan.tree, np.exp(np.array(child_lp.astype(mx.float32))), self.prune_threshold)
+            if not keep.all():
+                sel = np.flatnonzero(keep)
+                idx = mx.array(sel.astype(np.int32))
+                h, tokens, positions = h[:, idx], tokens[idx], positions[idx]
+                plan = plan.subplan(sel)
+        mask = plan.cached(("msa", g, c.main_sees_streams),
+                           lambda: msa_mask(plan.ancestors, mx.arange(plan.size), g, c.main_sees_streams))
+        h_main, h_str = msa_forward(model, streams, h, anc=plan.ancestors, owners=mx.arange(plan.size),
+                                    positions=positions, caches=cache[n_bottom:], full_mask=mask, num_streams=g)
+        logits = model.head(model.final_norm(h_main))[0]  # (T, V)
+        T = plan.size
+
+        def draft(best):  # the next drafts: stream logits of the last accepted node only
+            return model.head(model.final_norm(h_str[0].reshape(T, g, -1)[best]))
+
+        return Verified(plan, tokens, logits, draft, sel, n_bottom)

@@ -1,0 +1,64 @@
+"""The stream config: every Speculative Streaming setting and its default, declared once."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import List, Optional
+
+from ..tree import TreeSetting
+
+MODES = ("lossless", "shared")
+POSITION_POLICIES = ("parent", "parent_plus_j")
+
+
+@dataclass
+class StreamConfig(TreeSetting):
+    num_streams: int = 3  # γ: tokens drafted per step
+    num_msa_layers: int = 2  # Ns: top layers carrying streams
+    mode: str = "lossless"  # lossless: base frozen, stream-only LoRA | shared: streams change the model
+    main_sees_streams: bool = False  # shared mode only: main row t also attends (t, 1..γ)
+    stream_positions: str = "parent"  # RoPE position of (t, j): parent's, or parent's + j
+    prune_threshold: float = 0.0  # τ; 0 disables parallel tree pruning
+    pruning_rank: int = 8
+    lora_rank: int = 8  # LoRA in the MSA layers: stream rows only (lossless) or every row (shared); 0 = none
+    lora_scale: float = 1.0
+    lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
+    lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
+
+    def __post_init__(self):
+        if self.num_streams < 1:
+            raise ValueError(f"num_streams must be >= 1, got {self.num_streams}")
+        if self.num_msa_layers < 1:
+            raise ValueError(f"num_msa_layers must be >= 1, got {self.num_msa_layers}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.main_sees_streams and self.mode != "shared":
+            raise ValueError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
+        if self.stream_positions not in POSITION_POLICIES:
+            raise ValueError(f"stream_positions must be one of {POSITION_POLICIES}")
+        if self.lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {self.lookup}")
+        if not 0.0 <= self.prune_threshold < 1.0:
+            raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
+        self.check_tree()
+
+    @property
+    def draft_depth(self) -> int:
+        return self.num_streams
+
+    @property
+    def changes_main(self) -> bool:
+        """Whether main-stream outputs differ from the base model's (shared mode with LoRA or
+        with main rows seeing streams): then even plain decoding runs the stream forward."""
+        return self.main_sees_streams or (self.mode == "shared" and self.lora_rank > 0)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown stream config keys {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

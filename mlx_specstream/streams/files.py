@@ -1,0 +1,64 @@
+"""Stream files: ``speculative_streams[-NAME].json`` (the config) and ``.safetensors`` (the
+parameters) beside a base checkpoint; several named adapters can share one base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from mlx.utils import tree_flatten
+
+from ..checkpoint import CheckpointError, load_adapter_weights, model_dtype, read_json, save_adapter
+from .config import StreamConfig
+from .params import SpeculativeStreams
+
+STREAMS_STEM = "speculative_streams"
+STREAMS_CONFIG = STREAMS_STEM + ".json"
+
+
+def stream_stem(name: Optional[str] = None) -> str:
+    return STREAMS_STEM + (f"-{name}" if name else "")
+
+
+def save_streams(path: Path, streams: SpeculativeStreams, name: Optional[str] = None) -> Path:
+    """Write ``speculative_streams[-name].json/.safetensors`` into ``path``."""
+    return save_adapter(path, stream_stem(name), dict(tree_flatten(streams.parameters())), streams.config.to_dict())
+
+
+def find_stream_file(model_path: Path, streams: Optional[str]) -> Optional[Path]:
+    """``streams``: None (the default ``speculative_streams.json`` if present), a name (``-name``
+    variant next to the base), or a path to a ``.json`` stream config (or a folder with one)."""
+    if streams is None:
+        p = model_path / STREAMS_CONFIG
+        return p if p.exists() else None
+    p = Path(streams)
+    if p.suffix == ".json" and p.exists():
+        return p
+    if p.is_dir() and (p / STREAMS_CONFIG).exists():
+        return p / STREAMS_CONFIG
+    q = model_path / f"{stream_stem(streams)}.json"
+    if q.exists():
+        return q
+    available = sorted(x.name for x in model_path.glob(STREAMS_STEM + "*.json"))
+    raise FileNotFoundError(f"stream file {streams!r} not found (in {model_path}: {available or 'none'})")
+
+
+def read_stream_config(config_file: Path, **overrides) -> StreamConfig:
+    """A stream config file, with ``overrides`` (None values ignored) applied; named errors."""
+    cfg = read_json(config_file)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return StreamConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+
+
+def load_streams(config_file: Path, model, **overrides) -> SpeculativeStreams:
+    """The stream adapter of ``config_file`` for ``model``, loaded strictly in the model's dtype."""
+    config_file = Path(config_file)
+    streams = SpeculativeStreams(read_stream_config(config_file, **overrides), model)
+    load_adapter_weights(streams, config_file.with_suffix(".safetensors"),
+                         f"{config_file.name} and the base model", model_dtype(model))
+    return streams

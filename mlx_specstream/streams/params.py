@@ -1,0 +1,142 @@
+"""The stream parameters: stream embeddings ``P`` (γ×h), the pruning adapter and the LoRA of the
+Ns MSA layers (stream rows only in lossless mode, every row in shared mode)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import StreamConfig
+
+
+class LoRAAdapter(nn.Module):
+    def __init__(self, d_in: int, d_out: int, rank: int):
+        super().__init__()
+        self.lora_a = mx.random.normal((d_in, rank)) * d_in**-0.5
+        self.lora_b = mx.zeros((rank, d_out))
+
+    def __call__(self, x):
+        return (x @ self.lora_a) @ self.lora_b
+
+
+class _LoRALinear(nn.Module):
+    """A transient view: the base linear plus an adapter (built per call, never saved)."""
+
+    def __init__(self, base, adapter: LoRAAdapter, scale):
+        super().__init__()
+        self.base, self.adapter, self.scale = base, adapter, scale
+
+    def __call__(self, x):
+        # ``scale``: a number, or (R, 1) per-row scales that are 0 on main rows (exact base rows).
+        return self.base(x) + self.adapter(x) * self.scale
+
+
+def _linear_shape(m) -> Tuple[int, int]:
+    if isinstance(m, nn.QuantizedLinear):
+        return m.weight.shape[1] * 32 // m.bits, m.weight.shape[0]
+    return m.weight.shape[1], m.weight.shape[0]
+
+
+def _linears(layer: nn.Module, targets: Optional[Sequence[str]]) -> Dict[str, nn.Module]:
+    found = {n: m for n, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    if targets is None:
+        return found
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise ValueError(f"lora_targets {missing} are not linear layers of this model ({sorted(found)})")
+    return {t: found[t] for t in targets}
+
+
+class PruningAdapter(nn.Module):
+    """Rank-8 adapter for early-exit logits at the insertion layer: ``H + B·A·H``."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+        self.up.weight = mx.zeros_like(self.up.weight)
+
+    def __call__(self, h):
+        return h + self.up(self.down(h))
+
+
+class SpeculativeStreams(nn.Module):
+    """The stream parameters: ``P`` (γ×h), the pruning adapter and (lossless) stream-only LoRA."""
+
+    def __init__(self, config: StreamConfig, model: nn.Module):
+        super().__init__()
+        n_layers = len(model.layers)
+        if config.num_msa_layers > n_layers:
+            raise ValueError(f"num_msa_layers {config.num_msa_layers} exceeds the model's {n_layers} layers")
+        self.config = config
+        h = model.args.hidden_size
+        self.stream_embeddings = mx.random.normal((config.num_streams, h)) * 0.02
+        self.pruning = PruningAdapter(h, config.pruning_rank)
+        if config.lora_rank:
+            self.lora = []
+            for layer in model.layers[n_layers - config.num_msa_layers :]:
+                adapters = {}
+                for name, m in _linears(layer, config.lora_targets).items():
+                    d_in, d_out = _linear_shape(m)
+                    adapters[name.replace(".", "__")] = LoRAAdapter(d_in, d_out, config.lora_rank)
+                self.lora.append(adapters)
+
+    @property
+    def num_params(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+    def expected_num_params(self, model) -> int:
+        """``γ·h + 2·r·h`` (r = pruning rank, 8 → 16·h) plus Σ rank·(in+out) of stream LoRA."""
+        c, h = self.config, model.args.hidden_size
+        n = c.num_streams * h + 2 * c.pruning_rank * h
+        if c.lora_rank:
+            for layer in model.layers[len(model.layers) - c.num_msa_layers :]:
+                for m in _linears(layer, c.lora_targets).values():
+                    d_in, d_out = _linear_shape(m)
+                    n += c.lora_rank * (d_in + d_out)
+        return n
+
+    @property
+    def changes_main(self) -> bool:
+        return self.config.changes_main
+
+    def fuse_lora(self, model) -> None:
+        """Shared mode: merge the LoRA into the base model's MSA-layer weights (in place) and drop
+        it from the streams. Float weights only."""
+        if self.config.mode != "shared" or not self.config.lora_rank:
+            raise ValueError("only shared-mode LoRA can be fused into the base")
+        n = len(model.layers)
+        for i, layer in enumerate(model.layers[n - self.config.num_msa_layers :]):
+            for key, ad in self.lora[i].items():
+                node = layer
+                *parents, leaf = key.split("__")
+                for p in parents:
+                    node = getattr(node, p)
+                lin = getattr(node, leaf)
+                if not isinstance(lin, nn.Linear):
+                    raise ValueError("cannot fuse LoRA into a quantized layer; fuse before quantizing")
+                delta = (self.config.lora_scale * (ad.lora_a @ ad.lora_b)).T
+                lin.weight = (lin.weight + delta.astype(lin.weight.dtype))
+        self.config.lora_rank = 0
+        del self["lora"]
+
+    def stream_layer(self, layer: nn.Module, i: int, row_scale=None) -> nn.Module:
+        """MSA layer ``i`` with its LoRA views, scaled per row by ``row_scale`` ((R, 1), zero on
+        main rows in lossless joint calls) or by ``lora_scale`` on every row."""
+        if not self.config.lora_rank:
+            return layer
+        view = copy.copy(layer)
+        for key, adapter in self.lora[i].items():
+            *parents, leaf = key.split("__")
+            node = view
+            for p in parents:  # copy the path down to the leaf so the base layer is untouched
+                child = copy.copy(getattr(node, p))
+                setattr(node, p, child)
+                node = child
+            scale = self.config.lora_scale if row_scale is None else row_scale
+            setattr(node, leaf, _LoRALinear(getattr(node, leaf), adapter, scale))
+        return view

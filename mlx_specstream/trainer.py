@@ -1,0 +1,322 @@
+"""The trainer: data (JSONL records → token and loss-mask arrays), the optimizer, the loop with
+validation, checkpoints and exact resume — for stream adapters and, as the baseline, Medusa
+heads. The ``specstream train`` verb is :mod:`mlx_specstream.train`.
+
+Modes:
+- ``lossless``: the base is frozen; trained are the stream embeddings, the stream-row-only LoRA
+  of the Ns MSA layers and the pruning adapter. Loss ``Σ_j α_j·CE(stream j)`` (α0 = 0) plus the
+  pruning adapter's own next-token loss (disjoint parameters).
+- ``shared``: additionally ``α0·NTP`` on the main stream, optionally with main rows seeing their
+  streams; the model itself changes and the output is verified against the new model.
+- ``pruning``: the pruning adapter alone, on next-token loss (for an existing stream file).
+
+Streams are attached only to positions whose next token carries loss (completions), processed in
+segments so that training rows grow by γ·segment, not γ·sequence (the paper's segment attention).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .cli import progress_bar
+from .drafters.medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
+from .streams import SpeculativeStreams, StreamConfig, save_streams
+from .streams.loss import LossWeights, stream_loss
+
+TRAIN_MODES = ("lossless", "shared", "pruning")
+
+
+class DataError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Records -> (tokens (N, L+1), loss mask (N, L+1): 1 where the token is a training target).
+
+    ``{"text"}``: every token is a target (long texts are cut into windows); ``{"prompt",
+    "completion"}`` (or pre-tokenized ``{"prompt_ids", "completion_ids"}``): completion tokens
+    only; ``{"messages"}``: the chat template, the last assistant message is the target.
+    """
+    L = seq_len + 1
+    rows, masks = [], []
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{ln}: not valid JSON ({e.msg})") from e
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{ln}: expected a JSON object")
+            if "text" in rec:
+                if not isinstance(rec["text"], str):
+                    raise DataError(f"{path}:{ln}: 'text' must be a string")
+                ids = tokenizer.encode(rec["text"])
+                for s in range(0, max(len(ids) - 1, 1), seq_len):
+                    w = ids[s : s + L]
+                    if len(w) > 1:
+                        rows.append(w)
+                        masks.append([0] + [1] * (len(w) - 1))
+                continue
+            if "prompt_ids" in rec and "completion_ids" in rec:  # pre-tokenized (self-distillation)
+                pi, ci = rec["prompt_ids"], rec["completion_ids"]
+                if not all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in pi + ci):
+                    raise DataError(f"{path}:{ln}: token ids must be integers below the vocabulary size")
+            elif "prompt" in rec and "completion" in rec:
+                p, c = rec["prompt"], rec["completion"]
+                if not isinstance(p, str) or not isinstance(c, str):
+                    raise DataError(f"{path}:{ln}: 'prompt' and 'completion' must be strings")
+                pi = tokenizer.encode(p)
+                ci = tokenizer.encode(c, add_special_tokens=False)
+            elif "messages" in rec:
+                msgs = rec["messages"]
+                if (not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs)
+                        or msgs[-1].get("role") != "assistant"):
+                    raise DataError(f"{path}:{ln}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
+                if not getattr(tokenizer, "has_chat_template", False):
+                    raise DataError(f"{path}:{ln}: 'messages' records need a tokenizer with a chat template")
+                pi = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(msgs)
+                ci = full[len(pi):]
+            else:
+                raise DataError(f"{path}:{ln}: a record needs 'text', 'prompt'+'completion' or 'messages'")
+            w = (pi + ci)[:L]
+            if len(w) < 2 or len(pi) >= L:
+                continue
+            rows.append(w)
+            masks.append([0] * len(pi) + [1] * (len(w) - len(pi)))
+    if not rows:
+        raise DataError(f"{path}: no usable records")
+    toks = np.zeros((len(rows), L), np.int32)
+    mask = np.zeros((len(rows), L), np.float32)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        toks[i, : len(r)] = r
+        mask[i, : len(m)] = m
+    return toks, mask
+
+
+def load_data(args, tokenizer) -> Tuple[Tuple[np.ndarray, np.ndarray], Optional[Tuple[np.ndarray, np.ndarray]]]:
+    data = Path(args.data)
+    if data.is_dir():
+        train, valid = data / "train.jsonl", data / "valid.jsonl"
+        if not train.exists():
+            raise DataError(f"{data} has no train.jsonl")
+    else:
+        train, valid = data, Path(args.valid) if args.valid else None
+    tr = read_jsonl(train, tokenizer, args.seq_len)
+    va = read_jsonl(valid, tokenizer, args.seq_len) if valid is not None and valid.exists() else None
+    return tr, va
+
+
+def batches(data, batch_size: int, rng: random.Random) -> Iterator[Tuple[mx.array, mx.array]]:
+    toks, mask = data
+    while True:
+        order = list(range(len(toks)))
+        rng.shuffle(order)
+        for s in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            idx = order[s : s + batch_size]
+            yield mx.array(toks[idx]), mx.array(mask[idx])
+
+
+# ---------------------------------------------------------------- loss
+
+
+# ---------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. What is trained — the stream adapter's shape — is a
+    :class:`StreamConfig` (its defaults, declared there once)."""
+
+    mode: str = "lossless"  # lossless | shared | pruning
+    streams: StreamConfig = field(default_factory=StreamConfig)
+    iters: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    segment: int = 64
+    lr: float = 5e-4
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    alpha0: Optional[float] = None  # default: 0 lossless, 1 shared
+    alpha: float = 0.1
+    seed: int = 0
+    val_every: int = 100
+    val_batches: int = 8
+    save_every: int = 200
+    max_stream_positions: int = 64  # streams on at most this many sampled target positions per batch (0 = all)
+    medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
+
+
+class _Trainable(nn.Module):
+    """What the optimizer sees: the streams, or the Medusa heads."""
+
+    def __init__(self, streams=None, medusa=None):
+        super().__init__()
+        if streams is not None:
+            self.streams = streams
+        if medusa is not None:
+            self.medusa = medusa
+
+
+def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
+          streams: Optional[SpeculativeStreams] = None, resume: bool = False, log=print,
+          stop_at: Optional[int] = None):
+    """Train and write the stream file (and a resumable trainer state) to ``out``.
+
+    ``stop_at`` ends the run early at that iteration, as an interruption would (for tests).
+    """
+    mx.random.seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.freeze()
+    if cfg.medusa:
+        return _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
+    if cfg.mode not in TRAIN_MODES:
+        raise ValueError(f"mode must be one of {TRAIN_MODES}, got {cfg.mode!r}")
+    if streams is None:
+        streams = SpeculativeStreams(cfg.streams, model)
+    trainable = _Trainable(streams)
+    if cfg.mode == "pruning":
+        trainable.freeze()
+        streams.pruning.unfreeze()
+    a0 = cfg.alpha0 if cfg.alpha0 is not None else (1.0 if cfg.mode == "shared" else 0.0)
+    weights = LossWeights(ntp=a0, stream=cfg.alpha, pruning=1.0)
+    train_streams = cfg.mode != "pruning"
+    opt, sched = _optimizer(cfg)
+    start = 0
+    if resume and (out / "trainer_state.safetensors").exists():
+        start = _load_state(out, trainable, opt)
+        log(f"resumed at iteration {start}")
+
+    def loss_fn(tr, toks, mask, i):  # i: the micro-batch's number, seeding its stream positions
+        loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
+                              max_positions=cfg.max_stream_positions or None, sample_seed=cfg.seed * 1_000_003 + i)
+        return loss
+
+    def on_save():
+        save_streams(out, streams)
+
+    def on_eval():
+        return evaluate(lambda t, m: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams)[1],
+                        valid_data, cfg)
+
+    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+                    on_save, on_eval, log, stop_at, f"{cfg.mode} streams")
+    return streams, history
+
+
+def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at):
+    rng = random.Random(cfg.seed)
+    heads = MedusaHeads(MedusaConfig(num_heads=cfg.medusa), model)
+    heads.init_from_lm_head(model)
+    trainable = _Trainable(medusa=heads)
+    opt, sched = _optimizer(cfg)
+    start = _load_state(out, trainable, opt) if resume and (out / "trainer_state.safetensors").exists() else 0
+
+    def loss_fn(tr, toks, mask, i):
+        return medusa_loss(model, tr.medusa, toks, mask)[0]
+
+    def on_eval():
+        return evaluate(lambda t, m: medusa_loss(model, heads, t, m)[1], valid_data, cfg)
+
+    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+                    lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads")
+    return heads, history
+
+
+def _optimizer(cfg: TrainConfig):
+    sched = optim.join_schedules(
+        [optim.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(cfg.warmup, 1)),
+         optim.cosine_decay(cfg.lr, max(cfg.iters - cfg.warmup, 1), cfg.lr * cfg.min_lr_ratio)],
+        [max(cfg.warmup, 1)])
+    return optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay), sched
+
+
+def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+          on_save, on_eval, log, stop_at, what):
+    value_and_grad = nn.value_and_grad(trainable, loss_fn)
+    it = batches(train_data, cfg.batch_size, rng)
+    for _ in range(start * cfg.grad_accum):
+        next(it)  # the data order continues where it stopped
+    n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
+    log(f"training {n_params} parameters ({what}), {cfg.iters} iterations")
+    history = []
+    tic, tokens_seen = time.perf_counter(), 0
+    for i in range(start, min(cfg.iters, stop_at or cfg.iters)):
+        grads_acc, loss_acc = None, 0.0
+        for a in range(cfg.grad_accum):
+            toks, mask = next(it)
+            loss, grads = value_and_grad(trainable, toks, mask, i * cfg.grad_accum + a)
+            grads_acc = grads if grads_acc is None else tree_map(lambda a, b: a + b, grads_acc, grads)
+            loss_acc = loss_acc + loss
+            tokens_seen += int(toks.size)
+        if cfg.grad_accum > 1:
+            grads_acc = tree_map(lambda g: g / cfg.grad_accum, grads_acc)
+        opt.update(trainable, grads_acc)
+        mx.eval(trainable.parameters(), opt.state, loss_acc)
+        rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
+               "lr": float(sched(opt.step)), "tok_s": round(tokens_seen / (time.perf_counter() - tic))}
+        if valid_data is not None and ((i + 1) % cfg.val_every == 0 or i + 1 == cfg.iters):
+            rec["valid"] = on_eval()
+        if (i + 1) % cfg.save_every == 0 or i + 1 == cfg.iters:
+            on_save()
+            _save_state(out, trainable, opt, i + 1)
+        history.append(rec)
+        _progress(rec, cfg.iters, log)
+    (out / "train_history.json").write_text(json.dumps(history, indent=1))
+    return history
+
+
+def evaluate(metrics_of: Callable, data, cfg: TrainConfig) -> Dict[str, float]:
+    """Mean of ``metrics_of(tokens, mask)`` (a dict of scalars) over the first validation batches."""
+    toks, mask = data
+    sums: Dict[str, float] = {}
+    n = 0
+    for s in range(0, min(len(toks), cfg.val_batches * cfg.batch_size), cfg.batch_size):
+        for k, v in metrics_of(mx.array(toks[s : s + cfg.batch_size]), mx.array(mask[s : s + cfg.batch_size])).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    return {k: round(v / max(n, 1), 4) for k, v in sums.items()}
+
+
+def _progress(rec, total, log):
+    extra = f" valid {rec['valid']}" if "valid" in rec else ""
+    log(f"{progress_bar(rec['iter'], total)} {rec['iter']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tok_s']} tok/s{extra}")
+
+
+def _save_state(out: Path, trainable, opt, step: int):
+    flat = dict(tree_flatten(trainable.parameters()))
+    flat.update({f"__opt__.{k}": v for k, v in tree_flatten(opt.state)})
+    mx.save_safetensors(str(out / "trainer_state.safetensors"), flat)
+    # The data order is replayed from the seed on resume, so no RNG state is needed.
+    (out / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+def _load_state(out: Path, trainable, opt) -> int:
+    flat = mx.load(str(out / "trainer_state.safetensors"))
+    params = [(k, v) for k, v in flat.items() if not k.startswith("__opt__.")]
+    trainable.load_weights(params, strict=False)
+    opt_state = tree_unflatten([(k[len("__opt__."):], v) for k, v in flat.items() if k.startswith("__opt__.")])
+    opt.init(trainable.trainable_parameters())
+    opt.state = opt_state
+    meta = json.loads((out / "trainer_state.json").read_text())
+    return int(meta["step"])

@@ -26,7 +26,8 @@ VERBS = {
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model and drafter options every serving verb shares."""
-    parser.add_argument("--model", default=None, help="model folder or hub repo (default: embedded model)")
+    parser.add_argument("--model", default=None,
+                        help="model folder, .gguf file, hub repo, or a known name: smollm2 (default: embedded model)")
     parser.add_argument("--streams", default=None,
                         help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
     parser.add_argument("--medusa", default=None, help="folder with medusa_heads.json: draft with Medusa heads")
@@ -35,6 +36,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-draft", type=int, default=DEFAULT_NUM_DRAFT, help="tokens the draft model drafts per step")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="cast weights at load (default: float32 on CPUs, as stored on GPUs)")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help="keep a quantized GGUF's weights quantized on the CPU (default there: dequantize to float32)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +57,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_from_args(args: argparse.Namespace, **kwargs):
     return load(args.model, streams=args.streams, medusa=args.medusa, draft_model=args.draft_model,
-                num_draft=args.num_draft, dtype=args.dtype, **kwargs)
+                num_draft=args.num_draft, dtype=args.dtype, dequantize=False if args.keep_quantized else None,
+                **kwargs)
 
 
 def progress_bar(done: int, total: int, width: int = 24) -> str:

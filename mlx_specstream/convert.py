@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from mlx.utils import tree_flatten
 from .checkpoint import (DTYPES, CheckpointError, build_checked, check_names, copy_tokenizer_files, load_config,
                          load_model, read_safetensors, quantize_model, save_adapter, save_model, weight_files)
 from .cli import progress_bar
+from .gguf import load_gguf, read_gguf, tensor_types
+from .loading import resolve_model
 from .models import normalize_rope_config
 from .streams import SpeculativeStreams
 from .streams.files import read_stream_config
@@ -124,6 +127,61 @@ def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
     save_adapter(dst, stem, weights, config.to_dict())
 
 
+def write_atomically(dst: Path, write) -> None:
+    """``write(folder)`` into a temporary folder beside ``dst``, then renamed into place: a
+    destination is never left half-written."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a normal folder, not mkdtemp's private 0700
+        print(f"writing {dst} ...", file=sys.stderr)
+        write(tmp)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+            dst.replace(old / "x")
+            tmp.replace(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_gguf(src, dst, *, dtype: Optional[str] = None, quantize=False, q_bits=4, q_group_size=64,
+                 force=False) -> Path:
+    """A GGUF file -> a checkpoint folder that we and mlx-lm load: Q4_0/Q4_1/Q8_0 kept as MLX
+    affine quantization (group 32); ``dtype`` dequantizes to it; ``quantize`` re-quantizes the
+    dequantized weights with our settings."""
+    src, dst = resolve_model(src), Path(dst)  # a file, or a known name (smollm2)
+    if src.suffix != ".gguf":
+        raise CheckpointError(f"--gguf {src} is not a .gguf file")
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} exists (use --force to replace it)")
+    tic = time.perf_counter()
+    g = read_gguf(src)
+    dequantize = dtype is not None or quantize
+    model, config, tok_folder = load_gguf(src, dequantize=dequantize, dtype=DTYPES[dtype] if dtype else None)
+    try:
+        config["torch_dtype"] = dtype or "float16"
+        if quantize:
+            config = quantize_model(model, config, bits=q_bits, group_size=q_group_size)
+
+        def write(tmp: Path) -> None:
+            save_model(tmp, model, config)
+            for f in tok_folder.iterdir():
+                shutil.copy2(f, tmp / f.name)
+
+        write_atomically(dst, write)
+    finally:
+        shutil.rmtree(tok_folder, ignore_errors=True)
+    print(f"converted {src.name} ({', '.join(tensor_types(g))}) -> {dst} in {time.perf_counter() - tic:.1f}s",
+          file=sys.stderr)
+    return dst
+
+
 def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optional[str] = None,
             adapter_path=None, keep_lora=False, streams_only=False, force=False, verify=False) -> Path:
     src, dst = Path(src), Path(dst)
@@ -163,26 +221,16 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
     config["torch_dtype"] = {v: k for k, v in DTYPES.items()}.get(target, "float32")
     if quantize:
         config = quantize_model(model, config, bits=q_bits, group_size=q_group_size)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        print(f"writing {dst} ...", file=sys.stderr)
+
+    def write(tmp: Path) -> None:
         save_model(tmp, model, config)
         copy_tokenizer_files(src, tmp)
         if adapter is not None and keep_lora:
             peft_to_mlx_lm_adapter(adapter, tmp, len(model.layers))
         for j in stream_jsons:
             convert_streams(j, model, tmp, j.stem)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-            dst.replace(old / "x")
-            tmp.replace(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.replace(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(dst, write)
     print(f"converted {src} -> {dst} in {time.perf_counter() - tic:.1f}s; peak memory "
           f"{mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
     if verify:
@@ -216,7 +264,9 @@ def verify_against_torch(src: Path, dst: Path, adapter: Optional[Path] = None, p
 
 def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="Convert a PyTorch/HF checkpoint to MLX")
-    p.add_argument("--torch-path", required=True, help="HF model folder (+ speculative_streams*, + PEFT adapter)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--torch-path", help="HF model folder (+ speculative_streams*, + PEFT adapter)")
+    src.add_argument("--gguf", help="a GGUF file (Q4_0, Q4_1, Q8_0, F16, BF16, F32 tensors)")
     p.add_argument("--mlx-path", required=True, help="destination folder")
     p.add_argument("-q", "--quantize", action="store_true")
     p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
@@ -234,6 +284,10 @@ def setup_arg_parser(parser=None):
 
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    if args.gguf:
+        convert_gguf(args.gguf, args.mlx_path, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
+                     q_group_size=args.q_group_size, force=args.force)
+        return 0
     convert(args.torch_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
             q_group_size=args.q_group_size, dtype=args.dtype, adapter_path=args.adapter_path,
             keep_lora=args.keep_lora, streams_only=args.streams_only, force=args.force, verify=args.verify)

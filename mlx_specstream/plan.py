@@ -8,7 +8,7 @@ Built once per decode and passed down (no module-level caches): a plan owns its 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -50,6 +50,9 @@ class TreePlan:
 
     def _set_device(self, tree: Tree) -> None:
         self.tree = tree
+        # A chain in depth order is a plain causal block at contiguous positions: attention and
+        # RoPE take their fast paths (no mask array, one offset).
+        self.is_chain = bool(np.array_equal(tree.ancestors, np.tril(np.ones((tree.size,) * 2, bool))))
         self.depth = mx.array(tree.depth)
         parent = tree.parent.copy()
         parent[0] = 0  # the root is its own parent
@@ -105,13 +108,20 @@ class TreePlan:
             self._masks[key] = m
         return m
 
-    def attention_mask(self, prefix: int) -> mx.array:
+    def attention_mask(self, prefix: int):
         """Tree nodes see the whole cached prefix and their ancestors: (1, 1, T, prefix + T),
-        shaped for attention once per step rather than once per layer."""
+        shaped for attention once per step rather than once per layer; ``"causal"`` (or None for
+        one node) for chains."""
+        if self.is_chain:
+            return "causal" if self.size > 1 else None
         m = self.ancestors
         if prefix:
             m = mx.concatenate([mx.ones((self.size, prefix), dtype=mx.bool_), m], axis=1)
         return m[None, None]
+
+    def positions(self, prefix: int) -> Optional[mx.array]:
+        """Each node's position (prefix + depth); None for chains (contiguous from the cache offset)."""
+        return None if self.is_chain else self.depth + prefix
 
     def tokens(self, root: mx.array, candidates: mx.array) -> mx.array:
         """The tree's tokens: the root, then each node's candidate (its level, its rank)."""

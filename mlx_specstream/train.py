@@ -4,12 +4,13 @@ the loop is :mod:`mlx_specstream.trainer`."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from .checkpoint import default_model_path, get_model_path, load_model
+from .loading import load_base
 from .streams import StreamConfig, find_stream_file, load_streams
 from .tokenizer import load_tokenizer
 from .trainer import TRAIN_MODES, TrainConfig, load_data, train
@@ -45,10 +46,13 @@ def setup_arg_parser(parser=None):
 
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
-    path = default_model_path() if args.model is None else get_model_path(args.model)
     # Train in float32 whatever the checkpoint stores (quantized bases keep their quantized layers).
-    model, config = load_model(path, dtype=mx.float32)
-    tokenizer = load_tokenizer(path, config)
+    model, config, path, tok_folder = load_base(args.model, dtype="float32")
+    tokenizer = load_tokenizer(tok_folder, config)
+    if path.suffix == ".gguf":
+        shutil.rmtree(tok_folder, ignore_errors=True)
+        if args.out is None:
+            raise ValueError("training on a GGUF file needs --out (where the stream file goes)")
     stream_cfg = StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank,
                               mode="shared" if args.mode == "shared" else "lossless",
                               main_sees_streams=args.main_sees_streams)
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     train_data, valid_data = load_data(args, tokenizer)
     streams = None
     if args.mode == "pruning" or args.streams:
-        file = find_stream_file(path, args.streams)
+        file = find_stream_file(path.parent if path.suffix == ".gguf" else path, args.streams)
         if file is None:
             raise ValueError("--mode pruning needs an existing stream file (--streams)")
         streams = load_streams(file, model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,13 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from ..checkpoint import DTYPES, cast_floats, default_model_path, get_model_path, load_config, model_dtype
+from ..checkpoint import DTYPES, cast_floats, default_model_path, load_config, model_dtype
 from ..cli import progress_bar
 from ..decode import levels_reached
 from ..drafters import DEFAULT_NUM_DRAFT, MedusaDrafter, StreamDrafter, load_medusa
 from ..generate import stream_generate
-from ..loading import load, load_draft_model
+from ..convert import convert_gguf
+from ..loading import load, load_draft_model, resolve_model
 from ..streams import find_stream_file, load_streams
 from ..tree import parse_tree_spec
 from .fingerprint import fingerprint
@@ -124,6 +126,19 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     }
 
 
+def mlx_lm_model(path: Path, dtype: Optional[str]):
+    """mlx-lm's model of the same weights: a folder as is; a GGUF converted the way we load it
+    (mlx-lm reads folders), into a temporary folder."""
+    if path.suffix != ".gguf":
+        return mlx_lm_load_model(path)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        on_cpu = mx.default_device() == mx.cpu
+        convert_gguf(path, Path(tmp) / "m", dtype=dtype or ("float32" if on_cpu else None))
+        model = mlx_lm_load_model(Path(tmp) / "m")[0]
+        mx.eval(model.parameters())
+    return model
+
+
 def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
               prompts: str = "heldout", n_prompts: int = 8, max_tokens: int = 128, trials: int = 3,
               warmup: int = 1, draft: Optional[str] = None, num_draft: int = DEFAULT_NUM_DRAFT,
@@ -131,22 +146,23 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
               lookups: Sequence[int] = (), streams_name: Optional[str] = None) -> dict:
     """Every method on the same weights and prompts, interleaved; see the module docstring."""
     mx.random.seed(seed)
-    path = default_model_path() if model_path is None else get_model_path(model_path)
+    path = default_model_path() if model_path is None else resolve_model(model_path)
     model, tok = load(str(path), dtype=dtype, streams=streams_name)
     base = getattr(model, "base", model)
     drafter = getattr(model, "drafter", None)
     streams = drafter.streams if isinstance(drafter, StreamDrafter) else None
-    lm_model, _ = mlx_lm_load_model(path)
+    lm_model = mlx_lm_model(path, dtype)
+    folder = path.parent if path.suffix == ".gguf" else path
     if streams is not None and streams.changes_main:
         # A shared-mode adapter changes the model: the AR baselines decode that model, i.e. the
         # base with the LoRA fused in (ours and mlx-lm's alike).
         if streams.config.main_sees_streams:
             raise ValueError("main_sees_streams adapters have no plain-AR equivalent to benchmark against")
-        file = find_stream_file(path, streams_name)
+        file = find_stream_file(folder, streams_name)
         base = load(str(path), dtype=dtype, streams=False)[0]
         for m in (base, lm_model):
             load_streams(file, m).fuse_lora(m)
-    if "quantization" not in load_config(path):
+    if path.suffix == ".gguf" or "quantization" not in load_config(path):
         dtype = dtype or {v: k for k, v in DTYPES.items()}[model_dtype(base)]
     if dtype:  # the same weights in the same dtype for every peer
         cast_floats(lm_model, dtype)
@@ -176,9 +192,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         # Two-model decoding: our loop with the draft model as its drafter, beside mlx-lm's own.
         dd = load_draft_model(draft, base, num_draft=num_draft)
         plan.append((f"draft[{num_draft}]", lambda p: _ours(base, tok, p, max_tokens, drafter=dd), dd.num_params))
-        d_model, _ = mlx_lm_load_model(get_model_path(draft))
-        if dtype:
-            cast_floats(d_model, dtype)
+        d_model = mlx_lm_model(resolve_model(draft), dtype)
         plan.append((f"mlx_lm_draft[{num_draft}]", lambda p: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft),
                      dd.num_params))
     if methods:

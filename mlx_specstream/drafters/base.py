@@ -72,7 +72,7 @@ def verify_tree(model: nn.Module, plan: TreePlan, state: DraftState, cache: list
     """The plain target over the tree: (tokens (T,), final-normed hidden states (T, h))."""
     prefix = cache[0].offset
     tokens = plan.tokens(state.root, state.candidates)
-    h = model.hidden(tokens[None], cache, mask=plan.attention_mask(prefix), positions=plan.depth + prefix)
+    h = model.hidden(tokens[None], cache, mask=plan.attention_mask(prefix), positions=plan.positions(prefix))
     return tokens, h[0]
 
 

@@ -41,7 +41,8 @@ class StreamDrafter(Drafter):
         prefix = cache[0].offset
         tokens = plan.tokens(state.root, state.candidates)
         positions = plan.depth + prefix
-        h = bottom_forward(model, streams, tokens[None], mask=plan.attention_mask(prefix), positions=positions,
+        bottom_pos = plan.positions(prefix) if n_bottom else positions  # None: contiguous from the bottom caches
+        h = bottom_forward(model, streams, tokens[None], mask=plan.attention_mask(prefix), positions=bottom_pos,
                            caches=cache[:n_bottom] + [None] * c.num_msa_layers)
         sel = None
         if self.prune_threshold > 0 and plan.size > 1:

@@ -1,0 +1,100 @@
+"""Tiny GGUF files written with the ``gguf`` package from tiny random transformers models, laid out
+as llama.cpp's converter lays them out (names, Q/K row permutation for llama, norms in F32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_vocab(corpus: str, size: int):
+    """(tokens in id order, merges "a b", token types) of a byte-level BPE trained on ``corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab = t.get_vocab()
+    tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), size)]  # fill to the model's vocabulary
+    merges = json.loads(t.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    types = [3 if tok in SPECIALS else 1 for tok in tokens]
+    return tokens, merges, types
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf, path: Path, qtype: str, vocab) -> Path:
+    """``hf`` (a transformers model of ``ARCH``'s families) -> a GGUF file at ``path``; 2-D weights
+    in ``qtype`` (F32, F16, Q8_0, Q4_0, Q4_1), 1-D tensors in F32."""
+    import gguf
+
+    cfg = hf.config
+    family = cfg.model_type
+    arch = ARCH[family]
+    w = gguf.GGUFWriter(str(path), arch)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if head_dim != cfg.hidden_size // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    tokens, merges, types = vocab
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, t in hf.state_dict().items():
+        if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        data = t.detach().float().numpy()
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            sub = ".".join(parts[3:-1])
+            gname = f"blk.{parts[2]}.{LAYER[sub]}.{parts[-1]}"
+            if arch == "llama" and sub in ("self_attn.q_proj", "self_attn.k_proj"):
+                data = _permute(data, heads if sub.endswith("q_proj") else kv)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        if data.ndim == 1 or qtype == "F32":
+            w.add_tensor(gname, data.astype(np.float32))
+        elif qtype == "F16":
+            w.add_tensor(gname, data.astype(np.float16))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(data, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

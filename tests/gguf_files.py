@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi2"}
 LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+         "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}  # the last three: phi
+TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "model.final_layernorm": "output_norm",
+       "lm_head": "output"}
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -49,7 +52,8 @@ def write_gguf(hf, path: Path, qtype: str, vocab) -> Path:
     family = cfg.model_type
     arch = ARCH[family]
     w = gguf.GGUFWriter(str(path), arch)
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or {}
     w.add_block_count(cfg.num_hidden_layers)
@@ -59,7 +63,11 @@ def write_gguf(hf, path: Path, qtype: str, vocab) -> Path:
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "phi2":
+        w.add_layer_norm_eps(cfg.layer_norm_eps)
+        w.add_rope_dimension_count(int(rope["partial_rotary_factor"] * head_dim))
+    else:
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if head_dim != cfg.hidden_size // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -74,19 +82,23 @@ def write_gguf(hf, path: Path, qtype: str, vocab) -> Path:
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
     qt = getattr(gguf.GGMLQuantizationType, qtype)
-    for name, t in hf.state_dict().items():
-        if "rotary_emb" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    if arch == "phi2":  # llama.cpp fuses phi2's q, k, v rows into attn_qkv
+        for i in range(cfg.num_hidden_layers):
+            for leaf in ("weight", "bias"):
+                pre = f"model.layers.{i}.self_attn."
+                state[pre + "qkv." + leaf] = np.concatenate([state.pop(f"{pre}{x}_proj.{leaf}") for x in "qkv"])
+    for name, data in state.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        data = t.detach().float().numpy()
         parts = name.split(".")
         if name.startswith("model.layers."):
             sub = ".".join(parts[3:-1])
-            gname = f"blk.{parts[2]}.{LAYER[sub]}.{parts[-1]}"
+            gname = f"blk.{parts[2]}.{'attn_qkv' if sub == 'self_attn.qkv' else LAYER[sub]}.{parts[-1]}"
             if arch == "llama" and sub in ("self_attn.q_proj", "self_attn.k_proj"):
                 data = _permute(data, heads if sub.endswith("q_proj") else kv)
         else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}[name]
+            gname = f"{TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}"
         if data.ndim == 1 or qtype == "F32":
             w.add_tensor(gname, data.astype(np.float32))
         elif qtype == "F16":

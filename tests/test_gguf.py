@@ -59,26 +59,33 @@ def transformers_gguf(path: Path):
 
 
 CASES = [("llama", q) for q in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")] + [
-    ("qwen2", "F32"), ("qwen2", "Q4_1"), ("qwen3", "F16"), ("qwen3", "Q8_0"), ("mistral", "Q4_0")]
+    ("qwen2", "F32"), ("qwen2", "Q4_1"), ("qwen3", "F16"), ("qwen3", "Q8_0"), ("mistral", "Q4_0"),
+    ("phi", "F32"), ("phi", "Q8_0")]
 
 
 def source_with_gguf_weights(hf, path: Path):
     """The source transformers model holding the file's weights as the gguf package dequantizes
     them (Q/K rows unpermuted): the oracle where transformers' GGUF loader cannot read a config
     (it ignores qwen3's ``key_length``, so a head_dim ≠ hidden/heads does not load there)."""
-    from gguf_files import LAYER
+    from gguf_files import LAYER, TOP
 
-    names = {v: k for k, v in LAYER.items()}
+    phi = hf.config.model_type == "phi"
+    skip = ("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj") if phi else ("self_attn.dense", "mlp.fc1", "mlp.fc2")
+    names = {v: k for k, v in LAYER.items() if k not in skip}
+    top = {v: k for k, v in TOP.items() if k != ("model.norm" if phi else "model.final_layernorm")}
     state = {}
     for t in gguf.GGUFReader(str(path)).tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed(t.shape.tolist())))
         parts = t.name.split(".")
-        if parts[0] == "blk":
+        if parts[0] == "blk" and parts[2] == "attn_qkv":
+            for x, chunk in zip("qkv", np.split(w, 3)):
+                state[f"model.layers.{parts[1]}.self_attn.{x}_proj.{parts[3]}"] = torch.tensor(chunk)
+        elif parts[0] == "blk":
             state[f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"] = torch.tensor(w)
         else:
-            state[{"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[parts[0]]
-                  + ".weight"] = torch.tensor(w)
-    hf.load_state_dict(state, strict=False)
+            state[f"{top[parts[0]]}.{parts[1]}"] = torch.tensor(w)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k or k == "lm_head.weight" for k in missing), (missing, unexpected)
     return hf
 
 
@@ -86,7 +93,9 @@ def source_with_gguf_weights(hf, path: Path):
 def test_logits_equal_transformers_gguf_loader(gguf_file, family, qtype):
     path, hf = gguf_file(family, qtype)
     model, _ = load(str(path), dtype="float32", dequantize=True, streams=False)
-    ref = source_with_gguf_weights(hf, path) if family == "qwen3" else transformers_gguf(path)
+    # transformers reads neither qwen3's key_length nor phi2 GGUFs: there the oracle is the source
+    # model holding the file's weights as the gguf package dequantizes them
+    ref = source_with_gguf_weights(hf, path) if family in ("qwen3", "phi") else transformers_gguf(path)
     with torch.no_grad():
         want = ref(torch.tensor(IDS)).logits.numpy()
     got = np.array(model(mx.array(IDS)))

@@ -31,8 +31,9 @@ class SamplingAcceptance:
 
     At a node with target distribution ``p`` (temperature, top-k, top-p, min-p applied) the
     children are tried in rank order: child ``x`` is accepted with probability ``p(x)``; if
-    rejected, ``p(x)`` is set to 0 and ``p`` renormalised before the next sibling; if every child
-    is rejected the correction token is drawn from what remains. Each emitted token is therefore
+    rejected, ``p(x)`` is set to 0 and ``p`` renormalised before the next sibling (so a later
+    sibling carrying the same token is never accepted); if every child is rejected the
+    correction token is drawn from what remains. Each emitted token is therefore
     distributed exactly as the target's sample (the multi-draft rule of SpecInfer with point-mass
     drafts), unlike per-path rejection against the stream distribution.
     """
@@ -53,12 +54,22 @@ class SamplingAcceptance:
             lp = apply_top_k(lp, self.top_k)
         return mx.softmax(lp, axis=-1)
 
+    @staticmethod
+    def child_mass(p: mx.array, child_tok: mx.array, valid: mx.array) -> mx.array:
+        """(T, C) target mass of each child's token, 0 for a token an earlier sibling already
+        carries: once that sibling is rejected its token's mass is gone (two drafters, e.g.
+        streams and context drafts, often propose the same token)."""
+        C = child_tok.shape[1]
+        earlier = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)  # (k, j): j < k
+        dup = mx.any((child_tok[:, :, None] == child_tok[:, None, :]) & earlier[None] & valid[:, None, :], axis=2)
+        return mx.take_along_axis(p, child_tok, axis=1) * (valid & ~dup)
+
     def __call__(self, tree, tokens: mx.array, logits: mx.array, key: mx.array | None = None):
         T = tokens.shape[0]
         p = self.target_probs(logits)  # (T, V)
         valid = tree.children >= 0  # (T, C)
         child_tok = tokens[mx.maximum(tree.children, 0)]
-        pc = mx.take_along_axis(p, child_tok, axis=1) * valid
+        pc = self.child_mass(p, child_tok, valid)
         remaining = 1.0 - (mx.cumsum(pc, axis=1) - pc)  # mass left when child k is tried
         k1, k2 = mx.random.split(key) if key is not None else (None, None)
         u = mx.random.uniform(shape=pc.shape, key=k1)

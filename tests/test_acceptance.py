@@ -29,12 +29,12 @@ def q(seq, temp=1.0):
     return p / p.sum()
 
 
-def node_seqs(tree):
-    return [[TOKENS[j] for j in tree.path_to(i)] for i in range(tree.size)]
+def node_seqs(tree, tokens=TOKENS):
+    return [[tokens[j] for j in tree.path_to(i)] for i in range(tree.size)]
 
 
-def expected_joint(temp=1.0):
-    root = [TOKENS[0]]
+def expected_joint(temp=1.0, tokens=TOKENS):
+    root = [tokens[0]]
     p1 = q(root, temp)
     return np.array([[p1[a] * q(root + [a], temp)[b] for b in range(V)] for a in range(V)])
 
@@ -45,33 +45,42 @@ def chi2(counts, expected_p):
     return float(((counts - e) ** 2 / e).sum())
 
 
-def draw_pairs(step, n, temp, seed):
+def draw_pairs(step, n, temp, seed, paths=PATHS, tokens=TOKENS):
     """Run one tree step ``n`` times; complete to two tokens with the target where the step
     emitted one (the next step's correction would be exactly that draw)."""
-    tree = build_tree(PATHS)
-    seqs = node_seqs(tree)
+    tree = build_tree(paths)
+    seqs = node_seqs(tree, tokens)
     rng = np.random.RandomState(seed)
     counts = np.zeros((V, V))
     for _ in range(n):
-        out = step(tree, seqs, rng)
+        out = step(tree, seqs, rng, tokens)
         if len(out) < 2:
-            out = out + [rng.choice(V, p=q([TOKENS[0]] + out, temp))]
+            out = out + [rng.choice(V, p=q([tokens[0]] + out, temp))]
         counts[out[0], out[1]] += 1
     return counts
 
 
-def ours(temp):
-    rule = SamplingAcceptance(temp=temp)
+def ours(temp, rule_class=SamplingAcceptance):
+    rule = rule_class(temp=temp)
 
-    def step(tree, seqs, rng):
+    def step(tree, seqs, rng, tokens=TOKENS):
         dt = TreePlan(tree.paths)
         logits = mx.array(np.stack([target_logits(s) for s in seqs]).astype(np.float32))
         key = mx.random.key(int(rng.randint(2**31)))
-        best, corr = rule(dt, mx.array(TOKENS), logits, key=key)
+        best, corr = rule(dt, mx.array(tokens), logits, key=key)
         path = tree.path_to(int(best.item()))
-        return [TOKENS[i] for i in path[1:]] + [int(corr.item())]
+        return [tokens[i] for i in path[1:]] + [int(corr.item())]
 
     return step
+
+
+class NoDedupAcceptance(SamplingAcceptance):
+    """The rule before duplicate siblings were handled: a token repeated by a later sibling
+    keeps its mass after the first copy was rejected (the failing control)."""
+
+    @staticmethod
+    def child_mass(p, child_tok, valid):
+        return mx.take_along_axis(p, child_tok, axis=1) * valid
 
 
 def paper_rule(temp):
@@ -80,7 +89,7 @@ def paper_rule(temp):
     sample the residual max(0, q_main - q_stream), renormalised (the kindest reading)."""
     streams = [np.array([0.5, 0.3, 0.1, 0.1]), np.array([0.2, 0.2, 0.5, 0.1])]
 
-    def step(tree, seqs, rng):
+    def step(tree, seqs, rng, tokens=TOKENS):
         best = None
         for leaf in (i for i in range(tree.size) if tree.children[i, 0] < 0):
             path = tree.path_to(leaf)
@@ -106,11 +115,31 @@ def paper_rule(temp):
     return step
 
 
+# Awkward trees: duplicate siblings (a stream draft equal to a context draft), duplicates under
+# a deeper node, three levels, and a model column beside a context-draft chain (rank 1 here).
+TREES = {
+    "plain": (PATHS, TOKENS),
+    "duplicate siblings": (PATHS, [0, 1, 1, 2, 3]),
+    "duplicates at depth 2": (((0,), (0, 0), (0, 1), (0, 2)), [0, 1, 2, 2, 1]),
+    "three levels": (((0,), (1,), (0, 0), (0, 0, 0), (1, 0)), [0, 2, 1, 3, 1, 0]),
+    "context column": (((0,), (1,), (1, 1), (1, 1, 1)), [0, 3, 3, 1, 2]),
+}
+
+
 @pytest.mark.parametrize("temp", [1.0, 0.7])
-def test_tree_sampling_preserves_target_distribution(temp):
-    counts = draw_pairs(ours(temp), 3000, temp, seed=1)
-    stat = chi2(counts, expected_joint(temp))
+@pytest.mark.parametrize("tree", list(TREES))
+def test_tree_sampling_preserves_target_distribution(temp, tree):
+    paths, tokens = TREES[tree]
+    counts = draw_pairs(ours(temp), 3000, temp, seed=1, paths=paths, tokens=tokens)
+    stat = chi2(counts, expected_joint(temp, tokens))
     assert stat < CHI2_CRIT_15DF_P001, (stat, counts)
+
+
+@pytest.mark.parametrize("tree", ["duplicate siblings", "context column"])
+def test_ignoring_duplicate_siblings_fails_the_same_test(tree):
+    paths, tokens = TREES[tree]
+    counts = draw_pairs(ours(0.7, NoDedupAcceptance), 3000, 0.7, seed=1, paths=paths, tokens=tokens)
+    assert chi2(counts, expected_joint(0.7, tokens)) > CHI2_CRIT_15DF_P001
 
 
 def test_paper_per_path_rule_fails_the_same_test():

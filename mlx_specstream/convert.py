@@ -22,8 +22,9 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from .checkpoint import (DTYPES, CheckpointError, build_checked, check_names, copy_tokenizer_files, load_config,
+from .checkpoint import (DTYPES, CheckpointError, build_checked, cast_floats, check_names, copy_tokenizer_files, load_config,
                          load_model, read_safetensors, quantize_model, save_adapter, save_model, weight_files)
 from .cli import progress_bar
 from .gguf import load_gguf, read_gguf, tensor_types
@@ -180,6 +181,20 @@ def convert_gguf(src, dst, *, dtype: Optional[str] = None, quantize=False, q_bit
     print(f"converted {src.name} ({', '.join(tensor_types(g))}) -> {dst} in {time.perf_counter() - tic:.1f}s",
           file=sys.stderr)
     return dst
+
+
+def mlx_lm_model(path: Path, dtype: Optional[str]):
+    """mlx-lm's model of the same weights: a folder as is; a GGUF converted the way we load it
+    (mlx-lm reads folders), into a temporary folder."""
+    if path.suffix != ".gguf":
+        model = mlx_lm_load_model(path)[0]
+        return cast_floats(model, dtype) if dtype else model
+    with tempfile.TemporaryDirectory() as tmp:
+        on_cpu = mx.default_device() == mx.cpu
+        convert_gguf(path, Path(tmp) / "m", dtype=dtype or ("float32" if on_cpu else None))
+        model = mlx_lm_load_model(Path(tmp) / "m")[0]
+        mx.eval(model.parameters())
+    return model
 
 
 def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optional[str] = None,

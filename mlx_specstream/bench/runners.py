@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +16,13 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from ..checkpoint import DTYPES, cast_floats, default_model_path, load_config, model_dtype
 from ..cli import progress_bar
+from ..convert import mlx_lm_model
 from ..decode import levels_reached
 from ..drafters import DEFAULT_NUM_DRAFT, MedusaDrafter, StreamDrafter, load_medusa
 from ..generate import stream_generate
-from ..convert import convert_gguf
 from ..loading import load, load_draft_model, resolve_model
 from ..streams import find_stream_file, load_streams
 from ..tree import parse_tree_spec
@@ -124,19 +122,6 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
         "mean_accepted": total / max(steps, 1), "acceptance_by_depth": hist,
         "tree_size": max(r.tree_size for r in runs), "generated_tokens": total,
     }
-
-
-def mlx_lm_model(path: Path, dtype: Optional[str]):
-    """mlx-lm's model of the same weights: a folder as is; a GGUF converted the way we load it
-    (mlx-lm reads folders), into a temporary folder."""
-    if path.suffix != ".gguf":
-        return mlx_lm_load_model(path)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        on_cpu = mx.default_device() == mx.cpu
-        convert_gguf(path, Path(tmp) / "m", dtype=dtype or ("float32" if on_cpu else None))
-        model = mlx_lm_load_model(Path(tmp) / "m")[0]
-        mx.eval(model.parameters())
-    return model
 
 
 def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),

@@ -1,0 +1,114 @@
+"""Self-distillation data for stream training, made offline: chat prompts written from the Python
+standard library (every machine has it; whole modules held out for validation), answered by the
+frozen model itself in batches (mlx-lm's batched generation), so the streams learn what the model
+will say.
+
+    python -m mlx_specstream.distill --model smollm2 --out data/ --n-train 3000 --n-valid 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import random
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import batch_generate
+
+from .cli import progress_bar
+from .convert import mlx_lm_model
+from .loading import load, resolve_model
+from .stdlib_data import split_files, stdlib_root
+
+TEMPLATES = (
+    "Explain what the Python function `{qual}` does:\n\n{doc}",
+    "Write a Python function `{name}{sig}` that does the following: {first}",
+    "Summarize this documentation in two sentences:\n\n{doc}",
+    "Give an example of how to use `{qual}` in Python.",
+    "Continue this Python code:\n\n```python\n{src}\n```",
+)
+
+
+def _functions(path: Path) -> Iterator[Dict[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return
+    lines = text.splitlines()
+    rel = path.relative_to(stdlib_root()).with_suffix("").parts if path.is_relative_to(stdlib_root()) else (path.stem,)
+    module = ".".join(p for p in rel if p != "__init__")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 40:
+                continue
+            args = ", ".join(a.arg for a in node.args.args)
+            src = "\n".join(lines[node.lineno - 1 : min(node.lineno + 7, len(lines))])
+            yield {"name": node.name, "qual": f"{module}.{node.name}", "sig": f"({args})",
+                   "doc": doc[:800], "first": doc.strip().splitlines()[0], "src": src}
+
+
+def instructions(files: Sequence[Path], n: int, seed: int = 0) -> List[str]:
+    """``n`` user messages built from the functions (with docstrings) of ``files``."""
+    rng = random.Random(seed)
+    funcs = [f for p in files for f in _functions(p)]
+    rng.shuffle(funcs)
+    out = []
+    for i, f in enumerate(funcs):
+        if len(out) >= n:
+            break
+        out.append(TEMPLATES[i % len(TEMPLATES)].format(**f))
+    return out
+
+
+def answer(lm_model, tokenizer, messages: Sequence[str], *, max_tokens: int, batch_size: int,
+           log=print) -> List[dict]:
+    """Greedy answers in batches by mlx-lm's batched generation (``lm_model``: mlx-lm's model of
+    the weights): ``{"prompt_ids", "completion_ids"}`` records (chat template applied, the
+    answer without the EOS)."""
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True)
+               if tokenizer.has_chat_template else tokenizer.encode(m) for m in messages]
+    records, tic = [], time.perf_counter()
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s : s + batch_size]
+        res = batch_generate(lm_model, tokenizer, batch, max_tokens=max_tokens, return_token_ids=True)
+        for p, ids in zip(batch, res.token_ids):
+            records.append({"prompt_ids": list(p), "completion_ids": [int(t) for t in ids]})
+        n = sum(len(r["completion_ids"]) for r in records)
+        log(f"{progress_bar(len(records), len(prompts))} {len(records)}/{len(prompts)} prompts, "
+            f"{n} tokens, {n / (time.perf_counter() - tic):.0f} tok/s")
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n-train", type=int, default=3000)
+    ap.add_argument("--n-valid", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    _, tok = load(args.model, streams=False)
+    lm_model = mlx_lm_model(resolve_model(args.model), "float32" if mx.default_device() == mx.cpu else None)
+    train_files, valid_files = split_files()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, files, n in (("valid", valid_files, args.n_valid), ("train", train_files, args.n_train)):
+        recs = answer(lm_model, tok, instructions(files, n, args.seed), max_tokens=args.max_tokens,
+                      batch_size=args.batch_size, log=lambda m: print("\r" + m, end="", flush=True))
+        print()
+        with open(out / f"{name}.jsonl", "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -39,6 +39,8 @@ def setup_arg_parser(parser=None):
     p.add_argument("--alpha0", type=float, default=None)
     p.add_argument("--medusa", type=int, default=0, metavar="K",
                    help="train K Medusa-1 heads on the frozen base instead (the baseline)")
+    p.add_argument("--no-cache-bottom", action="store_true",
+                   help="recompute the frozen bottom layers every iteration (default: once per sequence, kept in memory)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--streams", default=None, help="existing stream file to continue (pruning mode)")
     return p
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
                               mode="shared" if args.mode == "shared" else "lossless",
                               main_sees_streams=args.main_sees_streams)
     cfg = TrainConfig(mode=args.mode, streams=stream_cfg, alpha0=args.alpha0, medusa=args.medusa,
+                      cache_bottom=not args.no_cache_bottom,
                       **{k: getattr(args, k) for k in OPT_INT + OPT_FLOAT})
     train_data, valid_data = load_data(args, tokenizer)
     streams = None

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .cli import progress_bar
 from .drafters.medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
-from .streams import SpeculativeStreams, StreamConfig, save_streams
+from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.loss import LossWeights, stream_loss
 
 TRAIN_MODES = ("lossless", "shared", "pruning")
@@ -123,14 +123,32 @@ def load_data(args, tokenizer) -> Tuple[Tuple[np.ndarray, np.ndarray], Optional[
     return tr, va
 
 
-def batches(data, batch_size: int, rng: random.Random) -> Iterator[Tuple[mx.array, mx.array]]:
+def batches(data, batch_size: int, rng: random.Random, bottom: Optional[np.ndarray] = None) -> Iterator[tuple]:
+    """Shuffled batches ``(tokens, mask, bottom states or None)``, epoch after epoch."""
     toks, mask = data
     while True:
         order = list(range(len(toks)))
         rng.shuffle(order)
         for s in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             idx = order[s : s + batch_size]
-            yield mx.array(toks[idx]), mx.array(mask[idx])
+            yield mx.array(toks[idx]), mx.array(mask[idx]), None if bottom is None else mx.array(bottom[idx])
+
+
+def bottom_states(model, streams: SpeculativeStreams, data, batch_size: int = 8, log=print) -> np.ndarray:
+    """The bottom N−Ns layers' output for every training input (float32, host memory). The base is
+    frozen in every mode, so these rows never change: computing them once makes an iteration
+    cost only the Ns stream layers and the head (on a 30-layer model with Ns=1, most of the work)."""
+    toks, _ = data
+    N, L = toks.shape[0], toks.shape[1] - 1
+    out = np.empty((N, L, model.args.hidden_size), np.float32)
+    tic = time.perf_counter()
+    for s in range(0, N, batch_size):
+        h = bottom_forward(model, streams, mx.array(toks[s : s + batch_size, :-1]), mask="causal", positions=mx.arange(L))
+        out[s : s + batch_size] = np.array(h.astype(mx.float32))
+        if log and (s // batch_size) % 20 == 0:
+            log(f"{progress_bar(s + batch_size, N)} bottom states {min(s + batch_size, N)}/{N} "
+                f"({(s + batch_size) * L / (time.perf_counter() - tic):.0f} tok/s)")
+    return out
 
 
 # ---------------------------------------------------------------- loss
@@ -162,6 +180,7 @@ class TrainConfig:
     val_batches: int = 8
     save_every: int = 200
     max_stream_positions: int = 64  # streams on at most this many sampled target positions per batch (0 = all)
+    cache_bottom: bool = True  # compute the frozen bottom layers' output once per sequence (streams only)
     medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
 
 
@@ -207,20 +226,28 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         start = _load_state(out, trainable, opt)
         log(f"resumed at iteration {start}")
 
-    def loss_fn(tr, toks, mask, i):  # i: the micro-batch's number, seeding its stream positions
+    def loss_fn(tr, toks, mask, bottom, i):  # i: the micro-batch's number, seeding its stream positions
         loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
-                              max_positions=cfg.max_stream_positions or None, sample_seed=cfg.seed * 1_000_003 + i)
+                              max_positions=cfg.max_stream_positions or None, sample_seed=cfg.seed * 1_000_003 + i,
+                              bottom=bottom)
         return loss
 
     def on_save():
         save_streams(out, streams)
 
+    train_bottom = valid_bottom = None
+    if cfg.cache_bottom:
+        train_bottom = bottom_states(model, streams, train_data, cfg.batch_size, log)
+        if valid_data is not None:
+            n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
+            valid_bottom = bottom_states(model, streams, (valid_data[0][:n_val], None), cfg.batch_size, None)
+
     def on_eval():
-        return evaluate(lambda t, m: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams)[1],
-                        valid_data, cfg)
+        return evaluate(lambda t, m, b: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams,
+                                                    bottom=b)[1], valid_data, cfg, valid_bottom)
 
     history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
-                    on_save, on_eval, log, stop_at, f"{cfg.mode} streams")
+                    on_save, on_eval, log, stop_at, f"{cfg.mode} streams", train_bottom)
     return streams, history
 
 
@@ -232,11 +259,11 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     opt, sched = _optimizer(cfg)
     start = _load_state(out, trainable, opt) if resume and (out / "trainer_state.safetensors").exists() else 0
 
-    def loss_fn(tr, toks, mask, i):
+    def loss_fn(tr, toks, mask, bottom, i):
         return medusa_loss(model, tr.medusa, toks, mask)[0]
 
     def on_eval():
-        return evaluate(lambda t, m: medusa_loss(model, heads, t, m)[1], valid_data, cfg)
+        return evaluate(lambda t, m, b: medusa_loss(model, heads, t, m)[1], valid_data, cfg)
 
     history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
                     lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads")
@@ -252,9 +279,9 @@ def _optimizer(cfg: TrainConfig):
 
 
 def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
-          on_save, on_eval, log, stop_at, what):
+          on_save, on_eval, log, stop_at, what, bottom=None):
     value_and_grad = nn.value_and_grad(trainable, loss_fn)
-    it = batches(train_data, cfg.batch_size, rng)
+    it = batches(train_data, cfg.batch_size, rng, bottom)
     for _ in range(start * cfg.grad_accum):
         next(it)  # the data order continues where it stopped
     n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
@@ -264,8 +291,8 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
     for i in range(start, min(cfg.iters, stop_at or cfg.iters)):
         grads_acc, loss_acc = None, 0.0
         for a in range(cfg.grad_accum):
-            toks, mask = next(it)
-            loss, grads = value_and_grad(trainable, toks, mask, i * cfg.grad_accum + a)
+            toks, mask, b = next(it)
+            loss, grads = value_and_grad(trainable, toks, mask, b, i * cfg.grad_accum + a)
             grads_acc = grads if grads_acc is None else tree_map(lambda a, b: a + b, grads_acc, grads)
             loss_acc = loss_acc + loss
             tokens_seen += int(toks.size)
@@ -286,13 +313,15 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
     return history
 
 
-def evaluate(metrics_of: Callable, data, cfg: TrainConfig) -> Dict[str, float]:
-    """Mean of ``metrics_of(tokens, mask)`` (a dict of scalars) over the first validation batches."""
+def evaluate(metrics_of: Callable, data, cfg: TrainConfig, bottom: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Mean of ``metrics_of(tokens, mask, bottom or None)`` (a dict of scalars) over the first
+    validation batches."""
     toks, mask = data
     sums: Dict[str, float] = {}
     n = 0
     for s in range(0, min(len(toks), cfg.val_batches * cfg.batch_size), cfg.batch_size):
-        for k, v in metrics_of(mx.array(toks[s : s + cfg.batch_size]), mx.array(mask[s : s + cfg.batch_size])).items():
+        b = None if bottom is None else mx.array(bottom[s : s + cfg.batch_size])
+        for k, v in metrics_of(mx.array(toks[s : s + cfg.batch_size]), mx.array(mask[s : s + cfg.batch_size]), b).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     return {k: round(v / max(n, 1), 4) for k, v in sums.items()}

@@ -82,3 +82,22 @@ def test_malformed_records_name_the_line(tiny, line, msg):
     f.write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=msg):
         read_jsonl(f, tok, 32)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_cached_bottom_states_train_exactly_like_recomputing_them(tiny, mode):
+    """The bottom N−Ns layers are frozen in every mode: computing their output once per sequence
+    gives the same parameters as recomputing it every iteration."""
+    model, tok, data, tmp = tiny
+    stream = StreamConfig(num_streams=2, num_msa_layers=1, mode=mode, lora_rank=4)
+    runs = []
+    for cache in (True, False):
+        cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, val_every=6, streams=stream,
+                          mode=mode, cache_bottom=cache)
+        s, hist = train(model, tok, data, data, cfg, tmp / f"out-{mode}-{cache}", log=lambda *_: None)
+        runs.append((dict(tree_flatten(s.parameters())), hist))
+    (a, ha), (b, hb) = runs
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+    assert [h["loss"] for h in ha] == pytest.approx([h["loss"] for h in hb], rel=1e-5)
+    assert ha[-1]["valid"] == pytest.approx(hb[-1]["valid"], rel=1e-4)

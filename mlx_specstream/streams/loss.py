@@ -21,11 +21,13 @@ class LossWeights:
 
 
 def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int = 64, train_streams: bool = True,
-                max_positions: Optional[int] = None, sample_seed: int = 0):
+                max_positions: Optional[int] = None, sample_seed: int = 0, bottom: Optional[mx.array] = None):
     """Loss of one batch. ``tokens``/``mask`` (B, L+1): inputs are ``tokens[:, :-1]``, the target
     of position t is ``tokens[:, t+1]`` with weight ``mask[:, t+1]``. ``max_positions``: attach
     streams to at most that many target positions, sampled (seeded) — an unbiased estimate of the
-    stream loss at a fraction of the cost, since stream rows dominate the compute.
+    stream loss at a fraction of the cost, since stream rows dominate the compute. ``bottom``
+    (B, L, h): the bottom N−Ns layers' output for these inputs, when precomputed (the base is
+    frozen, so it never changes during training).
 
     Returns (loss, metrics dict of per-head mean CE, each an mx scalar).
     """
@@ -33,7 +35,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     B, L = x.shape
     g = streams.config.num_streams
     positions = mx.arange(L)
-    h = bottom_forward(model, streams, x, mask="causal", positions=positions)
+    h = bottom if bottom is not None else bottom_forward(model, streams, x, mask="causal", positions=positions)
     if streams.config.mode == "lossless" or not weights.ntp:
         h = mx.stop_gradient(h)
     total, metrics = mx.array(0.0), {}

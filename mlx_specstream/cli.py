@@ -50,7 +50,14 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Apply the shared options that act at once (the seed)."""
+    """Check the shared options (nonsense is an error, not ignored) and apply the seed."""
+    for name, ok, want in (("max_tokens", lambda v: v >= 1, "at least 1"), ("temp", lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0"),
+                           ("top_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("top_k", lambda v: v >= 0, ">= 0"),
+                           ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("num_draft", lambda v: v >= 1, "at least 1"),
+                           ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)")):
+        v = getattr(args, name, None)
+        if v is not None and not ok(v):
+            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {v}")
     if getattr(args, "seed", None) is not None:
         mx.random.seed(args.seed)
 

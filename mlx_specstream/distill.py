@@ -68,18 +68,20 @@ def instructions(files: Sequence[Path], n: int, seed: int = 0) -> List[str]:
 
 
 def answer(lm_model, tokenizer, messages: Sequence[str], *, max_tokens: int, batch_size: int,
-           log=print) -> List[dict]:
+           log=print, on_batch=None) -> List[dict]:
     """Greedy answers in batches by mlx-lm's batched generation (``lm_model``: mlx-lm's model of
     the weights): ``{"prompt_ids", "completion_ids"}`` records (chat template applied, the
-    answer without the EOS)."""
+    answer without the EOS). ``on_batch(records)`` receives each batch as it is done."""
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True)
                if tokenizer.has_chat_template else tokenizer.encode(m) for m in messages]
     records, tic = [], time.perf_counter()
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s : s + batch_size]
         res = batch_generate(lm_model, tokenizer, batch, max_tokens=max_tokens, return_token_ids=True)
-        for p, ids in zip(batch, res.token_ids):
-            records.append({"prompt_ids": list(p), "completion_ids": [int(t) for t in ids]})
+        new = [{"prompt_ids": list(p), "completion_ids": [int(t) for t in ids]} for p, ids in zip(batch, res.token_ids)]
+        records += new
+        if on_batch is not None:
+            on_batch(new)
         n = sum(len(r["completion_ids"]) for r in records)
         log(f"{progress_bar(len(records), len(prompts))} {len(records)}/{len(prompts)} prompts, "
             f"{n} tokens, {n / (time.perf_counter() - tic):.0f} tok/s")
@@ -102,12 +104,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, files, n in (("valid", valid_files, args.n_valid), ("train", train_files, args.n_train)):
-        recs = answer(lm_model, tok, instructions(files, n, args.seed), max_tokens=args.max_tokens,
-                      batch_size=args.batch_size, log=lambda m: print("\r" + m, end="", flush=True))
+        file = out / f"{name}.jsonl"
+        done = sum(1 for line in open(file) if line.strip()) if file.exists() else 0  # resume where it stopped
+        todo = instructions(files, n, args.seed)[done:]
+        print(f"{name}: {done} answered, {len(todo)} to go", flush=True)
+
+        def append(recs, file=file):
+            with open(file, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in recs)
+
+        answer(lm_model, tok, todo, max_tokens=args.max_tokens, batch_size=args.batch_size,
+               log=lambda m: print("\r" + m, end="", flush=True), on_batch=append)
         print()
-        with open(out / f"{name}.jsonl", "w") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
     return 0
 
 

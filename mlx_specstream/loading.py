@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_path, get_model_path, load_config,
                          load_model, model_dtype, quantize_model)
@@ -63,6 +64,17 @@ def default_dtype(path: Path, dtype: Optional[str]) -> Optional[str]:
     if dtype is None and mx.default_device() == mx.cpu and (path.suffix == ".gguf" or "quantization" not in load_config(path)):
         return "float32"
     return dtype
+
+
+def float32_scales(model) -> bool:
+    """Quantized layers' scales and biases in float32 (MLX's CPU quantized matmul is ~30x slower
+    with float16 ones); True when there were any to cast."""
+    found = False
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.scales.dtype != mx.float32:
+            m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
+            found = True
+    return found
 
 
 def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optional[str] = None,
@@ -137,6 +149,8 @@ def load(
         if "quantization" in config:
             raise ValueError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
+    if mx.default_device() == mx.cpu and float32_scales(model):
+        _say_once("[quantized layers run with float32 scales and biases on the CPU (~30x faster there than float16)]")
     tokenizer = load_tokenizer(tok_folder, config)
     if tok_folder != path:
         shutil.rmtree(tok_folder, ignore_errors=True)  # written from the GGUF's metadata
@@ -150,5 +164,7 @@ def load(
         tau = stream_overrides.pop("prune_threshold", None)
         drafter = StreamDrafter(load_streams(file, model, **stream_overrides), prune_threshold=tau)
     else:
+        if {k for k, v in stream_overrides.items() if v is not None}:
+            raise ValueError(f"stream settings {sorted(stream_overrides)} given, but {path} has no stream adapter")
         return model, tokenizer
     return DraftedModel(model, drafter), tokenizer

@@ -27,7 +27,7 @@ class GenerationResponse:
     tokens: List[int] = field(default_factory=list)  # tokens emitted by this response
     accepted: int = 1  # tokens emitted by the decode step that produced this response
     steps: int = 0  # decode forward passes so far (the prompt's pass included)
-    mean_accepted: float = 1.0  # generation_tokens / steps
+    mean_accepted: float = 1.0  # tokens per forward pass: (accepted drafts + correction) / steps, see below
     acceptance_by_depth: List[float] = field(default_factory=list)  # share of steps reaching level g=1..
     tree_size: int = 1  # nodes verified by this step
 
@@ -77,8 +77,10 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
     prompt_tps = gen_tic = None
     n = n_steps = 0
     depths: List[int] = []  # per step: drafts accepted
+    produced = 0  # tokens the forward passes produced (a step's last ones may be cut: EOS, stop, limit)
     for toks, depth, tree_size in steps:
         depths.append(depth)
+        produced += len(toks)
         if gen_tic is None:
             prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
             gen_tic = time.perf_counter()
@@ -116,7 +118,7 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
             finish_reason=finish,
             accepted=len(emitted),
             steps=n_steps,
-            mean_accepted=n / n_steps,
+            mean_accepted=produced / n_steps,
             acceptance_by_depth=levels_reached(depths),
             tree_size=tree_size,
         )

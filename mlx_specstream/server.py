@@ -97,6 +97,8 @@ class ModelServer:
                                param="max_tokens")
         temp = number("temperature", 0.0, 0.0, 2.0)
         top_p = number("top_p", 1.0, 0.0, 1.0)
+        top_k = number("top_k", 0, 0, 1 << 20, kind=int)
+        min_p = number("min_p", 0.0, 0.0, 1.0)
         seed = req.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError(400, "'seed' must be an integer", param="seed")
@@ -117,7 +119,8 @@ class ModelServer:
             raise RequestError(400, f"prompt is {len(prompt)} tokens; the model's context is {limit} tokens",
                                code="context_length_exceeded", param="messages" if chat else "prompt")
         return dict(prompt=prompt, max_tokens=max_tokens, stop=stop, stream=stream, seed=seed,
-                    sampling=SamplingParams(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0),
+                    sampling=SamplingParams(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0,
+                                            top_k=int(top_k), min_p=float(min_p)),
                     include_usage=bool((req.get("stream_options") or {}).get("include_usage")))
 
     def _chat_prompt(self, req) -> List[int]:

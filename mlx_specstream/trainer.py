@@ -295,13 +295,14 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
             loss, grads = value_and_grad(trainable, toks, mask, b, i * cfg.grad_accum + a)
             grads_acc = grads if grads_acc is None else tree_map(lambda a, b: a + b, grads_acc, grads)
             loss_acc = loss_acc + loss
-            tokens_seen += int(toks.size)
+            tokens_seen += int(mask.sum())  # target tokens, not padding
         if cfg.grad_accum > 1:
             grads_acc = tree_map(lambda g: g / cfg.grad_accum, grads_acc)
         opt.update(trainable, grads_acc)
         mx.eval(trainable.parameters(), opt.state, loss_acc)
         rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
-               "lr": float(sched(opt.step)), "tok_s": round(tokens_seen / (time.perf_counter() - tic))}
+               "lr": float(sched(opt.step)), "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
+               "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
         if valid_data is not None and ((i + 1) % cfg.val_every == 0 or i + 1 == cfg.iters):
             rec["valid"] = on_eval()
         if (i + 1) % cfg.save_every == 0 or i + 1 == cfg.iters:
@@ -329,7 +330,7 @@ def evaluate(metrics_of: Callable, data, cfg: TrainConfig, bottom: Optional[np.n
 
 def _progress(rec, total, log):
     extra = f" valid {rec['valid']}" if "valid" in rec else ""
-    log(f"{progress_bar(rec['iter'], total)} {rec['iter']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tok_s']} tok/s{extra}")
+    log(f"{progress_bar(rec['iter'], total)} {rec['iter']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tok_s']} target tok/s peak {rec['peak_gb']} GB{extra}")
 
 
 def _save_state(out: Path, trainable, opt, step: int):

@@ -31,3 +31,17 @@ def test_batched_answers_equal_one_at_a_time_greedy(hf_model):
         ref = [t for t, _ in generate_step(mx.array(r["prompt_ids"]), model, max_tokens=12)]
         eos = next((i for i, t in enumerate(ref) if t in tok.eos_token_ids), len(ref))
         assert r["completion_ids"] == ref[:eos]
+
+
+def test_distill_writes_as_it_goes_and_resumes(hf_model, tmp_path):
+    from mlx_specstream.distill import main
+
+    model = str(hf_model("llama")[0])
+    args = ["--model", model, "--out", str(tmp_path), "--n-valid", "2", "--max-tokens", "4", "--batch-size", "4"]
+    assert main(args + ["--n-train", "6"]) == 0
+    first = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert len(first) == 6 and len((tmp_path / "valid.jsonl").read_text().splitlines()) == 2
+    assert main(args + ["--n-train", "10"]) == 0  # more prompts: only the missing ones are answered
+    again = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert len(again) == 10 and again[:6] == first
+    assert len((tmp_path / "valid.jsonl").read_text().splitlines()) == 2

@@ -114,3 +114,27 @@ def test_cli_reports_bad_model_cleanly(tmp_path, capsys):
 
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--no-speculate", "--tree", "chain"], "--no-speculate turns it off"),
+    (["--no-speculate", "--lookup", "3"], "--no-speculate turns it off"),
+    (["--prune-threshold", "0.1", "--streams", "nonexistent.json"], "not found"),
+    (["-m", "0"], "--max-tokens must be at least 1"),
+    (["--temp", "nan"], "--temp must be a finite number"),
+    (["--temp", "-1"], "--temp must be a finite number"),
+    (["--top-p", "1.5"], "--top-p must be in"),
+    (["--top-k", "-2"], "--top-k must be"),
+    (["--seed", "-1"], "--seed must be in"),
+])
+def test_generate_refuses_nonsense_options(hf_model, capsys, extra, msg):
+    from mlx_specstream.cli import main
+
+    d = hf_model("llama")[0]
+    assert main(["generate", "--model", str(d), "--prompt", "def", "-m", "4"] + extra) == 1
+    assert msg in capsys.readouterr().err
+
+
+def test_stream_settings_without_streams_are_refused(hf_model):
+    with pytest.raises(ValueError, match="has no stream adapter"):
+        load(str(hf_model("llama")[0]), prune_threshold=0.1)

@@ -54,7 +54,7 @@ def test_openai_chat_and_completion_stream_and_not(served):
     assert full.usage.completion_tokens == 40 and full.choices[0].finish_reason == "length"
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
     spec = full.usage.model_extra["speculative"]
-    assert 1 <= spec["steps"] <= 40 and spec["mean_accepted_tokens"] == pytest.approx(40 / spec["steps"], abs=1e-3)
+    assert 1 <= spec["steps"] <= 40 and spec["mean_accepted_tokens"] >= 40 / spec["steps"] - 1e-3
     # the plain fallback (no chat template): contents joined by newlines, ending with one
     assert text == generate(model, tok, "def add(a, b):\n", max_tokens=40)
     streamed = "".join(c.choices[0].delta.content or "" for c in cl.chat.completions.create(

@@ -40,18 +40,19 @@ class Run:
     arrivals: List[Tuple[float, int]]  # (time since start, tokens delivered)
     depths: List[int] = field(default_factory=list)
     tree_size: int = 1
+    produced: Optional[float] = None  # tokens the forward passes produced (a cut last step counts whole)
 
 
 def _ours(model, tok, prompt, max_tokens, **kw) -> Run:
     tic = time.perf_counter()
-    toks, arr, depths, size = [], [], [], 1
-    for r in stream_generate(model, tok, prompt, max_tokens=max_tokens, **kw):
-        arr.append((time.perf_counter() - tic, len(r.tokens)))
-        toks += r.tokens
-        size = max(size, r.tree_size)
+    toks, arr, depths, size, last = [], [], [], 1, None
+    for last in stream_generate(model, tok, prompt, max_tokens=max_tokens, **kw):
+        arr.append((time.perf_counter() - tic, len(last.tokens)))
+        toks += last.tokens
+        size = max(size, last.tree_size)
     # depth of each step's last accepted node: accepted drafts = tokens - 1 (correction)
     depths = [max(n - 1, 0) for _, n in arr[1:]]
-    return Run(toks, arr, depths, size)
+    return Run(toks, arr, depths, size, last.mean_accepted * last.steps if last is not None else 0.0)
 
 
 def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DRAFT) -> Run:
@@ -110,6 +111,7 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     runs = runs_by_trial[0]
     steps = sum(len(r.arrivals) for r in runs)
     total = sum(len(r.tokens) for r in runs)
+    produced = sum(len(r.tokens) if r.produced is None else r.produced for r in runs)
     hist = levels_reached([d for r in runs for d in r.depths])
 
     def spread(xs):
@@ -119,7 +121,7 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
         "decode_tps": spread(decode), "decode_tps_by_trial": decode, "prompt_tps": spread(prefill_tps),
         "ttft_s": spread(ttft),
         "latency_ms": ({f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} if lat else None),
-        "mean_accepted": total / max(steps, 1), "acceptance_by_depth": hist,
+        "mean_accepted": produced / max(steps, 1), "acceptance_by_depth": hist,
         "tree_size": max(r.tree_size for r in runs), "generated_tokens": total,
     }
 

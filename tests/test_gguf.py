@@ -286,3 +286,47 @@ def test_smollm2_gguf_answers_as_transformers_does():
         out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
     assert ours == out[0, len(ids):].tolist()
     assert "def reverse_string" in tok.decode(ours)
+
+
+def test_sentencepiece_style_tokenizer_equals_transformers(sp_model_file, hf_model, tmp_path):
+    """A ``llama`` (sentencepiece-style) vocabulary in the metadata: tokens, scores, types."""
+    import sentencepiece as spm
+    import transformers
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
+    tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(tokens))]
+    hf = make_hf_model("llama", tmp_path / "hf")
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    c = hf.config
+    for add, v in ((w.add_block_count, c.num_hidden_layers), (w.add_embedding_length, c.hidden_size),
+                   (w.add_feed_forward_length, c.intermediate_size), (w.add_head_count, c.num_attention_heads),
+                   (w.add_head_count_kv, c.num_key_value_heads), (w.add_context_length, 512)):
+        add(v)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([sp.get_score(i) for i in range(len(tokens))])
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    for name, t in hf.state_dict().items():
+        if "rotary" in name:
+            continue
+        parts = name.split(".")
+        from gguf_files import LAYER, TOP
+
+        g = (f"blk.{parts[2]}.{LAYER['.'.join(parts[3:-1])]}.{parts[-1]}" if name.startswith("model.layers.")
+             else f"{TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}")
+        w.add_tensor(g, t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _, tok = load(str(path), streams=False)
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text), text
+        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text)), text

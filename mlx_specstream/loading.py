@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_path, get_model_path, load_config,
                          load_model, model_dtype, quantize_model)
+from .device import tuned_on
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
 from .gguf import load_gguf
 from .streams import find_stream_file, load_streams
@@ -163,6 +164,10 @@ def load(
     elif streams is not False and (file := find_stream_file(path, streams)) is not None:
         tau = stream_overrides.pop("prune_threshold", None)
         drafter = StreamDrafter(load_streams(file, model, **stream_overrides), prune_threshold=tau)
+        tuned, here = drafter.streams.config.tuned_on, tuned_on()
+        if tuned and tuned != here:
+            _say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
+                      "run `specstream bench tune --write` here for settings fitted to this machine]")
     else:
         if {k for k, v in stream_overrides.items() if v is not None}:
             raise ValueError(f"stream settings {sorted(stream_overrides)} given, but {path} has no stream adapter")

@@ -20,13 +20,13 @@ from mlx_lm.sample_utils import make_sampler
 from ..checkpoint import DTYPES, cast_floats, default_model_path, load_config, model_dtype
 from ..cli import progress_bar
 from ..convert import mlx_lm_model
+from ..device import fingerprint
 from ..decode import levels_reached
 from ..drafters import DEFAULT_NUM_DRAFT, MedusaDrafter, StreamDrafter, load_medusa
 from ..generate import stream_generate
 from ..loading import load, load_draft_model, resolve_model
 from ..streams import find_stream_file, load_streams
 from ..tree import parse_tree_spec
-from .fingerprint import fingerprint
 from .prompts import load_prompts
 
 METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "latency_ms", "mean_accepted", "acceptance_by_depth",

@@ -24,6 +24,7 @@ class StreamConfig(TreeSetting):
     lora_scale: float = 1.0
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
     lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
+    tuned_on: Optional[dict] = None  # backend, device, BLAS that `bench tune` fitted tree/lookup/τ on
 
     def __post_init__(self):
         if self.num_streams < 1:

@@ -1,9 +1,11 @@
-"""What a result was measured on: backend, device, memory, OS, versions, the BLAS mapped."""
+"""What this machine is: backend, device, memory, OS, versions, the BLAS in use — for bench
+results, and for settings tuned on one machine and used on another."""
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +22,25 @@ def blas_in_use() -> str:
         return "unknown"
     libs = sorted({line.split()[-1] for line in maps.splitlines() if "blas" in line.lower() and "/" in line})
     return ", ".join(libs) or "mlx built-in (reference BLAS)"
+
+
+def blas_kind() -> str:
+    """The BLAS MLX's CPU backend computes float32 matmuls with: an optimised one that is mapped
+    (OpenBLAS, MKL, BLIS — numpy's private ``scipy_openblas`` does not count: its symbols are
+    renamed), Accelerate on macOS, else MLX's bundled reference BLAS."""
+    if sys.platform == "darwin":
+        return "accelerate"
+    for lib in blas_in_use().split(", "):
+        m = re.search(r"openblas|mkl|blis", lib.lower())
+        if m and "scipy_openblas" not in lib:
+            return m.group(0)
+    return "reference"
+
+
+def tuned_on() -> dict:
+    """The part of the fingerprint decode settings depend on."""
+    fp = fingerprint()
+    return {"backend": fp["backend"], "device": fp["device"], "blas": blas_kind() if fp["backend"] == "cpu" else None}
 
 
 def fingerprint() -> dict:

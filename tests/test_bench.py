@@ -40,7 +40,9 @@ def test_every_method_and_metric_present(bench_result):
         for f in METHOD_FIELDS:
             assert f in m, (name, f)
         assert m["decode_tps"]["min"] <= m["decode_tps"]["median"] <= m["decode_tps"]["max"]
-        assert set(m["latency_ms"]) == {"p50", "p90", "p99"}
+        assert set(m["step_latency_ms"]) == set(m["inter_token_latency_ms"]) == {"p50", "p90", "p99"}
+        # a step's tokens reach the caller together: the inter-token median is 0 once steps carry >1 token
+        assert m["step_latency_ms"]["p50"] >= m["inter_token_latency_ms"]["p50"]
     fp = res["fingerprint"]
     for k in ("backend", "device", "memory_gb", "os", "python", "mlx", "mlx_lm", "blas"):
         assert k in fp

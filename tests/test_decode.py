@@ -313,3 +313,21 @@ def test_logits_processors_are_refused_by_every_tree_decoder(hf_model):
             list(stream_generate(m, tok, "x", max_tokens=4, logits_processors=proc, **kw))
     # autoregressive decoding applies them
     assert list(stream_generate(model, tok, "x", max_tokens=4, logits_processors=proc, speculative=False))
+
+
+@pytest.mark.parametrize("dtype,bits", [("float16", None), ("bfloat16", None), ("float32", 4), ("float32", 8),
+                                        ("float16", 4)])
+def test_greedy_speculative_equals_plain_greedy_in_half_precision_and_quantized(hf_model, dtype, bits):
+    """Tree rows and single rows go through different kernels; on the CPU the greedy tokens must
+    still be the model's own (float16/bfloat16 weights, 4- and 8-bit quantized)."""
+    model, _ = load(str(hf_model("qwen2")[0]), dtype=dtype, quantize=bits, q_group_size=32, streams=False)
+    cfg = StreamConfig(num_streams=3, num_msa_layers=2, tree=[list(p) for p in cartesian(3, 2)])
+    streams = randomize(SpeculativeStreams(cfg, model), seed=3)
+    streams.update(tree_map(lambda p: p.astype(getattr(mx, dtype)), streams.parameters()))
+    for plen in (5, 21):
+        prompt = _prompt(plen, seed=plen)
+        got, steps = spec_tokens(model, streams, prompt, 100)
+        assert got == ar_tokens(model, prompt, 100)
+        assert steps < 100
+    got = [t for r in tree_generate_step(_prompt(9), model, None, max_tokens=60, lookup=4) for t in r.tokens][:60]
+    assert got == ar_tokens(model, _prompt(9), 60)

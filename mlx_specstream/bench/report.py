@@ -11,14 +11,14 @@ def table(result: dict) -> str:
     fp = result["fingerprint"]
     lines = [f"{fp['backend']} | {fp['device']} | mlx {fp['mlx']} | mlx-lm {fp['mlx_lm']}"
              + (f" | BLAS {fp['blas']}" if fp.get("blas") else "")]
-    hdr = f"{'method':<22}{'decode tok/s':>18}{'TTFT ms':>9}{'p50 ms':>8}{'p99 ms':>8}{'acc/step':>9}{'vs AR':>7}{'vs mlx-lm':>10}{'equal':>7}{'extra params':>13}"
+    hdr = f"{'method':<22}{'decode tok/s':>18}{'TTFT ms':>9}{'step p50':>9}{'ITL p99':>8}{'acc/step':>9}{'vs AR':>7}{'vs mlx-lm':>10}{'equal':>7}{'extra params':>13}"
     lines += [hdr, "-" * len(hdr)]
     for name, m in result["methods"].items():
         d = m["decode_tps"]
-        lat = m["latency_ms"] or {}
+        step, itl = m["step_latency_ms"] or {}, m["inter_token_latency_ms"] or {}
         lines.append(
             f"{name:<22}{d['median']:>8.1f} ({d['min']:.0f}-{d['max']:.0f}){m['ttft_s']['median'] * 1e3:>9.1f}"
-            f"{lat.get('p50', 0):>8.2f}{lat.get('p99', 0):>8.2f}{m['mean_accepted']:>9.2f}"
+            f"{step.get('p50', 0):>9.2f}{itl.get('p99', 0):>8.2f}{m['mean_accepted']:>9.2f}"
             f"{m['speedup'].get('ours_ar', 0):>7.2f}{m['speedup'].get('mlx_lm_ar', 0):>10.2f}"
             f"{str(m.get('equal_to_ar', '-')):>7}{m['extra_params']:>13}")
         if m["acceptance_by_depth"]:
@@ -30,13 +30,14 @@ def write_csv(result: dict, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s", "prompt_tps",
-                    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_accepted", "speedup_vs_ours_ar",
+                    "step_p50_ms", "step_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "mean_accepted",
+                    "speedup_vs_ours_ar",
                     "speedup_vs_mlx_lm_ar", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate"])
         for name, m in result["methods"].items():
-            lat = m["latency_ms"] or {}
+            step, itl = m["step_latency_ms"] or {}, m["inter_token_latency_ms"] or {}
             w.writerow([name, m["decode_tps"]["median"], m["decode_tps"]["min"], m["decode_tps"]["max"],
-                        m["ttft_s"]["median"], m["prompt_tps"]["median"], lat.get("p50"), lat.get("p90"),
-                        lat.get("p99"), m["mean_accepted"], m["speedup"].get("ours_ar"),
+                        m["ttft_s"]["median"], m["prompt_tps"]["median"], step.get("p50"), step.get("p99"),
+                        itl.get("p50"), itl.get("p90"), itl.get("p99"), m["mean_accepted"], m["speedup"].get("ours_ar"),
                         m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m["extra_params"],
                         m.get("equal_to_ar"), m.get("divergence_rate")])
 
@@ -66,9 +67,10 @@ def plots(result: dict, out: Path) -> List[Path]:
     ax.tick_params(axis="x", labelrotation=20)
     save(fig, "speedup.png")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, [(ms[n]["latency_ms"] or {}).get("p50", 0) for n in names], label="p50")
-    ax.scatter(names, [(ms[n]["latency_ms"] or {}).get("p99", 0) for n in names], color="tab:red", label="p99", zorder=3)
-    ax.set_ylabel("per-token latency (ms)")
+    ax.bar(names, [(ms[n]["step_latency_ms"] or {}).get("p50", 0) for n in names], label="step p50")
+    ax.scatter(names, [(ms[n]["inter_token_latency_ms"] or {}).get("p99", 0) for n in names], color="tab:red",
+               label="inter-token p99", zorder=3)
+    ax.set_ylabel("latency (ms)")
     ax.legend()
     ax.tick_params(axis="x", labelrotation=20)
     save(fig, "latency.png")

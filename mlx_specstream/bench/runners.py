@@ -29,7 +29,7 @@ from ..streams import find_stream_file, load_streams
 from ..tree import parse_tree_spec
 from .prompts import load_prompts
 
-METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "latency_ms", "mean_accepted", "acceptance_by_depth",
+METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "step_latency_ms", "inter_token_latency_ms", "mean_accepted", "acceptance_by_depth",
                  "speedup", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
                  "generated_tokens")
 
@@ -92,7 +92,7 @@ def divergence(outputs: List[List[int]], reference: List[List[int]]) -> dict:
 
 def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dict:
     """Aggregate trials x prompts into the method's metrics (medians over trials)."""
-    decode, prefill_tps, ttft, lat = [], [], [], []
+    decode, prefill_tps, ttft, step_ms, itl_ms = [], [], [], [], []
     for runs in runs_by_trial:
         d_tok = d_time = 0.0
         for run, npt in zip(runs, n_prompt_tokens):
@@ -103,7 +103,9 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
             prefill_tps.append(npt / max(t0, 1e-9))
             prev = t0
             for t, n in run.arrivals[1:]:
-                lat.extend([(t - prev) / n * 1e3] * n)
+                step_ms.append((t - prev) * 1e3)  # one decode step, as the caller sees it
+                # inter-token latency: a step's tokens reach the caller together, after the step
+                itl_ms.extend([(t - prev) * 1e3] + [0.0] * (n - 1))
                 prev = t
             d_tok += sum(n for _, n in run.arrivals[1:])
             d_time += run.arrivals[-1][0] - t0
@@ -114,13 +116,16 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     produced = sum(len(r.tokens) if r.produced is None else r.produced for r in runs)
     hist = levels_reached([d for r in runs for d in r.depths])
 
+    def pct(xs):
+        return {f"p{q}": float(np.percentile(xs, q)) for q in (50, 90, 99)} if xs else None
+
     def spread(xs):
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
 
     return {
         "decode_tps": spread(decode), "decode_tps_by_trial": decode, "prompt_tps": spread(prefill_tps),
         "ttft_s": spread(ttft),
-        "latency_ms": ({f"p{q}": float(np.percentile(lat, q)) for q in (50, 90, 99)} if lat else None),
+        "step_latency_ms": pct(step_ms), "inter_token_latency_ms": pct(itl_ms),
         "mean_accepted": produced / max(steps, 1), "acceptance_by_depth": hist,
         "tree_size": max(r.tree_size for r in runs), "generated_tokens": total,
     }

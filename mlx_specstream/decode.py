@@ -12,7 +12,7 @@ import numpy as np
 
 from .acceptance import GreedyAcceptance
 from .cache import DEFAULT_PREFILL_STEP, KVCache, prefill, prepared_cache
-from .drafters import ContextDrafts, Drafter, DraftState, Verifier, top_candidates
+from .drafters import ContextDrafts, Drafter, DraftState, Verified, Verifier, top_candidates
 from .plan import TreePlan
 
 DEFAULT_MAX_TOKENS = 256
@@ -104,25 +104,37 @@ def tree_generate_step(
     cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + plan.size + 1)
     prefill(lambda t, c: drafter.prefill(model, t, c), prompt[:-1], cache, prefill_step_size)
     state = DraftState(prompt[-1].astype(mx.int32), plan.empty_candidates())
-    step_plan = plan.root_only
+    pending = launch_step(model, drafter, plan.root_only, state, cache, accept)
     n = 0
-    while n < max_tokens:
-        if max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context:
-            step_plan = plan.root_only  # near the end of the context: no room for drafts
-        result, cand = tree_step(model, drafter, step_plan, state, cache, accept)
+    while True:
+        result, cand = finish_step(pending, drafter, cache)
         if ctx is not None:
             ctx.extend(result.tokens)
             cand = plan.with_context(cand, ctx.propose())
         state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
         n += len(result.tokens)
+        if n < max_tokens:
+            # Queue the next step before handing this one over: the device runs it while the
+            # caller detokenizes, matches stops, writes (as mlx-lm's generate_step does).
+            near_end = max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context
+            pending = launch_step(model, drafter, plan.root_only if near_end else plan, state, cache, accept)
         yield result
-        step_plan = plan
+        if n >= max_tokens:
+            return
 
 
-def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
-              accept: Callable) -> Tuple[StepResult, mx.array]:
-    """One forward pass: verify ``plan``'s tree, accept, commit the accepted path's K/V; returns
-    the step and the drafter's candidates for the next tree."""
+@dataclass
+class _Pending:
+    verified: Verified
+    best: mx.array
+    correction: mx.array
+    cand: mx.array
+    prefix: int
+
+
+def launch_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
+                accept: Callable) -> _Pending:
+    """Build one forward pass (verify ``plan``'s tree, accept, draft) and start it on the device."""
     prefix = cache[0].offset
     v = drafter.forward(model, plan, state, cache)
     best, correction = accept(v.plan, v.tokens, v.logits)
@@ -130,17 +142,31 @@ def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftSt
         cand = top_candidates(v.draft(best), plan.width)
     else:
         cand = mx.zeros((0, plan.width), mx.int32)
-    mx.eval(best, correction, v.tokens, cand)  # the one host sync of the step
-    path = v.plan.tree.path_to(best.item())
+    correction = correction.astype(mx.int32)
+    mx.async_eval(best, correction, v.tokens, cand)
+    return _Pending(v, best, correction, cand, prefix)
+
+
+def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]) -> Tuple[StepResult, mx.array]:
+    """Wait for a launched step, commit the accepted path's K/V; returns the step and the
+    drafter's candidates for the next tree."""
+    v = p.verified
+    path = v.plan.tree.path_to(p.best.item())  # the one host sync of the step
     toks = np.array(v.tokens)
     accepted = [int(toks[i]) for i in path[1:]]
     keep = np.array(path, np.int32)
     keep_bottom = keep if v.bottom_rows is None else v.bottom_rows[path].astype(np.int32)
     for i, kv in enumerate(cache):
-        kv.compact(prefix, keep_bottom if i < v.n_bottom else keep)
-    result = StepResult(accepted + [int(correction.item())], len(path) - 1, v.plan.size)
+        kv.compact(p.prefix, keep_bottom if i < v.n_bottom else keep)
+    result = StepResult(accepted + [int(p.correction.item())], len(path) - 1, v.plan.size)
     late = drafter.after_commit(accepted, result.tokens[-1])
-    return result, late if late is not None else cand
+    return result, late if late is not None else p.cand
+
+
+def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
+              accept: Callable) -> Tuple[StepResult, mx.array]:
+    """One forward pass, launched and finished (for measurements)."""
+    return finish_step(launch_step(model, drafter, plan, state, cache, accept), drafter, cache)
 
 
 def levels_reached(depths: Sequence[int]) -> List[float]:

@@ -137,17 +137,24 @@ def batches(data, batch_size: int, rng: random.Random, bottom: Optional[np.ndarr
 def bottom_states(model, streams: SpeculativeStreams, data, batch_size: int = 8, log=print) -> np.ndarray:
     """The bottom N−Ns layers' output for every training input (float32, host memory). The base is
     frozen in every mode, so these rows never change: computing them once makes an iteration
-    cost only the Ns stream layers and the head (on a 30-layer model with Ns=1, most of the work)."""
-    toks, _ = data
+    cost only the Ns stream layers and the heads. Rows are batched by length and run only up to
+    their last target (later positions are padding no loss term reads; they stay zero)."""
+    toks, mask = data
     N, L = toks.shape[0], toks.shape[1] - 1
-    out = np.empty((N, L, model.args.hidden_size), np.float32)
-    tic = time.perf_counter()
+    ends = np.array([(np.flatnonzero(m).max() if m.any() else 1) for m in mask]) if mask is not None else np.full(N, L)
+    order = np.argsort(ends, kind="stable")
+    out = np.zeros((N, L, model.args.hidden_size), np.float32)
+    tic, done = time.perf_counter(), 0
     for s in range(0, N, batch_size):
-        h = bottom_forward(model, streams, mx.array(toks[s : s + batch_size, :-1]), mask="causal", positions=mx.arange(L))
-        out[s : s + batch_size] = np.array(h.astype(mx.float32))
+        idx = order[s : s + batch_size]
+        Lb = int(min(max(ends[idx].max(), 1), L))
+        h = bottom_forward(model, streams, mx.array(toks[idx, :Lb]), mask="causal" if Lb > 1 else None,
+                           positions=mx.arange(Lb))
+        out[idx, :Lb] = np.array(h.astype(mx.float32))
+        done += len(idx) * Lb
         if log and (s // batch_size) % 20 == 0:
-            log(f"{progress_bar(s + batch_size, N)} bottom states {min(s + batch_size, N)}/{N} "
-                f"({(s + batch_size) * L / (time.perf_counter() - tic):.0f} tok/s)")
+            log(f"{progress_bar(s + len(idx), N)} bottom states {s + len(idx)}/{N} "
+                f"({done / (time.perf_counter() - tic):.0f} tok/s)")
     return out
 
 
@@ -240,7 +247,8 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         train_bottom = bottom_states(model, streams, train_data, cfg.batch_size, log)
         if valid_data is not None:
             n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
-            valid_bottom = bottom_states(model, streams, (valid_data[0][:n_val], None), cfg.batch_size, None)
+            valid_bottom = bottom_states(model, streams, (valid_data[0][:n_val], valid_data[1][:n_val]),
+                                         cfg.batch_size, None)
 
     def on_eval():
         return evaluate(lambda t, m, b: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams,

@@ -39,18 +39,20 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     if streams.config.mode == "lossless" or not weights.ntp:
         h = mx.stop_gradient(h)
     total, metrics = mx.array(0.0), {}
-    # Pruning adapter: next-token prediction from the insertion layer.
-    if weights.pruning:
-        ce = nn.losses.cross_entropy(early_exit_logits(model, streams, mx.stop_gradient(h)), y) * m
-        pl = ce.sum() / mx.maximum(m.sum(), 1)
-        total = total + weights.pruning * pl
-        metrics["pruning"] = pl
-    if not train_streams:
-        return total, metrics
     # Streams only on rows whose next token is a target (union over the batch), in segments.
     owners_np = np.flatnonzero(np.array(m).sum(0) > 0)
     if max_positions and len(owners_np) > max_positions:
         owners_np = np.sort(np.random.default_rng(sample_seed).choice(owners_np, max_positions, replace=False))
+    # Pruning adapter: next-token prediction from the insertion layer, on the same sampled
+    # positions (its vocabulary head over every row would cost more than the streams).
+    if weights.pruning:
+        at = mx.array(owners_np.astype(np.int32)) if max_positions else mx.arange(L)
+        ce = nn.losses.cross_entropy(early_exit_logits(model, streams, mx.stop_gradient(h[:, at])), y[:, at]) * m[:, at]
+        pl = ce.sum() / mx.maximum(m[:, at].sum(), 1)
+        total = total + weights.pruning * pl
+        metrics["pruning"] = pl
+    if not train_streams:
+        return total, metrics
     anc = mx.tril(mx.ones((L, L), dtype=mx.bool_))
     sums = [mx.array(0.0) for _ in range(g)]
     counts = [mx.array(0.0) for _ in range(g)]

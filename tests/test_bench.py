@@ -135,3 +135,27 @@ def test_bench_shared_adapter_against_its_fused_model(bench_result, tmp_path):
     for name, r in res["methods"].items():
         assert r["equal_to_ar"], name
     assert res["config"]["stream_config"]["mode"] == "shared"
+
+
+def test_chat_and_code_prompt_sets_use_the_chat_template():
+    from mlx_specstream.bench.prompts import load_prompts
+    from mlx_specstream.stdlib_data import split_files, stdlib_root
+
+    class Tok:
+        has_chat_template = True
+
+        def apply_chat_template(self, msgs, add_generation_prompt):
+            assert add_generation_prompt and msgs[0]["role"] == "user"
+            return [7] + [ord(c) % 100 for c in msgs[0]["content"][:5]]
+
+        def encode(self, t):
+            raise AssertionError("chat sets go through the template")
+
+    for spec in ("chat", "code"):
+        ids = load_prompts(spec, 8, Tok(), 100)
+        assert len(ids) == 8 and all(p[0] == 7 for p in ids)
+    from mlx_specstream.bench.prompts import builtin_prompts
+
+    held = {p.relative_to(stdlib_root()).parts[0].removesuffix(".py") for p in split_files()[1]}
+    named = [t.split("`")[1].split(".")[0] for t in builtin_prompts("chat", 40) if t.startswith("Explain")]
+    assert named and set(named) <= held  # questions about held-out modules only

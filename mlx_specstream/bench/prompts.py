@@ -1,5 +1,7 @@
 """Prompt sets: ``heldout`` (stdlib modules the default model never saw), ``sitepackages`` (real
-code from installed third-party packages), ``random:LEN`` and ``.jsonl`` files."""
+code from installed third-party packages), ``chat`` and ``code`` (user messages, in the
+tokenizer's chat template: questions about held-out stdlib functions; code from installed
+third-party packages to continue), ``random:LEN`` and ``.jsonl`` files."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from typing import List
 import mlx_lm
 import numpy as np
 
-from ..stdlib_data import eval_prompts
+from ..distill import instructions
+from ..stdlib_data import eval_prompts, split_files
+
+CHAT_SETS = ("chat", "code")
 
 
 def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
@@ -31,7 +36,12 @@ def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
                     cands.append("".join(lines[max(0, i - 2) : i + 10]))
         rng.shuffle(cands)
         return [c[-max_chars:] for c in cands[:n]]
-    raise ValueError(f"unknown prompt set {name!r} (heldout, sitepackages, random:LEN, or a .jsonl file)")
+    if name == "chat":  # stdlib modules held out of every training set; not the validation prompts (seed 0)
+        return instructions(split_files()[1], n, seed=7)
+    if name == "code":
+        return ["Continue this Python code:\n\n```python\n" + c.strip("\n") + "\n```"
+                for c in builtin_prompts("sitepackages", n, max_chars=400)]
+    raise ValueError(f"unknown prompt set {name!r} (heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)")
 
 
 def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
@@ -50,4 +60,7 @@ def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
         texts = out[:n]
     else:
         texts = builtin_prompts(spec, n)
+    if spec in CHAT_SETS and getattr(tokenizer, "has_chat_template", False):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+                for t in texts]
     return [tokenizer.encode(t) for t in texts]

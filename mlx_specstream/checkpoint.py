@@ -78,6 +78,9 @@ def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
                 raise CheckpointError(f"{index} is malformed: {e}") from e
+            unsafe = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
+            if unsafe:
+                raise CheckpointError(f"{index} names shards outside its folder: {unsafe[:3]}")
             missing = [n for n in names if not (path / n).exists()]
             if missing:
                 raise CheckpointError(f"{index} lists shards that are missing: {missing}")
@@ -249,9 +252,17 @@ def save_model(path: Union[str, Path], model: nn.Module, config: dict) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside ``folder``."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
+            if not inside(src / name, src):
+                raise CheckpointError(f"{src / name} links outside {src}: refused")
             shutil.copy2(src / name, dst / name)
 
 

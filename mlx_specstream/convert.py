@@ -128,11 +128,25 @@ def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
     save_adapter(dst, stem, weights, config.to_dict())
 
 
+PARTIAL = ".specstream-partial-"  # temporary folders of conversions in progress (or killed)
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """A destination that is, contains or lies inside the source would destroy it (``--force``)."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise CheckpointError(f"--mlx-path {dst} is, contains or lies inside the source {src}: refused "
+                              "(replacing it would delete the source)")
+
+
 def write_atomically(dst: Path, write) -> None:
     """``write(folder)`` into a temporary folder beside ``dst``, then renamed into place: a
-    destination is never left half-written."""
+    destination is never left half-written. Temporary folders a killed conversion left beside
+    it (``.specstream-partial-<name>-*``) are removed first."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    for stale in dst.parent.glob(f"{PARTIAL}{dst.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{dst.name}-", dir=dst.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -140,7 +154,7 @@ def write_atomically(dst: Path, write) -> None:
         print(f"writing {dst} ...", file=sys.stderr)
         write(tmp)
         if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+            old = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{dst.name}-old-", dir=dst.parent))
             dst.replace(old / "x")
             tmp.replace(dst)
             shutil.rmtree(old)
@@ -159,6 +173,7 @@ def convert_gguf(src, dst, *, dtype: Optional[str] = None, quantize=False, q_bit
     src, dst = resolve_model(src), Path(dst)  # a file, or a known name (smollm2)
     if src.suffix != ".gguf":
         raise CheckpointError(f"--gguf {src} is not a .gguf file")
+    check_destination(src, dst)
     if dst.exists() and not force:
         raise CheckpointError(f"{dst} exists (use --force to replace it)")
     tic = time.perf_counter()
@@ -202,6 +217,8 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"--torch-path {src} is not a folder")
+    if not streams_only:
+        check_destination(src, dst)
     stream_jsons = sorted(src.glob("speculative_streams*.json"))
     if streams_only:
         if not (dst / "config.json").exists():

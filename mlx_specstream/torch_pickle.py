@@ -47,16 +47,36 @@ class BF16:
         return self.bits.shape
 
 
+MAX_ELEMENTS = 1 << 40
+
+
+def _ints(x, what: str):
+    if not isinstance(x, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+        raise UnsafeCheckpointError(f"tensor {what} {x!r} is not a tuple of integers")
+    return tuple(x)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_, **__):
+    """A tensor viewing ``storage``: size, stride and offset are checked to stay inside the
+    storage before any view is made (a crafted file must not read memory it does not own)."""
+    if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], np.ndarray)):
+        raise UnsafeCheckpointError("tensor storage is not a storage")
     data, is_bf16 = storage
-    itemsize = data.itemsize
-    n = int(np.prod(size)) if len(size) else 1
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if len(size) != len(stride) or any(v < 0 for v in size + stride) or not isinstance(offset, int) or offset < 0:
+        raise UnsafeCheckpointError(f"tensor size {size} / stride {stride} / offset {offset!r} are not a valid view")
+    n = int(np.prod(size, dtype=object)) if size else 1
+    if n > MAX_ELEMENTS:
+        raise UnsafeCheckpointError(f"tensor size {size} is beyond any model")
     if n == 0:
         arr = np.zeros(size, data.dtype)
     else:
+        last = offset + sum((d - 1) * st for d, st in zip(size, stride))
+        if last >= data.size:
+            raise UnsafeCheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads element "
+                                        f"{last} of a storage of {data.size}: outside its storage")
         arr = np.lib.stride_tricks.as_strided(
-            data[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
-        ).copy()
+            data[offset:], shape=size, strides=tuple(st * data.itemsize for st in stride)).copy()
     return BF16(arr) if is_bf16 else arr
 
 
@@ -92,13 +112,26 @@ class _SafeUnpickler(pickle.Unpickler):
         st, key = pid[1], str(pid[2])
         if not key.isalnum():
             raise UnsafeCheckpointError(f"{self.where}: bad storage key {key!r}")
+        name = f"{self.prefix}data/{key}"
         try:
-            raw = self.zf.read(f"{self.prefix}data/{key}")
+            info = self.zf.getinfo(name)
         except KeyError:
             raise UnsafeCheckpointError(f"{self.where}: storage {key} is missing (truncated file?)") from None
-        if st.dtype == "bfloat16":
-            return np.frombuffer(raw, np.uint16), True
-        return np.frombuffer(raw, st.dtype), False
+        check_member(info, self.where)
+        raw = self.zf.read(name)
+        dtype = np.dtype(np.uint16 if st.dtype == "bfloat16" else st.dtype)
+        if len(raw) % dtype.itemsize:
+            raise UnsafeCheckpointError(f"{self.where}: storage {key} ({len(raw)} bytes) is not a whole number of "
+                                        f"{st.name} elements")
+        return np.frombuffer(raw, dtype), st.dtype == "bfloat16"
+
+
+def check_member(info: zipfile.ZipInfo, where: str) -> None:
+    """Refuse a zip member that inflates far beyond its stored size (torch stores, never
+    compresses): its declared size is checked before anything is read."""
+    if info.file_size > max(16 * info.compress_size, 1 << 20):
+        raise UnsafeCheckpointError(f"{where}: {info.filename} inflates {info.compress_size} bytes to "
+                                    f"{info.file_size}: not a torch checkpoint")
 
 
 def load_torch_file(path: Path) -> Dict[str, object]:
@@ -113,9 +146,12 @@ def load_torch_file(path: Path) -> Dict[str, object]:
             if len(pkls) != 1:
                 raise UnsafeCheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkls)}")
             prefix = pkls[0][: -len("data.pkl")]
+            check_member(zf.getinfo(pkls[0]), str(path))
             with zf.open(pkls[0]) as f:
                 obj = _SafeUnpickler(f, zf, prefix, str(path)).load()
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, TypeError, ValueError) as e:
+        if isinstance(e, UnsafeCheckpointError):
+            raise UnsafeCheckpointError(e if str(path) in str(e) else f"{path}: {e}") from None
         raise UnsafeCheckpointError(f"{path}: corrupt checkpoint ({e})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

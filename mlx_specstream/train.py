@@ -12,6 +12,7 @@ from mlx.utils import tree_map
 
 from .loading import load_base
 from .streams import StreamConfig, find_stream_file, load_streams
+from .streams.files import stream_stem
 from .tokenizer import load_tokenizer
 from .trainer import TRAIN_MODES, TrainConfig, load_data, train
 
@@ -26,7 +27,11 @@ def setup_arg_parser(parser=None):
     p.add_argument("--model", default=None, help="base model folder (default: embedded model)")
     p.add_argument("--data", required=True, help="folder with train.jsonl/valid.jsonl, or a train .jsonl")
     p.add_argument("--valid", default=None, help="validation .jsonl (when --data is a file)")
-    p.add_argument("--out", default=None, help="where the stream file goes (default: the model folder)")
+    p.add_argument("--out", default=None,
+                   help="where the stream file goes (default: the model folder; never the package's own assets)")
+    p.add_argument("--name", default=None,
+                   help="adapter name: writes speculative_streams-NAME.* (default: the --streams name, else none)")
+    p.add_argument("--force", action="store_true", help="replace an existing adapter of that name")
     p.add_argument("--mode", choices=TRAIN_MODES, default=d.mode)
     p.add_argument("--num-streams", type=int, default=s.num_streams)
     p.add_argument("--msa-layers", type=int, default=s.num_msa_layers)
@@ -61,6 +66,14 @@ def main(argv=None) -> int:
     cfg = TrainConfig(mode=args.mode, streams=stream_cfg, alpha0=args.alpha0, medusa=args.medusa,
                       cache_bottom=not args.no_cache_bottom,
                       **{k: getattr(args, k) for k in OPT_INT + OPT_FLOAT})
+    out = Path(args.out) if args.out else path
+    if Path(__file__).parent.resolve() in [out.resolve(), *out.resolve().parents]:
+        raise ValueError(f"{out} is inside the installed package: its shipped adapters are never overwritten; pass --out")
+    name = args.name if args.name is not None else (
+        args.streams if args.streams and not Path(args.streams).suffix and "/" not in args.streams else None)
+    target = out / f"{stream_stem(name)}.json"
+    if target.exists() and not (args.force or args.resume):
+        raise ValueError(f"{target} exists: pass --force to replace it, --name to write another, or --resume")
     train_data, valid_data = load_data(args, tokenizer)
     streams = None
     if args.mode == "pruning" or args.streams:
@@ -69,6 +82,5 @@ def main(argv=None) -> int:
             raise ValueError("--mode pruning needs an existing stream file (--streams)")
         streams = load_streams(file, model)
         streams.update(tree_map(lambda p: p.astype(mx.float32), streams.parameters()))
-    train(model, tokenizer, train_data, valid_data, cfg, Path(args.out) if args.out else path,
-          streams=streams, resume=args.resume)
+    train(model, tokenizer, train_data, valid_data, cfg, out, streams=streams, resume=args.resume, name=name)
     return 0

@@ -204,8 +204,9 @@ class _Trainable(nn.Module):
 
 def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
           streams: Optional[SpeculativeStreams] = None, resume: bool = False, log=print,
-          stop_at: Optional[int] = None):
-    """Train and write the stream file (and a resumable trainer state) to ``out``.
+          stop_at: Optional[int] = None, name: Optional[str] = None):
+    """Train and write the stream file ``speculative_streams[-name]`` (and a resumable trainer
+    state) to ``out``.
 
     ``stop_at`` ends the run early at that iteration, as an interruption would (for tests).
     """
@@ -240,7 +241,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         return loss
 
     def on_save():
-        save_streams(out, streams)
+        save_streams(out, streams, name)
 
     train_bottom = valid_bottom = None
     if cfg.cache_bottom:

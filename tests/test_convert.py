@@ -237,3 +237,104 @@ def test_broken_inputs_are_named(tmp_path):
     assert not (tmp_path / "exists" / "keep.txt").exists() and (tmp_path / "exists" / "config.json").exists()
     for d in ("d1", "d2", "d3"):
         assert not (tmp_path / d).exists()
+
+
+def _crafted_bin(path, size, stride, offset=0, n_floats=4, storage_bytes=None):
+    """A torch zip checkpoint whose one tensor claims ``size``/``stride``/``offset`` over a storage
+    of ``n_floats`` floats — written by hand, as an attacker would."""
+    import collections
+    import io
+    import pickle
+    import zipfile
+
+    storage = object()
+
+    class View:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (storage, offset, size, stride, False, collections.OrderedDict()))
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", n_floats) if obj is storage else None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump({"w": View()})
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/data/0", storage_bytes if storage_bytes is not None else b"\0" * (4 * n_floats))
+    return path
+
+
+@pytest.mark.parametrize("size,stride,offset,storage_bytes,msg", [
+    ((1000,), (1,), 0, None, "outside its storage"),          # reads past the end: heap bytes before the fix
+    ((2, 2), (1, 10**12), 0, None, "outside its storage"),    # huge stride: a segfault before the fix
+    ((4,), (-1,), 3, None, "not a valid view"),                # negative stride
+    ((4,), (1,), -2, None, "not a valid view"),                # negative offset
+    ((2,), (1,), 3, None, "outside its storage"),              # offset + size past the end
+    ((4,), (1,), 0, b"\0" * 15, "whole number"),               # storage not a multiple of the element size
+])
+def test_unpickler_refuses_views_outside_their_storage(tmp_path, size, stride, offset, storage_bytes, msg):
+    from mlx_specstream.torch_pickle import load_torch_file
+
+    f = _crafted_bin(tmp_path / "w.bin", size, stride, offset, storage_bytes=storage_bytes)
+    with pytest.raises(UnsafeCheckpointError, match=msg):
+        load_torch_file(f)
+    ok = _crafted_bin(tmp_path / "ok.bin", (2, 2), (2, 1))  # the same construction, in bounds, loads
+    assert load_torch_file(ok)["w"].shape == (2, 2)
+
+
+def test_unpickler_refuses_zip_bombs(tmp_path):
+    import zipfile
+
+    from mlx_specstream.torch_pickle import load_torch_file
+
+    f = _crafted_bin(tmp_path / "w.bin", (4,), (1,))
+    bomb = tmp_path / "bomb.bin"
+    with zipfile.ZipFile(f) as src, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        dst.writestr("archive/data.pkl", src.read("archive/data.pkl"))
+        dst.writestr("archive/data/0", b"\0" * (8 << 20))  # 8 MB of zeros in a few KB
+    with pytest.raises(UnsafeCheckpointError, match="inflates"):
+        load_torch_file(bomb)
+
+
+def test_convert_never_deletes_the_source_and_leaves_no_hidden_partials(tmp_path):
+    import json as _json
+    import os
+    import shutil
+
+    src = tmp_path / "src"
+    make_hf_model("llama", src)
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, tmp_path, src / "inside"):  # is, contains, lies inside the source
+        with pytest.raises(CheckpointError, match="delete the source"):
+            convert(src, dst, force=True)
+        assert sorted(p.name for p in src.iterdir()) == before
+    # a killed conversion's temporary folder is named, and removed by the next run
+    stale = tmp_path / ".specstream-partial-out-killed"
+    stale.mkdir()
+    (stale / "model-00001.safetensors").write_bytes(b"\0" * 1000)
+    out = convert(src, tmp_path / "out")
+    assert not stale.exists()
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~_umask())
+    # links outside the source and absolute shard paths are refused, nothing written
+    evil = tmp_path / "evil"
+    shutil.copytree(src, evil)
+    (evil / "tokenizer_config.json").unlink(missing_ok=True)
+    os.symlink("/etc/passwd", evil / "tokenizer_config.json")
+    with pytest.raises(CheckpointError, match="links outside"):
+        convert(evil, tmp_path / "evil-out")
+    assert not (tmp_path / "evil-out").exists()
+    (evil / "tokenizer_config.json").unlink()
+    shard = next(evil.glob("*.safetensors"))
+    (evil / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"x": "/etc/passwd", "y": shard.name}}))
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        convert(evil, tmp_path / "evil-out")
+    assert not (tmp_path / "evil-out").exists()
+
+
+def _umask():
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -101,3 +101,33 @@ def test_cached_bottom_states_train_exactly_like_recomputing_them(tiny, mode):
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
     assert [h["loss"] for h in ha] == pytest.approx([h["loss"] for h in hb], rel=1e-5)
     assert ha[-1]["valid"] == pytest.approx(hb[-1]["valid"], rel=1e-4)
+
+
+def test_train_verb_never_overwrites(hf_model, tmp_path, capsys):
+    """Output goes where the user said under the name they said; the package's own assets are
+    never written; an existing adapter is only replaced with --force."""
+    import shutil
+
+    from mlx_specstream.checkpoint import default_model_path
+    from mlx_specstream.cli import main
+
+    model = tmp_path / "m"
+    shutil.copytree(hf_model("llama")[0], model)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": "def f(x):\n    return x\n" * 4}) + "\n" for _ in range(8)))
+    base = ["train", "--data", str(data), "--iters", "1", "--batch-size", "2", "--seq-len", "24", "--num-streams", "2",
+            "--msa-layers", "1", "--val-every", "100"]
+    assets = sorted(p.name for p in default_model_path().iterdir())
+    before = {p: p.read_bytes() for p in default_model_path().glob("speculative_streams*")}
+    assert main(base) == 1 and "inside the installed package" in capsys.readouterr().err  # no --model, no --out
+    assert sorted(p.name for p in default_model_path().iterdir()) == assets
+    assert {p: p.read_bytes() for p in default_model_path().glob("speculative_streams*")} == before
+    assert main(base + ["--model", str(model)]) == 0
+    first = (model / "speculative_streams.safetensors").read_bytes()
+    assert main(base + ["--model", str(model), "--seed", "1"]) == 1
+    assert "exists" in capsys.readouterr().err and (model / "speculative_streams.safetensors").read_bytes() == first
+    assert main(base + ["--model", str(model), "--name", "task-b", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "speculative_streams-task-b.json").exists()
+    assert not (tmp_path / "o" / "speculative_streams.json").exists()
+    assert main(base + ["--model", str(model), "--seed", "1", "--force"]) == 0
+    assert (model / "speculative_streams.safetensors").read_bytes() != first

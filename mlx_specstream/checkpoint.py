@@ -160,6 +160,9 @@ def build_checked(config: dict, weights: Dict[str, mx.array], where: Path) -> Tu
     """The family's model for ``config``, its sanitized weights checked strictly (not loaded)."""
     if "tie_word_embeddings" not in config:
         config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    eos = config.get("eos_token_id")
+    if eos is not None and not (isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos))):
+        raise CheckpointError(f"{where / 'config.json'}: eos_token_id must be an integer or a list of them, got {eos!r}")
     try:
         model = build_model(config)
     except UnsupportedModelError:
@@ -168,6 +171,8 @@ def build_checked(config: dict, weights: Dict[str, mx.array], where: Path) -> Tu
         raise CheckpointError(f"{where / 'config.json'}: {e}") from e
     weights = model.sanitize(weights)
     if (q := config.get("quantization")) is not None:
+        if not isinstance(q, dict) or q.get("bits") not in QUANT_BITS + (2, 3, 5, 6) or not isinstance(q.get("group_size"), int):
+            raise CheckpointError(f"{where / 'config.json'}: quantization {q!r} is not {{bits, group_size}}")
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=_quant_predicate(q, weights))
     check_names(dict(tree_flatten(model.parameters())), weights, where, "config.json")
     return model, weights

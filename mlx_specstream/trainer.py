@@ -96,12 +96,13 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
             else:
                 raise DataError(f"{path}:{ln}: a record needs 'text', 'prompt'+'completion' or 'messages'")
             w = (pi + ci)[:L]
-            if len(w) < 2 or len(pi) >= L:
-                continue
+            if len(w) < 2 or len(pi) >= L or not ci:
+                continue  # nothing to learn from: no completion token inside the window
             rows.append(w)
             masks.append([0] * len(pi) + [1] * (len(w) - len(pi)))
     if not rows:
-        raise DataError(f"{path}: no usable records")
+        raise DataError(f"{path}: no usable records (every record lacks target tokens, e.g. empty completions, "
+                        "or its prompt fills the whole --seq-len)")
     toks = np.zeros((len(rows), L), np.int32)
     mask = np.zeros((len(rows), L), np.float32)
     for i, (r, m) in enumerate(zip(rows, masks)):
@@ -319,7 +320,11 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
             _save_state(out, trainable, opt, i + 1)
         history.append(rec)
         _progress(rec, cfg.iters, log)
-    (out / "train_history.json").write_text(json.dumps(history, indent=1))
+    hist_file = out / "train_history.json"
+    if start and hist_file.exists():  # a resumed run keeps the records of the iterations before it
+        earlier = [r for r in json.loads(hist_file.read_text()) if isinstance(r, dict) and r.get("iter", 0) <= start]
+        history = earlier + history
+    hist_file.write_text(json.dumps(history, indent=1))
     return history
 
 

@@ -181,6 +181,8 @@ def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
             nums = [int(x) for x in nums]
         except ValueError:
             raise ValueError(f"--tree: bad number in {spec!r}") from None
+        if any(x < 1 for x in nums) or len(nums) > 2:
+            raise ValueError(f"--tree: {spec!r} needs one or two positive numbers")
         if kind == "chain":
             paths = chain(nums[0] if nums else num_streams)
         elif kind == "cartesian" and nums:

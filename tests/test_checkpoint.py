@@ -169,3 +169,39 @@ def test_quantized_output_loads_in_mlx_lm(hf_model, tmp_path, name):
     theirs, _ = mlx_lm_load(tmp_path / "q4")
     ids = mx.array([[3, 50, 7, 99]])
     np.testing.assert_allclose(np.array(theirs(ids)), np.array(model(ids)), atol=1e-4)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("num_attention_heads", 0, "num_attention_heads = 0 is out of range"),
+    ("head_dim", 0, "head_dim = 0 is out of range"),
+    ("hidden_size", "64", "hidden_size must be an integer"),
+    ("hidden_size", 64.5, "hidden_size must be an integer"),
+    ("rope_scaling", "linear", "rope_scaling must be an object"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps must be a positive finite number"),
+    ("num_hidden_layers", 10**7, "num_hidden_layers = 10000000 is out of range"),
+    ("quantization", "4bit", "quantization '4bit' is not"),
+    ("eos_token_id", "2", "eos_token_id must be an integer"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_named(hf_model, tmp_path, key, value, msg):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(hf_model("llama")[0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=msg):
+        load_model(d)
+
+
+@pytest.mark.parametrize("content,msg", [("[1, 2]", "must hold a JSON object"),
+                                         ('{"num_streams": 2.5}', "num_streams must be int")])
+def test_stream_files_of_the_wrong_shape_are_named(hf_model, tmp_path, content, msg):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(hf_model("llama")[0], d)
+    (d / "speculative_streams.json").write_text(content)
+    (d / "speculative_streams.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=msg):
+        load(str(d))

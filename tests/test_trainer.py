@@ -131,3 +131,20 @@ def test_train_verb_never_overwrites(hf_model, tmp_path, capsys):
     assert not (tmp_path / "o" / "speculative_streams.json").exists()
     assert main(base + ["--model", str(model), "--seed", "1", "--force"]) == 0
     assert (model / "speculative_streams.safetensors").read_bytes() != first
+
+
+def test_a_training_set_without_targets_is_refused(tiny):
+    _, tok, _, tmp = tiny
+    f = tmp / "empty.jsonl"
+    f.write_text("".join(json.dumps({"prompt": "def f():", "completion": ""}) + "\n" for _ in range(4)))
+    with pytest.raises(DataError, match="no usable records"):
+        read_jsonl(f, tok, 32)
+
+
+def test_a_resumed_run_keeps_the_whole_history(tiny):
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=3, val_every=100)
+    train(model, tok, data, None, cfg, tmp / "r", log=lambda *_: None, stop_at=3)
+    train(model, tok, data, None, cfg, tmp / "r", resume=True, log=lambda *_: None)
+    hist = json.loads((tmp / "r" / "train_history.json").read_text())
+    assert [h["iter"] for h in hist] == [1, 2, 3, 4, 5, 6]

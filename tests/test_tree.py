@@ -75,3 +75,9 @@ def test_parse_tree_spec():
         parse_tree_spec("chain:4", 3)
     with pytest.raises(ValueError, match="unknown"):
         parse_tree_spec("bushy", 3)
+
+
+@pytest.mark.parametrize("spec", ["chain:0", "cartesian:0", "cartesian:2:0", "sparse:-1", "chain:1:2:3"])
+def test_malformed_tree_specs_are_refused(spec):
+    with pytest.raises(ValueError, match="positive"):
+        parse_tree_spec(spec, 3)

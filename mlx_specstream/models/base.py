@@ -13,6 +13,7 @@ Every layer is called as ``layer(x, mask, cache, positions)``:
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,7 +30,38 @@ class BaseModelArgs:
         ]
         if missing:
             raise ValueError(f"config.json is missing required keys for {cls.__module__}: {missing}")
-        return cls(**{k: v for k, v in params.items() if k in names})
+        args = {k: v for k, v in params.items() if k in names}
+        for k, v in args.items():
+            _check(k, v, str(names[k].annotation))
+        return cls(**args)
+
+
+# Bounds for sizes read from a config: what any model can use, so that a hostile or broken
+# config fails by name instead of allocating without end.
+_SIZE_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+                "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1 << 12,
+                "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24}
+
+
+def _check(key: str, v, annotation: str) -> None:
+    """Type and range of one config value, by its field's annotation."""
+    if v is None and annotation.startswith("Optional"):
+        return
+    kind = annotation.removeprefix("Optional[").removesuffix("]")
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{key} must be an integer, got {v!r}")
+        if key in _SIZE_LIMITS and not 1 <= v <= _SIZE_LIMITS[key]:
+            raise ValueError(f"{key} = {v} is out of range (1..{_SIZE_LIMITS[key]})")
+    elif kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{key} must be a positive finite number, got {v!r}")
+    elif kind == "bool" and not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    elif kind == "str" and not isinstance(v, str):
+        raise ValueError(f"{key} must be a string, got {v!r}")
+    elif kind.startswith("Dict") and v is not None and not isinstance(v, dict):
+        raise ValueError(f"{key} must be an object, got {v!r}")
 
 
 def normalize_rope_config(config: dict) -> dict:

@@ -27,6 +27,11 @@ class StreamConfig(TreeSetting):
     tuned_on: Optional[dict] = None  # backend, device, BLAS that `bench tune` fitted tree/lookup/τ on
 
     def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type))
+            if want is not None and (not isinstance(v, want) or (want is not bool and isinstance(v, bool))):
+                raise ValueError(f"{f.name} must be {str(f.type)}, got {v!r}")
         if self.num_streams < 1:
             raise ValueError(f"num_streams must be >= 1, got {self.num_streams}")
         if self.num_msa_layers < 1:

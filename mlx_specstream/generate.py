@@ -18,7 +18,7 @@ from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
 from .drafters import Drafter
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
-from .tree import parse_tree_spec
+from .tree import MAX_LOOKUP, parse_tree_spec
 
 
 def context_limit(model) -> Optional[int]:
@@ -77,8 +77,8 @@ def stream_generate(
     """
     base = getattr(model, "base", model)
     drafter = drafter if drafter is not None else getattr(model, "drafter", None)
-    if lookup is not None and lookup < 0:
-        raise ValueError(f"lookup must be >= 0, got {lookup}")
+    if lookup is not None and not 0 <= lookup <= MAX_LOOKUP:
+        raise ValueError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
     if speculative is None:
         speculative = drafter is not None or bool(lookup)
         if drafter is not None and not (tree if tree is not None else drafter.default_paths) and not (

@@ -32,6 +32,8 @@ import numpy as np
 
 Path = Tuple[int, ...]
 DEFAULT_TREE_BUDGET = 12  # non-root nodes of a drafter's default sparse tree
+MAX_TREE_NODES = 1024  # far beyond any tree that pays; bounds what a flag or a file can ask for
+MAX_LOOKUP = 64  # context drafts per step, likewise
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def normalize_paths(paths: Sequence[Sequence[int]]) -> Tuple[Path, ...]:
 def build_tree(paths: Sequence[Sequence[int]]) -> Tree:
     """Build a :class:`Tree` from rank paths (the root ``()`` may be given or not)."""
     paths = normalize_paths(paths)
+    if len(paths) > MAX_TREE_NODES + 1:
+        raise ValueError(f"a tree of {len(paths) - 1} nodes is beyond the {MAX_TREE_NODES} supported")
     index = {p: i for i, p in enumerate(paths)}
     T = len(paths)
     depth = np.array([len(p) for p in paths], np.int32)
@@ -183,6 +187,10 @@ def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
             raise ValueError(f"--tree: bad number in {spec!r}") from None
         if any(x < 1 for x in nums) or len(nums) > 2:
             raise ValueError(f"--tree: {spec!r} needs one or two positive numbers")
+        n_nodes = (nums[0] ** (nums[1] if len(nums) > 1 else num_streams) if kind == "cartesian" and nums
+                   else nums[0] if nums else num_streams)
+        if n_nodes > MAX_TREE_NODES:
+            raise ValueError(f"--tree: {spec!r} asks for about {n_nodes} nodes; at most {MAX_TREE_NODES}")
         if kind == "chain":
             paths = chain(nums[0] if nums else num_streams)
         elif kind == "cartesian" and nums:

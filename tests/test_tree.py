@@ -81,3 +81,17 @@ def test_parse_tree_spec():
 def test_malformed_tree_specs_are_refused(spec):
     with pytest.raises(ValueError, match="positive"):
         parse_tree_spec(spec, 3)
+
+
+def test_sizes_from_flags_and_files_are_bounded():
+    from mlx_specstream.plan import TreePlan
+    from mlx_specstream.streams import StreamConfig
+
+    with pytest.raises(ValueError, match="at most"):
+        parse_tree_spec("cartesian:10:6", 6)  # a million nodes
+    with pytest.raises(ValueError, match="lookup must be in"):
+        TreePlan([], lookup=3000)
+    with pytest.raises(ValueError, match="lookup must be in"):
+        StreamConfig(lookup=1_000_000)
+    with pytest.raises(ValueError, match="beyond any model"):
+        StreamConfig(num_streams=10_000)

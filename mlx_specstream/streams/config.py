@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional
 
-from ..tree import TreeSetting
+from ..tree import MAX_LOOKUP, MAX_TREE_NODES, TreeSetting
 
 MODES = ("lossless", "shared")
 POSITION_POLICIES = ("parent", "parent_plus_j")
@@ -42,8 +42,12 @@ class StreamConfig(TreeSetting):
             raise ValueError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
         if self.stream_positions not in POSITION_POLICIES:
             raise ValueError(f"stream_positions must be one of {POSITION_POLICIES}")
-        if self.lookup < 0:
-            raise ValueError(f"lookup must be >= 0, got {self.lookup}")
+        if not 0 <= self.lookup <= MAX_LOOKUP:
+            raise ValueError(f"lookup must be in [0, {MAX_LOOKUP}], got {self.lookup}")
+        for name, hi in (("num_streams", 64), ("num_msa_layers", 1024), ("tree_budget", MAX_TREE_NODES),
+                         ("pruning_rank", 4096), ("lora_rank", 4096)):
+            if getattr(self, name) > hi:
+                raise ValueError(f"{name} {getattr(self, name)} is beyond any model (at most {hi})")
         if not 0.0 <= self.prune_threshold < 1.0:
             raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         self.check_tree()

@@ -40,6 +40,17 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.code, "param": self.param, "code": self.code}}
 
 
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+
+
+def _encodable(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"{where} holds a lone surrogate (not valid Unicode text)",
+                           param=where.split("[")[0]) from None
+
+
 class _Job:
     def __init__(self, req):
         self.req = req
@@ -100,8 +111,14 @@ class ModelServer:
         top_k = number("top_k", 0, 0, 1 << 20, kind=int)
         min_p = number("min_p", 0.0, 0.0, 1.0)
         seed = req.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(400, "'seed' must be an integer", param="seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise RequestError(400, "'seed' must be an integer in [0, 2**64)", param="seed")
+        for name in UNSUPPORTED:
+            if req.get(name) not in (None, False, [], 0):
+                raise RequestError(400, f"'{name}' is not supported by this server", param=name)
+        opts = req.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise RequestError(400, "'stream_options' must be an object", param="stream_options")
         stop = req.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -121,7 +138,7 @@ class ModelServer:
         return dict(prompt=prompt, max_tokens=max_tokens, stop=stop, stream=stream, seed=seed,
                     sampling=SamplingParams(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0,
                                             top_k=int(top_k), min_p=float(min_p)),
-                    include_usage=bool((req.get("stream_options") or {}).get("include_usage")))
+                    include_usage=bool((opts or {}).get("include_usage")))
 
     def _chat_prompt(self, req) -> List[int]:
         msgs = req.get("messages")
@@ -135,9 +152,13 @@ class ModelServer:
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
                 if not all(isinstance(p, dict) for p in content):
                     raise RequestError(400, f"messages[{i}].content parts must be objects", param="messages")
-                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+                texts = [p.get("text", "") for p in content if p.get("type") == "text"]
+                if not all(isinstance(t, str) for t in texts):
+                    raise RequestError(400, f"messages[{i}].content parts' 'text' must be strings", param="messages")
+                content = "".join(texts)
             if not isinstance(content, str):
                 raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
+            _encodable(content, f"messages[{i}].content")
             clean.append({"role": m["role"], "content": content})
         if self.tokenizer.has_chat_template:
             return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True))
@@ -153,6 +174,7 @@ class ModelServer:
             return list(p)
         if not isinstance(p, str) or not p:
             raise RequestError(400, "'prompt' must be a non-empty string (or a list of token ids)", param="prompt")
+        _encodable(p, "prompt")
         return self.tokenizer.encode(p)
 
     # ---- generation
@@ -235,7 +257,8 @@ def make_handler(server: ModelServer):
         def _authorized(self) -> bool:
             if server.api_key is None:
                 return True
-            return self.headers.get("Authorization", "") == f"Bearer {server.api_key}"
+            scheme, _, key = self.headers.get("Authorization", "").partition(" ")
+            return scheme.lower() == "bearer" and key.strip() == server.api_key  # the scheme is case-insensitive
 
         def do_GET(self):
             if self.path == "/health":
@@ -256,11 +279,12 @@ def make_handler(server: ModelServer):
                 if not self._authorized():
                     self.close_connection = True
                     raise RequestError(401, "missing or wrong API key", code="invalid_api_key")
-                try:
-                    length = int(self.headers.get("Content-Length", ""))
-                except ValueError:
-                    self.close_connection = True
-                    raise RequestError(411, "Content-Length is required")
+                lengths = self.headers.get_all("Content-Length") or []
+                if len(lengths) != 1 or not lengths[0].strip().isdigit() or self.headers.get("Transfer-Encoding"):
+                    self.close_connection = True  # "3_6", "+36", duplicates, or with Transfer-Encoding: refused
+                    raise RequestError(411 if not lengths else 400,
+                                       "exactly one Content-Length of digits is required (no Transfer-Encoding)")
+                length = int(lengths[0])
                 if length < 0 or length > server.max_body:
                     self.close_connection = True  # the body is not read: don't reuse the connection
                     raise RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}")

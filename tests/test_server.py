@@ -139,3 +139,58 @@ def test_concurrent_clients_and_disconnect(served):
     assert not errors and len(results) == 20
     assert all(results[i] == refs[i % 4] for i in range(20))
     assert raw(port, "GET", "/health")[0] == 200
+
+
+def _raw_request(port, head: bytes, body: bytes = b""):
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head + body)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_valid_json_with_bad_values_gets_a_named_400(served):
+    port, _, _ = served
+    m = [{"role": "user", "content": "x"}]
+    cases = [
+        ({"messages": m, "seed": -1}, "seed"), ({"messages": m, "seed": 2**64}, "seed"),
+        ({"messages": m, "seed": 10**30}, "seed"), ({"messages": m, "stream_options": "yes"}, "stream_options"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
+        ({"messages": m, "logprobs": True}, "logprobs"), ({"messages": m, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": m, "top_k": -1}, "top_k"), ({"messages": m, "min_p": 2}, "min_p"),
+    ]
+    for req, param in cases:
+        st, data = raw(port, "POST", "/v1/chat/completions", json.dumps(req).encode())
+        assert st == 400, (req, data)
+        assert json.loads(data)["error"]["param"] == param
+    # a lone surrogate, escaped in valid JSON
+    body = b'{"messages": [{"role": "user", "content": "x\\ud800y"}]}'
+    st, data = raw(port, "POST", "/v1/chat/completions", body)
+    assert st == 400 and "surrogate" in json.loads(data)["error"]["message"]
+    st, data = raw(port, "POST", "/v1/completions", b'{"prompt": "\\udfff"}')
+    assert st == 400
+    # honoured sampling fields: top_k=1 is greedy whatever the temperature
+    req = {"messages": m, "max_tokens": 8, "temperature": 1.5, "top_k": 1, "seed": 3}
+    greedy = {"messages": m, "max_tokens": 8}
+    a = json.loads(raw(port, "POST", "/v1/chat/completions", json.dumps(req).encode())[1])
+    b = json.loads(raw(port, "POST", "/v1/chat/completions", json.dumps(greedy).encode())[1])
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+
+def test_strict_content_length_and_case_insensitive_bearer(served):
+    port, _, _ = served
+    body = json.dumps({"prompt": "def", "max_tokens": 2}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: %s\r\n%s\r\n")
+    auth = f"Bearer {API_KEY}".encode()
+    for extra in (b"Content-Length: 3_6\r\n", b"Content-Length: +36\r\n",
+                  b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body)),
+                  b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(body)):
+        st, _ = _raw_request(port, head % (auth, extra), body)
+        assert st in (400, 411), extra
+    st, _ = _raw_request(port, head % (f"bearer {API_KEY}".encode(), b"Content-Length: %d\r\n" % len(body)), body)
+    assert st == 200

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_path, get_model_path, load_config,
                          load_model, model_dtype, quantize_model)
-from .device import tuned_on
+from .device import blas_kind, tuned_on
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
 from .gguf import load_gguf
 from .streams import find_stream_file, load_streams
@@ -144,6 +144,10 @@ def load(
     ``float16``, ``bfloat16``) casts float weights; by default unquantized weights run in float32
     on the CPU and as stored on GPUs.
     """
+    if mx.default_device() == mx.cpu and blas_kind() == "reference":
+        _say_once("[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
+                  "Install an optimised one and preload it: apt-get install libopenblas0-pthread; "
+                  "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3]")
     model, config, path, tok_folder = load_base(path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype,
                                                 dequantize=dequantize)
     if quantize:
@@ -168,6 +172,12 @@ def load(
         if tuned and tuned != here:
             _say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
                       "run `specstream bench tune --write` here for settings fitted to this machine]")
+        if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
+            # Every extra verified row costs full compute with the reference BLAS: settings tuned
+            # with an optimised one decode slower than plain decoding here (0.55x measured).
+            drafter.default_paths, drafter.default_lookup = (), 0
+            _say_once(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
+                      "default (--tree/--lookup still apply)]")
     else:
         if {k for k, v in stream_overrides.items() if v is not None}:
             raise ValueError(f"stream settings {sorted(stream_overrides)} given, but {path} has no stream adapter")

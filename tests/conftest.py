@@ -58,3 +58,17 @@ def hf_model(tmp_path_factory, sp_model_file):
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _optimised_blas():
+    """Decode defaults depend on the BLAS MLX uses (see loading.load); tests run the same on every
+    machine as if on the one the shipped settings were tuned on. The reference-BLAS behaviour
+    has its own test (test_default_model.py)."""
+    import mlx_specstream.loading as loading
+
+    here = {"backend": "cpu", "device": "AMD EPYC", "blas": "openblas"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loading, "blas_kind", lambda: "openblas")
+        mp.setattr(loading, "tuned_on", lambda: here)
+        yield

@@ -62,6 +62,8 @@ def test_serve_cli_sigterm_is_graceful(hf_model):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = p.stdout.readline()
+        while line.startswith("["):  # one-line notes on stderr (e.g. which BLAS is in use) come first
+            line = p.stdout.readline()
         assert "serving" in line, line
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
             assert json.loads(r.read())["status"] == "ok"

@@ -80,3 +80,25 @@ def test_cli_generate_with_no_model(capsys):
     assert main(["generate", "--prompt", "def add(a, b):", "-m", "24", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["speculative"] and out["generation_tokens"] > 0 and out["mean_accepted"] > 1.0
+
+
+def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys):
+    """Settings tuned with an optimised BLAS are slower than plain decoding on the reference one:
+    there the shipped tree is not used by default, and the user is told what to install."""
+    import mlx_specstream.loading as loading
+
+    monkeypatch.setattr(loading, "blas_kind", lambda: "reference")
+    monkeypatch.setattr(loading, "tuned_on", lambda: {"backend": "cpu", "device": "AMD EPYC", "blas": "reference"})
+    loading._said.clear()
+    model, tok = load()
+    err = capsys.readouterr().err
+    assert "reference BLAS" in err and "LD_PRELOAD" in err and "plain decoding by default" in err
+    assert model.drafter.default_paths == () and model.drafter.default_lookup == 0
+    r = list(stream_generate(model, tok, "def f(x):", max_tokens=8))
+    assert r[-1].mean_accepted == 1.0  # plain decoding
+    loading._said.clear()
+
+
+def test_optimised_blas_keeps_the_tuned_settings(capsys):
+    model, _ = load()
+    assert model.drafter.default_lookup == 5 and "reference BLAS" not in capsys.readouterr().err

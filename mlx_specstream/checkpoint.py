@@ -98,7 +98,7 @@ def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
 # ---------------------------------------------------------------- reading
 
 
-def read_json(file: Path, what: str = "") -> Any:
+def read_json(file: Path) -> Any:
     try:
         return json.loads(Path(file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

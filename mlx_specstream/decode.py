@@ -169,9 +169,8 @@ def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftSt
     return finish_step(launch_step(model, drafter, plan, state, cache, accept), drafter, cache)
 
 
-def levels_reached(depths: Sequence[int]) -> List[float]:
-    """Share of steps whose accepted path reached tree level g = 1, 2, ... (from each step's
-    depth, the number of drafts it accepted)."""
-    if not depths:
-        return []
-    return [sum(d >= g for d in depths) / len(depths) for g in range(1, max(depths) + 1)]
+def levels_reached(depth_counts: Sequence[int]) -> List[float]:
+    """Share of steps whose accepted path reached tree level g = 1, 2, ...; ``depth_counts[d]``:
+    steps that accepted ``d`` drafts (a histogram a caller updates in O(1) per step)."""
+    n = sum(depth_counts)
+    return [sum(depth_counts[g:]) / n for g in range(1, len(depth_counts))] if n else []

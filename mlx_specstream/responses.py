@@ -76,10 +76,11 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
     tic = time.perf_counter()
     prompt_tps = gen_tic = None
     n = n_steps = 0
-    depths: List[int] = []  # per step: drafts accepted
+    depth_counts: List[int] = []  # depth_counts[d]: steps that accepted d drafts
     produced = 0  # tokens the forward passes produced (a step's last ones may be cut: EOS, stop, limit)
     for toks, depth, tree_size in steps:
-        depths.append(depth)
+        depth_counts.extend([0] * (depth + 1 - len(depth_counts)))
+        depth_counts[depth] += 1
         produced += len(toks)
         if gen_tic is None:
             prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
@@ -119,7 +120,7 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
             accepted=len(emitted),
             steps=n_steps,
             mean_accepted=produced / n_steps,
-            acceptance_by_depth=levels_reached(depths),
+            acceptance_by_depth=levels_reached(depth_counts),
             tree_size=tree_size,
         )
         if finish is not None:

@@ -72,7 +72,7 @@ def test_draft_model_reuses_its_cache_across_turns(hf_model):
     a = [t for r in cached_stream_generate(dm, tok, pc, first, max_tokens=20) for t in r.tokens]
     assert a == ar_tokens(model, mx.array(first), 20)[: len(a)]
     convo = first + a + second
-    rows_before = len(drafter.held)
+    rows_before = len(drafter.pc.tokens)
     b = list(cached_stream_generate(dm, tok, pc, convo, max_tokens=20))
     assert [t for r in b for t in r.tokens] == ar_tokens(model, mx.array(convo), 20)[: sum(len(r.tokens) for r in b)]
     assert rows_before > len(first)  # the first turn's rows were kept for the second

@@ -114,7 +114,8 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     steps = sum(len(r.arrivals) for r in runs)
     total = sum(len(r.tokens) for r in runs)
     produced = sum(len(r.tokens) if r.produced is None else r.produced for r in runs)
-    hist = levels_reached([d for r in runs for d in r.depths])
+    depths = [d for r in runs for d in r.depths]
+    hist = levels_reached(np.bincount(depths).tolist() if depths else [])
 
     def pct(xs):
         return {f"p{q}": float(np.percentile(xs, q)) for q in (50, 90, 99)} if xs else None

@@ -12,6 +12,7 @@ syncs once, commits the accepted path's K/V, then asks for the next candidates: 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -41,7 +42,7 @@ class Verified:
     n_bottom: int = 0
 
 
-class Drafter:
+class Drafter(ABC):
     """Base class of every drafter. Subclasses set ``levels`` and ``default_paths`` and implement
     :meth:`forward`; the rest has defaults that suit drafters without state of their own."""
 
@@ -59,8 +60,9 @@ class Drafter:
         """Called once before a decode with every token of the context (cached history and
         prompt, the last one being the first tree's root)."""
 
+    @abstractmethod
     def forward(self, model: nn.Module, plan: TreePlan, state: DraftState, cache: list) -> Verified:
-        raise NotImplementedError
+        """Run the target over ``plan``'s tree built from ``state`` (and draft, if it can)."""
 
     def after_commit(self, accepted: List[int], correction: int) -> Optional[mx.array]:
         """After the sync: the accepted drafts and the correction. A drafter that cannot draft

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..cache import DEFAULT_PREFILL_STEP, make_cache, prefill
+from ..cache import DEFAULT_PREFILL_STEP, PromptCache, prefill
 from ..tree import chain
 from .base import Drafter, DraftState, Verified, top_candidates, verify_tree
 
@@ -31,29 +31,18 @@ class DraftModelDrafter(Drafter):
         self.default_paths = chain(num_draft)
         self.num_params = sum(v.size for _, v in tree_flatten(draft_model.parameters()))
         self.prefill_step_size = prefill_step_size
-        self.cache = make_cache(draft_model)
-        self.held: List[int] = []  # committed tokens in the draft cache, row by row
+        self.pc = PromptCache(draft_model)  # committed tokens in the draft cache (``pc.tokens``), row by row
         self.spec: List[mx.array] = []  # drafts fed while drafting (rows after ``held``), on device
         self.todo: List[int] = []  # committed tokens not fed yet
         self.width = 1
 
-    def _trim_to(self, n: int) -> None:
-        for c in self.cache:
-            c.trim(c.offset - n)
-
     def reset(self, context: Sequence[int]) -> None:
         """Bring the draft cache to ``context[:-1]``, reusing its common prefix (chat turns)."""
-        context = [int(t) for t in context]
-        n = 0
-        for a, b in zip(self.held, context[:-1]):
-            if a != b:
-                break
-            n += 1
-        self._trim_to(n)
-        self.held, rest = self.held[:n], context[n:-1]
-        prefill(lambda t, c: self.model(t, cache=c), mx.array(rest, mx.int32), self.cache, self.prefill_step_size)
-        self.held += rest
-        self.todo, self.spec = context[-1:], []
+        rest = self.pc.prepare([int(t) for t in context])  # keeps at least the last token to feed
+        prefill(lambda t, c: self.model(t, cache=c), mx.array(rest[:-1], mx.int32), self.pc.cache,
+                self.prefill_step_size)
+        self.pc.tokens += rest[:-1]
+        self.todo, self.spec = rest[-1:], []
 
     def forward(self, model, plan, state: DraftState, cache) -> Verified:
         self.width = plan.width  # ranks the next tree reads
@@ -67,13 +56,14 @@ class DraftModelDrafter(Drafter):
         kept = 0
         while kept < min(len(accepted), len(drafts)) and accepted[kept] == drafts[kept]:
             kept += 1
-        self._trim_to(len(self.held) + kept)
+        for c in self.pc.cache:  # drop the fed drafts the target rejected
+            c.trim(c.offset - len(self.pc.tokens) - kept)
         feed = self.todo + accepted[kept:] + [correction]
-        self.held += drafts[:kept] + feed
+        self.pc.tokens += drafts[:kept] + feed
         x = mx.array(feed, dtype=mx.int32)[None]
         rows, self.spec, self.todo = [], [], []
         for g in range(self.levels):
-            logits = self.model(x, cache=self.cache)[0, -1]
+            logits = self.model(x, cache=self.pc.cache)[0, -1]
             rows.append(logits)
             if g + 1 < self.levels:  # the last draft is not fed: it waits for verification
                 x = mx.argmax(logits).astype(mx.int32).reshape(1, 1)

@@ -296,7 +296,10 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         next(it)  # the data order continues where it stopped
     n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
     log(f"training {n_params} parameters ({what}), {cfg.iters} iterations")
-    history = []
+    hist_file = out / "train_history.json"
+    history = []  # a resumed run keeps the records of the iterations before it
+    if start and hist_file.exists():
+        history = [r for r in json.loads(hist_file.read_text()) if isinstance(r, dict) and r.get("iter", 0) <= start]
     tic, tokens_seen = time.perf_counter(), 0
     for i in range(start, min(cfg.iters, stop_at or cfg.iters)):
         grads_acc, loss_acc = None, 0.0
@@ -315,15 +318,12 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
                "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
         if valid_data is not None and ((i + 1) % cfg.val_every == 0 or i + 1 == cfg.iters):
             rec["valid"] = on_eval()
+        history.append(rec)
         if (i + 1) % cfg.save_every == 0 or i + 1 == cfg.iters:
             on_save()
             _save_state(out, trainable, opt, i + 1)
-        history.append(rec)
+            hist_file.write_text(json.dumps(history, indent=1))  # with the state: a killed run keeps it
         _progress(rec, cfg.iters, log)
-    hist_file = out / "train_history.json"
-    if start and hist_file.exists():  # a resumed run keeps the records of the iterations before it
-        earlier = [r for r in json.loads(hist_file.read_text()) if isinstance(r, dict) and r.get("iter", 0) <= start]
-        history = earlier + history
     hist_file.write_text(json.dumps(history, indent=1))
     return history
 

@@ -148,3 +148,18 @@ def test_a_resumed_run_keeps_the_whole_history(tiny):
     train(model, tok, data, None, cfg, tmp / "r", resume=True, log=lambda *_: None)
     hist = json.loads((tmp / "r" / "train_history.json").read_text())
     assert [h["iter"] for h in hist] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_killed_run_keeps_its_history_up_to_the_last_checkpoint(tiny):
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=3, val_every=100)
+
+    def killed(msg):
+        if " 5/6 " in msg:
+            raise KeyboardInterrupt  # as a kill would, between checkpoints
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, data, None, cfg, tmp / "k", log=killed)
+    assert [h["iter"] for h in json.loads((tmp / "k" / "train_history.json").read_text())] == [1, 2, 3]
+    train(model, tok, data, None, cfg, tmp / "k", resume=True, log=lambda *_: None)
+    assert [h["iter"] for h in json.loads((tmp / "k" / "train_history.json").read_text())] == [1, 2, 3, 4, 5, 6]

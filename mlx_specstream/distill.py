@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence
 
-import mlx.core as mx
 from mlx_lm.generate import batch_generate
 
 from .cli import progress_bar
@@ -97,16 +96,35 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", default=None, metavar="FILE.json",
+                    help='user messages to answer instead of the stdlib ones: {"train": [...], "valid": [...]} '
+                         "(e.g. written by --write-prompts on another machine: the stdlib differs between Pythons)")
+    ap.add_argument("--write-prompts", default=None, metavar="FILE.json",
+                    help="write the stdlib user messages to FILE.json and stop")
+    ap.add_argument("--dtype", default="float32", help="weights' dtype for answering (float32: the model's own answers)")
     args = ap.parse_args(argv)
+    if args.prompts:
+        given = json.loads(Path(args.prompts).read_text(encoding="utf-8"))
+        if not (isinstance(given, dict) and all(isinstance(given.get(k, []), list) and
+                                                all(isinstance(m, str) for m in given.get(k, [])) for k in ("train", "valid"))):
+            raise SystemExit(f"{args.prompts}: expected {{\"train\": [strings], \"valid\": [strings]}}")
+        messages = {k: given.get(k, [])[:n] for k, n in (("train", args.n_train), ("valid", args.n_valid))}
+    else:
+        train_files, valid_files = split_files()
+        messages = {"train": instructions(train_files, args.n_train, args.seed),
+                    "valid": instructions(valid_files, args.n_valid, args.seed)}
+    if args.write_prompts:
+        Path(args.write_prompts).write_text(json.dumps(messages), encoding="utf-8")
+        print(f"wrote {len(messages['train'])} train and {len(messages['valid'])} valid messages to {args.write_prompts}")
+        return 0
     _, tok = load(args.model, streams=False)
-    lm_model = mlx_lm_model(resolve_model(args.model), "float32" if mx.default_device() == mx.cpu else None)
-    train_files, valid_files = split_files()
+    lm_model = mlx_lm_model(resolve_model(args.model), args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, files, n in (("valid", valid_files, args.n_valid), ("train", train_files, args.n_train)):
+    for name in ("valid", "train"):
         file = out / f"{name}.jsonl"
         done = sum(1 for line in open(file) if line.strip()) if file.exists() else 0  # resume where it stopped
-        todo = instructions(files, n, args.seed)[done:]
+        todo = messages[name][done:]
         print(f"{name}: {done} answered, {len(todo)} to go", flush=True)
 
         def append(recs, file=file):

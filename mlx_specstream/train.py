@@ -18,7 +18,7 @@ from .trainer import TRAIN_MODES, TrainConfig, load_data, train
 
 OPT_INT = ("iters", "batch_size", "grad_accum", "seq_len", "segment", "warmup", "seed", "val_every", "val_batches",
            "save_every", "max_stream_positions")
-OPT_FLOAT = ("lr", "min_lr_ratio", "weight_decay", "alpha")
+OPT_FLOAT = ("lr", "min_lr_ratio", "weight_decay", "alpha", "time_limit")
 
 
 def setup_arg_parser(parser=None):

@@ -190,6 +190,7 @@ class TrainConfig:
     max_stream_positions: int = 64  # streams on at most this many sampled target positions per batch (0 = all)
     cache_bottom: bool = True  # compute the frozen bottom layers' output once per sequence (streams only)
     medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
+    time_limit: float = 0.0  # seconds (0 = none): the schedule runs on whichever of iters / time ends first
 
 
 class _Trainable(nn.Module):
@@ -285,7 +286,8 @@ def _optimizer(cfg: TrainConfig):
         [optim.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(cfg.warmup, 1)),
          optim.cosine_decay(cfg.lr, max(cfg.iters - cfg.warmup, 1), cfg.lr * cfg.min_lr_ratio)],
         [max(cfg.warmup, 1)])
-    return optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay), sched
+    # The rate is set each iteration from the schedule at the run's progress (iterations or time).
+    return optim.AdamW(learning_rate=float(sched(0)), weight_decay=cfg.weight_decay), sched
 
 
 def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
@@ -301,7 +303,14 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
     if start and hist_file.exists():
         history = [r for r in json.loads(hist_file.read_text()) if isinstance(r, dict) and r.get("iter", 0) <= start]
     tic, tokens_seen = time.perf_counter(), 0
-    for i in range(start, min(cfg.iters, stop_at or cfg.iters)):
+    last = min(cfg.iters, stop_at or cfg.iters)
+    for i in range(start, last):
+        # With a time limit the schedule advances by whichever is further along: iterations or
+        # time, so a run cut by the clock still ends with its learning rate decayed.
+        elapsed = time.perf_counter() - tic
+        step = i if not cfg.time_limit else max(i, start + round((cfg.iters - start) * elapsed / cfg.time_limit))
+        opt.learning_rate = mx.array(sched(mx.array(min(step, cfg.iters))), mx.float32)
+        final = i + 1 == last or (cfg.time_limit and step >= cfg.iters - 1)
         grads_acc, loss_acc = None, 0.0
         for a in range(cfg.grad_accum):
             toks, mask, b = next(it)
@@ -314,16 +323,18 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         opt.update(trainable, grads_acc)
         mx.eval(trainable.parameters(), opt.state, loss_acc)
         rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
-               "lr": float(sched(opt.step)), "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
+               "lr": round(float(opt.learning_rate), 8), "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
                "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
-        if valid_data is not None and ((i + 1) % cfg.val_every == 0 or i + 1 == cfg.iters):
+        if valid_data is not None and ((i + 1) % cfg.val_every == 0 or final):
             rec["valid"] = on_eval()
         history.append(rec)
-        if (i + 1) % cfg.save_every == 0 or i + 1 == cfg.iters:
+        if (i + 1) % cfg.save_every == 0 or final:
             on_save()
             _save_state(out, trainable, opt, i + 1)
             hist_file.write_text(json.dumps(history, indent=1))  # with the state: a killed run keeps it
         _progress(rec, cfg.iters, log)
+        if final:
+            break
     hist_file.write_text(json.dumps(history, indent=1))
     return history
 

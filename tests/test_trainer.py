@@ -163,3 +163,15 @@ def test_a_killed_run_keeps_its_history_up_to_the_last_checkpoint(tiny):
     assert [h["iter"] for h in json.loads((tmp / "k" / "train_history.json").read_text())] == [1, 2, 3]
     train(model, tok, data, None, cfg, tmp / "k", resume=True, log=lambda *_: None)
     assert [h["iter"] for h in json.loads((tmp / "k" / "train_history.json").read_text())] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_time_limit_ends_the_run_with_its_schedule_decayed_and_saved(tiny):
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=100_000, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=100_000, val_every=100_000,
+                      min_lr_ratio=0.1, time_limit=1.0)
+    _, hist = train(model, tok, data, data, cfg, tmp / "t", log=lambda *_: None)
+    assert 1 < len(hist) < 100_000
+    assert hist[-1]["lr"] == pytest.approx(5e-4, rel=0.05)  # the cosine's end, reached by the clock
+    assert "valid" in hist[-1]  # the last iteration is evaluated and saved like a finished run
+    assert (tmp / "t" / "speculative_streams.json").exists()
+    assert json.loads((tmp / "t" / "trainer_state.json").read_text())["step"] == len(hist)

@@ -340,6 +340,17 @@ def quantization_config(bits: Dict[str, int]) -> Optional[dict]:
 # ---------------------------------------------------------------- tokenizer
 
 
+def _save_tokenizer_by_transformers(g: GGUFFile, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:  # the header was checked by our reader already; this reads the metadata again (gguf package)
+        tok = AutoTokenizer.from_pretrained(str(g.path.parent), gguf_file=g.path.name)
+    except Exception as e:  # noqa: BLE001 - any failure here means: no tokenizer from this transformers
+        raise GGUFError(f"{g.path}: this transformers cannot convert GGUF tokenizers ({type(e).__name__}: {e}); "
+                        "install transformers >= 5.2 (or the gguf package)") from e
+    tok.save_pretrained(str(folder))
+
+
 def save_tokenizer(g: GGUFFile, folder: Path) -> None:
     """Write the file's tokenizer (vocabulary, merges, special tokens, chat template) as
     ``tokenizer.json`` + ``tokenizer_config.json``, built by transformers' own GGUF tokenizer
@@ -348,8 +359,8 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
         from transformers import PreTrainedTokenizerFast  # mlx-lm's dependency: always present
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS,
                                                                           convert_gguf_tokenizer)
-    except ImportError as e:
-        raise GGUFError(f"GGUF tokenizers need transformers >= 5 (which provides the GGUF tokenizer converter): {e}")
+    except ImportError:  # a transformers without this module layout: its public GGUF path
+        return _save_tokenizer_by_transformers(g, folder)
     m = g.metadata
     grouped = {group: {name: m[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in m}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}

@@ -332,3 +332,14 @@ def test_sentencepiece_style_tokenizer_equals_transformers(sp_model_file, hf_mod
     for text in TEXTS:
         assert tok.encode(text) == ref.encode(text), text
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text)), text
+
+
+def test_a_transformers_without_the_converter_module_falls_back_to_its_public_gguf_path(gguf_file, monkeypatch):
+    import sys
+
+    path, _ = gguf_file("qwen2", "F32")
+    _, ref = load(str(path), streams=False)
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.gguf_tokenizer_mapping", None)  # ImportError
+    _, tok = load(str(path), streams=False)
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text), text

@@ -103,6 +103,8 @@ def read_json(file: Path) -> Any:
         return json.loads(Path(file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: JSON nested too deeply") from None
 
 
 def load_config(path: Path) -> dict:
@@ -293,3 +295,51 @@ def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dt
     check_names(dict(tree_flatten(module.parameters())), weights, weights_file, against)
     module.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
     mx.eval(module.parameters())
+
+
+# ---------------------------------------------------------------- base fingerprint
+
+# Tensors whose statistics identify a base: the embedding, the first and last layers (the last
+# moves most in fine-tuning) and the final norm; HF names, found in every supported family.
+_FINGERPRINT_TENSORS = ("embed_tokens", "layers.0.self_attn.q_proj", "layers.{last}.self_attn.o_proj",
+                        "layers.{last}.mlp.down_proj", "norm")
+FINGERPRINT_RTOL = 0.03  # 4-bit requantization moves a tensor's RMS by ~1%; another fine-tune by more
+
+
+def base_fingerprint(model) -> dict:
+    """What identifies the weights an adapter was trained on, in any format they come in (GGUF,
+    float32/float16 folder, re-quantized): the shape of the model and, for a few tensors, the RMS
+    and mean of their (dequantized) values."""
+    args = model.args
+    inner = dict(model.named_modules())
+    sig = []
+    for pattern in _FINGERPRINT_TENSORS:
+        name = pattern.format(last=args.num_hidden_layers - 1)
+        m = next((mod for path, mod in inner.items() if path == name or path.endswith("." + name)), None)
+        if m is None:
+            continue
+        w = m.weight
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(w, m.scales, m.biases, m.group_size, m.bits)
+        w = w.astype(mx.float32)
+        sig.append([name, round(mx.sqrt(mx.mean(w * w)).item(), 6), round(mx.mean(w).item(), 7)])
+    return {"model_type": getattr(args, "model_type", None), "hidden_size": args.hidden_size,
+            "num_hidden_layers": args.num_hidden_layers, "vocab_size": args.vocab_size, "tensors": sig}
+
+
+def fingerprint_mismatch(want: Mapping, have: Mapping) -> Optional[str]:
+    """None when ``have`` (a model's fingerprint) matches ``want`` (an adapter's record), else what differs."""
+    for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if want.get(k) != have.get(k):
+            return f"{k} {have.get(k)!r}, trained on {want.get(k)!r}"
+    got = {name: (rms, mean) for name, rms, mean in have.get("tensors", [])}
+    try:
+        for name, rms, mean in want.get("tensors", []):
+            if name not in got:
+                return f"no tensor {name}"
+            r, m = got[name]
+            if abs(r - rms) > FINGERPRINT_RTOL * rms or abs(m - mean) > FINGERPRINT_RTOL * rms:
+                return f"{name} RMS {r:.4g} / mean {m:.3g}, trained on {rms:.4g} / {mean:.3g}"
+    except (TypeError, ValueError):
+        return "the recorded base fingerprint is malformed"
+    return None

@@ -30,6 +30,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="model folder, .gguf file, hub repo, or a known name: smollm2 (default: embedded model)")
     parser.add_argument("--streams", default=None,
                         help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
+    parser.add_argument("--force-streams", action="store_true",
+                        help="attach the stream adapter even if it records another base model")
     parser.add_argument("--medusa", default=None, help="folder with medusa_heads.json: draft with Medusa heads")
     parser.add_argument("--draft-model", default=None,
                         help="a small model with the same tokenizer drafting for the target (two-model decoding)")
@@ -65,7 +67,7 @@ def check_args(args: argparse.Namespace) -> None:
 def load_from_args(args: argparse.Namespace, **kwargs):
     return load(args.model, streams=args.streams, medusa=args.medusa, draft_model=args.draft_model,
                 num_draft=args.num_draft, dtype=args.dtype, dequantize=False if args.keep_quantized else None,
-                **kwargs)
+                force_streams=args.force_streams, **kwargs)
 
 
 def progress_bar(done: int, total: int, width: int = 24) -> str:

@@ -171,12 +171,20 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     return parser
 
 
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the prompt on stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_args(args)
     if args.no_speculate and (args.tree or args.lookup or args.prune_threshold is not None):
         raise ValueError("--tree, --lookup and --prune-threshold shape speculative decoding; --no-speculate turns it off")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     model, tokenizer = load_from_args(args, revision=args.revision, quantize=args.q_bits if args.quantize else None,
                                       q_group_size=args.q_group_size, prune_threshold=args.prune_threshold)
     drafter = getattr(model, "drafter", None)

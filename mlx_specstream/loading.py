@@ -17,7 +17,7 @@ from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_pat
 from .device import blas_kind, tuned_on
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
 from .gguf import load_gguf
-from .streams import find_stream_file, load_streams
+from .streams import find_stream_file, load_streams, shipped_stream_file
 from .tokenizer import load_tokenizer
 
 
@@ -128,6 +128,7 @@ def load(
     num_draft: int = DEFAULT_NUM_DRAFT,
     dtype: Optional[str] = None,
     dequantize: Optional[bool] = None,
+    force_streams: bool = False,
     **stream_overrides,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a ``.gguf`` file, a known model name
@@ -136,9 +137,12 @@ def load(
     The drafter attached (a :class:`DraftedModel`), first match wins: ``draft_model`` (a folder
     or repo of a small model with the same tokenizer, drafting ``num_draft`` tokens); ``medusa``
     (``True``: the folder's Medusa heads, or a folder holding them); the stream adapter —
-    ``streams=None`` attaches ``speculative_streams.json`` when the folder has one, a name picks
-    ``speculative_streams-NAME.json``, a path picks that file, ``False`` none; ``stream_overrides``
-    (e.g. ``tree=``, ``prune_threshold=``) override its config. No drafter: the plain model.
+    ``streams=None`` attaches ``speculative_streams.json`` when the folder has one, else the
+    package's adapter trained on these weights if it ships one (SmolLM2's, found by the base
+    fingerprint whatever the file format); a name picks ``speculative_streams-NAME.json``, a path
+    picks that file, ``False`` none. An adapter recording another base is refused unless
+    ``force_streams``. ``stream_overrides`` (e.g. ``tree=``, ``prune_threshold=``) override its
+    config. No drafter: the plain model.
 
     ``quantize=4|8`` quantizes a float checkpoint at load time. ``dtype`` (``float32``,
     ``float16``, ``bfloat16``) casts float weights; by default unquantized weights run in float32
@@ -165,9 +169,10 @@ def load(
         drafter = load_draft_model(draft_model, model, num_draft=num_draft)
     elif medusa:
         drafter = MedusaDrafter(load_medusa(path if medusa is True else Path(medusa), model))
-    elif streams is not False and (file := find_stream_file(path, streams)) is not None:
+    elif streams is not False and (file := find_stream_file(path, streams)
+                                   or (shipped_stream_file(model) if streams is None else None)) is not None:
         tau = stream_overrides.pop("prune_threshold", None)
-        drafter = StreamDrafter(load_streams(file, model, **stream_overrides), prune_threshold=tau)
+        drafter = StreamDrafter(load_streams(file, model, force=force_streams, **stream_overrides), prune_threshold=tau)
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:
             _say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import select
 import signal
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +32,9 @@ from .sample import SamplingParams
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_MAX_TOKENS_LIMIT = 2048
+DEFAULT_TIMEOUT = 30.0  # seconds a socket read or write may wait (slow or stalled clients)
+DRAIN_LIMIT = 64 << 20  # an oversized body is read and dropped up to this much, so the client reads its 413
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError, socket.timeout)
 
 
 class RequestError(Exception):
@@ -61,8 +67,9 @@ class _Job:
 class ModelServer:
     def __init__(self, model, tokenizer, model_id: str, *, api_key: Optional[str] = None,
                  max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                 speculative: Optional[bool] = None):
+                 speculative: Optional[bool] = None, timeout: float = DEFAULT_TIMEOUT):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.timeout = timeout
         self.api_key, self.max_body, self.max_tokens_limit = api_key, max_body, max_tokens_limit
         self.speculative = speculative
         self.pcache = PromptCache(model)
@@ -81,6 +88,8 @@ class ModelServer:
             req = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"request body is not valid JSON: {e}")
+        except RecursionError:
+            raise RequestError(400, "request body is JSON nested too deeply") from None
         if not isinstance(req, dict):
             raise RequestError(400, "request body must be a JSON object")
         model = req.get("model", self.model_id)
@@ -236,6 +245,7 @@ def make_handler(server: ModelServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "specstream"
+        timeout = server.timeout  # partial headers, a short body or a stalled reader cannot hold a thread
 
         def log_message(self, fmt, *args):  # quiet by default
             pass
@@ -251,8 +261,24 @@ def make_handler(server: ModelServer):
         def _error(self, e: RequestError):
             try:
                 self._send_json(e.status, e.body())
-            except (BrokenPipeError, ConnectionResetError):
+            except _GONE:
                 pass
+
+        def _drain(self, length: int):
+            left = min(length, DRAIN_LIMIT)
+            try:
+                while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
+                    left -= len(got)
+            except _GONE:
+                pass
+
+        def _client_gone(self) -> bool:
+            """The peer closed its end (readable with nothing to read) while we generate."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
 
         def _authorized(self) -> bool:
             if server.api_key is None:
@@ -285,9 +311,11 @@ def make_handler(server: ModelServer):
                     raise RequestError(411 if not lengths else 400,
                                        "exactly one Content-Length of digits is required (no Transfer-Encoding)")
                 length = int(lengths[0])
-                if length < 0 or length > server.max_body:
-                    self.close_connection = True  # the body is not read: don't reuse the connection
-                    raise RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}")
+                if length > server.max_body:
+                    self.close_connection = True
+                    self._error(RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}"))
+                    self._drain(length)  # so the client, still sending, can read the 413 (not a reset)
+                    return
                 body = self.rfile.read(length)
                 chat = self.path == "/v1/chat/completions"
                 req = server.parse(body, chat)
@@ -296,10 +324,15 @@ def make_handler(server: ModelServer):
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             if req["stream"]:
                 return self._stream(req, chat, rid)
-            try:
-                text, finish, usage = server.generate(req)
+            try:  # a client that has gone stops its generation, streamed or not
+                text, finish, usage = server.generate(req, on_piece=lambda _: not self._client_gone())
             except ValueError as e:
                 return self._error(RequestError(400, str(e)))
+            except Exception as e:  # noqa: BLE001 - the client gets a JSON error, the server lives on
+                return self._error(RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="server_error"))
+            if finish == "cancelled":
+                self.close_connection = True
+                return
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                       if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
             self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
@@ -343,31 +376,48 @@ def make_handler(server: ModelServer):
                 return
             try:
                 text, finish, usage = server.generate(req, on_piece=lambda t: send(chunk(delta_text=t)))
-            except ValueError as e:
-                send({"error": RequestError(400, str(e)).body()["error"]})
-                return
+            except Exception as e:  # noqa: BLE001 - headers are sent: an SSE error event, then [DONE]
+                err = (RequestError(400, str(e)) if isinstance(e, ValueError) else
+                       RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="server_error"))
+                finish = usage = None
+                send({"error": err.body()["error"]})
             if finish == "cancelled":
                 return
-            send(chunk(finish=finish, delta_text=None if chat else ""))
-            if req["include_usage"]:
-                send(chunk(usage=usage))
+            if finish is not None:
+                send(chunk(finish=finish, delta_text=None if chat else ""))
+                if req["include_usage"]:
+                    send(chunk(usage=usage))
             try:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, OSError):
+            except _GONE + (OSError,):
                 pass
 
     return Handler
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+    daemon_threads = False  # server_close() waits for the requests in flight (each bounded by the timeout)
+    block_on_close = True
     allow_reuse_address = True
     request_queue_size = 128
 
+    def handle_error(self, request, client_address):
+        e = sys.exc_info()[1]
+        if isinstance(e, _GONE + (OSError,)):  # a client that went away: one line, not a traceback
+            print(f"[client {client_address[0]}:{client_address[1]} disconnected: {type(e).__name__}]",
+                  file=sys.stderr, flush=True)
+        else:
+            super().handle_error(request, client_address)
+
 
 def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    return _Server((host, port), make_handler(model_server))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    try:
+        return _Server((host, port), make_handler(model_server))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def setup_arg_parser(parser=None):
@@ -379,15 +429,22 @@ def setup_arg_parser(parser=None):
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit (bytes)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT)
     p.add_argument("--no-speculate", action="store_true")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds a socket read or write may wait before the connection is dropped")
     return p
 
 
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
     model, tokenizer = load_from_args(args)
     model_id = args.model or "specstream-default"
     ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,
-                     max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None)
+                     max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None,
+                     timeout=args.timeout)
     httpd = make_server(ms, args.host, args.port)
 
     def stop(*_):  # graceful: stop accepting, let the running request finish
@@ -397,7 +454,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, stop)
     print(f"serving {model_id} on http://{args.host}:{httpd.server_address[1]} (OpenAI API under /v1)", flush=True)
     httpd.serve_forever()
-    ms.jobs.join()  # finish the generations already accepted
-    httpd.server_close()
+    httpd.socket.close()  # new connections are refused from now on
+    print("stopping: finishing the requests in flight", flush=True)
+    httpd.server_close()  # waits for the handlers, which wait for their generations
     print("server stopped", flush=True)
     return 0

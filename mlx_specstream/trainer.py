@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .checkpoint import base_fingerprint
 from .cli import progress_bar
 from .drafters.medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
@@ -44,6 +45,23 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- data
 
 
+def _lone_surrogate(obj) -> Optional[str]:
+    """The first string in ``obj`` (a parsed record) that UTF-8 cannot encode, if any."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                return o[:40]
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return None
+
+
 def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndarray]:
     """Records -> (tokens (N, L+1), loss mask (N, L+1): 1 where the token is a training target).
 
@@ -53,16 +71,24 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
     """
     L = seq_len + 1
     rows, masks = [], []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{ln}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{ln}: not valid JSON ({e.msg})") from e
+            except RecursionError:
+                raise DataError(f"{path}:{ln}: JSON nested too deeply") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{ln}: expected a JSON object")
+            if (bad := _lone_surrogate(rec)) is not None:
+                raise DataError(f"{path}:{ln}: {bad!r} holds a lone surrogate (not encodable text)")
             if "text" in rec:
                 if not isinstance(rec["text"], str):
                     raise DataError(f"{path}:{ln}: 'text' must be a string")
@@ -75,7 +101,9 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
                 continue
             if "prompt_ids" in rec and "completion_ids" in rec:  # pre-tokenized (self-distillation)
                 pi, ci = rec["prompt_ids"], rec["completion_ids"]
-                if not all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in pi + ci):
+                if not isinstance(pi, list) or not isinstance(ci, list):
+                    raise DataError(f"{path}:{ln}: 'prompt_ids' and 'completion_ids' must be lists of token ids")
+                if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tokenizer) for t in pi + ci):
                     raise DataError(f"{path}:{ln}: token ids must be integers below the vocabulary size")
             elif "prompt" in rec and "completion" in rec:
                 p, c = rec["prompt"], rec["completion"]
@@ -223,6 +251,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         raise ValueError(f"mode must be one of {TRAIN_MODES}, got {cfg.mode!r}")
     if streams is None:
         streams = SpeculativeStreams(cfg.streams, model)
+    streams.config.base = base_fingerprint(model)  # recorded in the stream file: it attaches to this base only
     trainable = _Trainable(streams)
     if cfg.mode == "pruning":
         trainable.freeze()

@@ -73,6 +73,9 @@ def test_bad_config_json(hf_model, tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(d)
+    (d / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_model(d)
 
 
 def test_missing_required_config_key(hf_model, tmp_path):

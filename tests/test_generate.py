@@ -138,3 +138,15 @@ def test_generate_refuses_nonsense_options(hf_model, capsys, extra, msg):
 def test_stream_settings_without_streams_are_refused(hf_model):
     with pytest.raises(ValueError, match="has no stream adapter"):
         load(str(hf_model("llama")[0]), prune_threshold=0.1)
+
+
+def test_a_non_utf8_prompt_on_stdin_is_a_named_error(hf_model, capsys, monkeypatch):
+    import io
+    import sys
+
+    from mlx_specstream.cli import main as cli
+
+    path, _ = hf_model("llama")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
+    assert cli(["generate", "--model", str(path), "-m", "4"]) == 1
+    assert "the prompt on stdin is not UTF-8 text (byte 3: b'\\xe9')" in capsys.readouterr().err

@@ -168,6 +168,8 @@ def test_valid_json_with_bad_values_gets_a_named_400(served):
         st, data = raw(port, "POST", "/v1/chat/completions", json.dumps(req).encode())
         assert st == 400, (req, data)
         assert json.loads(data)["error"]["param"] == param
+    st, data = raw(port, "POST", "/v1/chat/completions", b'{"messages": ' + b"[" * 15000 + b"]" * 15000 + b"}")
+    assert st == 400 and "nested too deeply" in json.loads(data)["error"]["message"]
     # a lone surrogate, escaped in valid JSON
     body = b'{"messages": [{"role": "user", "content": "x\\ud800y"}]}'
     st, data = raw(port, "POST", "/v1/chat/completions", body)
@@ -194,3 +196,137 @@ def test_strict_content_length_and_case_insensitive_bearer(served):
         assert st in (400, 411), extra
     st, _ = _raw_request(port, head % (f"bearer {API_KEY}".encode(), b"Content-Length: %d\r\n" % len(body)), body)
     assert st == 200
+
+
+@pytest.fixture
+def small_server(served):
+    """A second server on the same model with a short socket timeout and a recording worker."""
+    _, model, tok = served
+
+    class Recording(ModelServer):
+        finishes = []
+
+        def _run(self, job):
+            if job.req["prompt"] and job.req.get("max_tokens") == 13:
+                raise RuntimeError("boom")  # a generation that fails after the request was accepted
+            out = super()._run(job)
+            self.finishes.append(out[1])
+            return out
+
+    ms = Recording(model, tok, "tiny", max_body=40000, timeout=1.0)
+    httpd = make_server(ms, "127.0.0.1", 0)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield httpd.server_address[1], ms, httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _plain(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request(method, path, body=body, headers={"Content-Length": str(len(body or b""))})
+    r = c.getresponse()
+    return r.status, r.read()
+
+
+def test_an_error_after_the_headers_is_an_sse_error_event_then_done(small_server):
+    port, _, _ = small_server
+    st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 13, "stream": True}).encode())
+    events = [e[len("data: "):] for e in data.decode().split("\n\n") if e]
+    assert st == 200 and json.loads(events[-2])["error"]["code"] == "server_error" and events[-1] == "[DONE]"
+    st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 13}).encode())
+    assert st == 500 and "boom" in json.loads(data)["error"]["message"]
+
+
+def test_stalled_clients_time_out_and_free_their_thread(small_server):
+    port, _, _ = small_server
+    for partial in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\""):  # short body
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.sendall(partial)
+        while s.recv(65536):  # the server closes it after its 1 s timeout (else: socket.timeout at 20 s)
+            pass
+        s.close()
+    assert _plain(port, "GET", "/health")[0] == 200
+
+
+def test_a_non_streamed_request_whose_client_left_is_cancelled(small_server):
+    import time
+
+    port, ms, _ = small_server
+    body = json.dumps({"prompt": "def", "max_tokens": 300}).encode()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    s.close()
+    deadline = time.time() + 60
+    while not ms.finishes and time.time() < deadline:
+        time.sleep(0.05)
+    assert ms.finishes == ["cancelled"]
+
+
+def test_an_oversized_body_gets_a_413_the_client_can_read(small_server):
+    port, _, _ = small_server
+    st, data = _plain(port, "POST", "/v1/completions", b"x" * (5 << 20))  # a standard client sends it all first
+    assert st == 413 and "exceeds the limit" in json.loads(data)["error"]["message"]
+
+
+def test_a_client_disconnect_is_logged_as_one_line(small_server, capsys):
+    _, _, httpd = small_server
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        httpd.handle_error(None, ("10.0.0.1", 5555))
+    err = capsys.readouterr().err
+    assert err.strip() == "[client 10.0.0.1:5555 disconnected: BrokenPipeError]"
+
+
+def test_port_in_use_or_invalid_is_a_one_line_error(capsys):
+    from mlx_specstream.cli import main as cli
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    for port, msg in ((busy.getsockname()[1], "cannot listen on 127.0.0.1"), (70000, "--port must be in 0..65535")):
+        assert cli(["serve", "--port", str(port)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) >= 1 and err[-1].startswith("error: ") and msg in err[-1], err
+    busy.close()
+
+
+def test_sigterm_refuses_new_connections_and_finishes_the_request_in_flight(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    line = proc.stdout.readline()
+    while "serving" not in line:
+        assert line, "the server did not start"
+        line = proc.stdout.readline()
+    port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    result = {}
+
+    def long_request():
+        result["r"] = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "def", "max_tokens": 1500}).encode())
+        result["done_at"] = time.time()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 30
+    refused_at = None
+    while time.time() < deadline and refused_at is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            time.sleep(0.1)
+        except ConnectionRefusedError:
+            refused_at = time.time()
+    t.join(120)
+    out = proc.communicate(timeout=120)[0]
+    assert refused_at is not None and refused_at < result["done_at"], out  # refused while the request still ran
+    assert result["r"][0] == 200 and json.loads(result["r"][1])["choices"][0]["finish_reason"] in ("length", "stop")
+    assert proc.returncode == 0 and "server stopped" in out

@@ -74,12 +74,19 @@ def test_resume_continues_identically(tiny):
     ('{"text": 5}', "train.jsonl:2: 'text' must be a string"),
     ('[1, 2]', "train.jsonl:2: expected a JSON object"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:2: 'messages'"),
+    ('{"prompt_ids": 5, "completion_ids": [1]}', "train.jsonl:2: 'prompt_ids' and 'completion_ids' must be lists"),
+    ('{"prompt_ids": [1], "completion_ids": [true]}', "train.jsonl:2: token ids must be integers"),
+    ('{"text": "a\\ud800b"}', "train.jsonl:2: .* lone surrogate"),
+    ('{"prompt": "x", "completion": ["\\udfff"]}', "train.jsonl:2: .* lone surrogate"),
+    ("[" * 100_000 + "]" * 100_000, "train.jsonl:2: JSON nested too deeply"),
+    (b'{"text": "caf\xe9"}', r"train.jsonl:2: not UTF-8 \(byte 13"),
 ])
 def test_malformed_records_name_the_line(tiny, line, msg):
     _, tok, _, tmp = tiny
     f = tmp / "bad" / "train.jsonl"
     f.parent.mkdir()
-    f.write_text(json.dumps({"text": "ok"}) + "\n" + line + "\n")
+    line = line if isinstance(line, bytes) else line.encode()
+    f.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + line + b"\n")
     with pytest.raises(DataError, match=msg):
         read_jsonl(f, tok, 32)
 

@@ -62,11 +62,14 @@ def main(argv=None) -> int:
         ap.add_argument("--model", default=None)
         ap.add_argument("--prompts", default="heldout")
         ap.add_argument("--n-prompts", type=int, default=6)
-        ap.add_argument("--write", action="store_true", help="write the tree into the stream config")
+        ap.add_argument("--write", action="store_true", help="write the tuned settings into the attached stream config")
+        ap.add_argument("--write-to", default=None, metavar="FILE.json",
+                        help="write them into this stream config instead (needed for the package's own adapters)")
         ap.add_argument("--quick", action="store_true")
         ap.add_argument("--json", default=None)
         a = ap.parse_args(argv[1:])
-        res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write, quick=a.quick)
+        res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write or bool(a.write_to), quick=a.quick,
+                   write_to=a.write_to)
         print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
@@ -14,14 +15,15 @@ import numpy as np
 
 from ..acceptance import GreedyAcceptance
 from ..cache import make_cache
-from ..checkpoint import default_model_path, get_model_path, read_json
+from ..checkpoint import inside, read_json
 from ..device import fingerprint, tuned_on
 from ..decode import generate_step, tree_step
 from ..drafters import DraftState, StreamDrafter
 from ..generate import stream_generate
 from ..loading import load
 from ..plan import TreePlan
-from ..streams import STREAMS_CONFIG, forward_with_streams
+from ..streams import forward_with_streams
+from ..streams.files import ASSETS
 from ..tree import chain, sparse
 from .prompts import load_prompts
 
@@ -126,16 +128,23 @@ def measure_rank_acceptance(model, streams, tokenizer, prompts: List[List[int]],
     return (counts / np.maximum(n[:, None], 1)).tolist()
 
 
-def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False) -> dict:
+def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False, write_to=None) -> dict:
     """Fit the stream config to this device: the cost model's tree from the measured cost curve
     and rank acceptance, then end-to-end decode speed of candidate (tree, lookup, τ) settings and
     of plain decoding, in interleaved rounds; ``write`` stores the fastest — plain decoding unless
-    a setting beats it beyond the noise — with the backend, device and BLAS it was tuned on."""
-    path = default_model_path() if model_path is None else get_model_path(model_path)
-    model, tok = load(str(path))
+    a setting beats it beyond the noise — with the backend, device and BLAS it was tuned on — into
+    the attached adapter's config (``write_to``: that file, named explicitly; the package's own
+    adapters are written only so)."""
+    model, tok = load(model_path)
     drafter = getattr(model, "drafter", None)
     if not isinstance(drafter, StreamDrafter):
-        raise ValueError(f"{path} has no stream file to tune")
+        raise ValueError(f"{model_path or 'the embedded model'} has no stream adapter to tune")
+    cfg_file = Path(write_to) if write_to else drafter.streams.source
+    if write and not write_to and inside(cfg_file, ASSETS):
+        raise ValueError(f"{cfg_file} is one of the package's own adapters: it is not overwritten by default; "
+                         "name it with --write-to to do so")
+    if write and (cfg_file is None or not cfg_file.exists()):
+        raise ValueError(f"no stream config to write the tuned settings into ({cfg_file})")
     base, streams = model.base, drafter.streams
     sizes = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64, 128)
     cost = measure_cost_curve(base, streams, sizes=sizes, trials=3 if quick else 7)
@@ -182,7 +191,6 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
                                {"median": measured[(t, n, tau)], "min": min(v), "max": max(v)}
                                for (t, n, tau), v in runs.items()}}
     if write:
-        cfg_file = path / STREAMS_CONFIG
         cfg = read_json(cfg_file)
         cfg["tree"], cfg["prune_threshold"], cfg["lookup"] = result["tree"], best_tau, best_lookup
         cfg["tuned_on"] = result["tuned_on"]

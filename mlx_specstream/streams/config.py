@@ -25,6 +25,7 @@ class StreamConfig(TreeSetting):
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
     lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
     tuned_on: Optional[dict] = None  # backend, device, BLAS that `bench tune` fitted tree/lookup/τ on
+    base: Optional[dict] = None  # fingerprint of the base it was trained on (checkpoint.base_fingerprint)
 
     def __post_init__(self):
         for f in fields(self):
@@ -32,6 +33,9 @@ class StreamConfig(TreeSetting):
             want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type))
             if want is not None and (not isinstance(v, want) or (want is not bool and isinstance(v, bool))):
                 raise ValueError(f"{f.name} must be {str(f.type)}, got {v!r}")
+        for name in ("tuned_on", "base"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be an object, got {getattr(self, name)!r}")
         if self.num_streams < 1:
             raise ValueError(f"num_streams must be >= 1, got {self.num_streams}")
         if self.num_msa_layers < 1:

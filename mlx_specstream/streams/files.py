@@ -8,12 +8,14 @@ from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from ..checkpoint import CheckpointError, load_adapter_weights, model_dtype, read_json, save_adapter
+from ..checkpoint import (CheckpointError, base_fingerprint, fingerprint_mismatch, load_adapter_weights, model_dtype,
+                          read_json, save_adapter)
 from .config import StreamConfig
 from .params import SpeculativeStreams
 
 STREAMS_STEM = "speculative_streams"
 STREAMS_CONFIG = STREAMS_STEM + ".json"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def stream_stem(name: Optional[str] = None) -> str:
@@ -43,6 +45,21 @@ def find_stream_file(model_path: Path, streams: Optional[str]) -> Optional[Path]
     raise FileNotFoundError(f"stream file {streams!r} not found (in {model_path}: {available or 'none'})")
 
 
+def shipped_stream_file(model) -> Optional[Path]:
+    """The package's own adapter trained on ``model``'s weights (its recorded base matches), if any:
+    how a known base (e.g. SmolLM2, by name, GGUF file or converted folder) gets its streams."""
+    have = None
+    for file in sorted(ASSETS.glob(f"*/{STREAMS_CONFIG}")):
+        cfg = read_json(file)
+        base = cfg.get("base") if isinstance(cfg, dict) else None
+        if not isinstance(base, dict) or base.get("vocab_size") != model.args.vocab_size:
+            continue
+        have = have or base_fingerprint(model)
+        if fingerprint_mismatch(base, have) is None:
+            return file
+    return None
+
+
 def read_stream_config(config_file: Path, **overrides) -> StreamConfig:
     """A stream config file, with ``overrides`` (None values ignored) applied; named errors."""
     cfg = read_json(config_file)
@@ -55,10 +72,17 @@ def read_stream_config(config_file: Path, **overrides) -> StreamConfig:
         raise CheckpointError(f"{config_file}: {e}") from e
 
 
-def load_streams(config_file: Path, model, **overrides) -> SpeculativeStreams:
-    """The stream adapter of ``config_file`` for ``model``, loaded strictly in the model's dtype."""
+def load_streams(config_file: Path, model, force: bool = False, **overrides) -> SpeculativeStreams:
+    """The stream adapter of ``config_file`` for ``model``, loaded strictly in the model's dtype.
+    An adapter that records the base it was trained on is refused on another base unless ``force``
+    (its drafts would be noise: never wrong output, only slower decoding)."""
     config_file = Path(config_file)
-    streams = SpeculativeStreams(read_stream_config(config_file, **overrides), model)
+    cfg = read_stream_config(config_file, **overrides)
+    if cfg.base is not None and not force and (why := fingerprint_mismatch(cfg.base, base_fingerprint(model))):
+        raise CheckpointError(f"{config_file} was trained on another base model ({why}): attaching it would only "
+                              "slow decoding down; pass --force-streams (force_streams=True) to attach it anyway")
+    streams = SpeculativeStreams(cfg, model)
     load_adapter_weights(streams, config_file.with_suffix(".safetensors"),
                          f"{config_file.name} and the base model", model_dtype(model))
+    streams.source = config_file
     return streams

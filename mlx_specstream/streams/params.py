@@ -73,6 +73,7 @@ class SpeculativeStreams(nn.Module):
         if config.num_msa_layers > n_layers:
             raise ValueError(f"num_msa_layers {config.num_msa_layers} exceeds the model's {n_layers} layers")
         self.config = config
+        self.source = None  # the stream config file it was loaded from, if any
         h = model.args.hidden_size
         self.stream_embeddings = mx.random.normal((config.num_streams, h)) * 0.02
         self.pruning = PruningAdapter(h, config.pruning_rank)

@@ -117,7 +117,66 @@ def load_config(path: Path) -> dict:
     return config
 
 
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def check_safetensors(file: Path) -> None:
+    """Check a safetensors header against the file before MLX views a byte of it (MLX's reader
+    accepts duplicate names and overlapping spans, i.e. wrong weights): one entry per name, known
+    dtypes, every span inside the data, sized by its shape, spans neither overlapping nor leaving gaps."""
+    def fail(why):
+        raise CheckpointError(f"cannot read {file}: corrupt or truncated safetensors ({why})")
+
+    size = Path(file).stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            fail("no header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_SAFETENSORS_HEADER):
+            fail(f"a header of {n} bytes in a file of {size}")
+        raw = f.read(n)
+
+    def no_duplicates(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            fail(f"the header names {sorted({k for k in names if names.count(k) > 1})[:3]} more than once")
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw, object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        fail(f"the header is not JSON: {e}")
+    if not isinstance(header, dict):
+        fail("the header is not an object")
+    data_len, spans = size - 8 - n, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and info.get("dtype") in _ST_ITEMSIZE and isinstance(info.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])):
+            fail(f"tensor {name!r}: dtype, shape or data_offsets malformed")
+        begin, end = info["data_offsets"]
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        if not 0 <= begin <= end <= data_len or end - begin != count * _ST_ITEMSIZE[info["dtype"]]:
+            fail(f"tensor {name!r}: bytes {begin}..{end} do not hold its shape {info['shape']} "
+                 f"{info['dtype']} inside {data_len} bytes of data")
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            fail(f"tensor {name!r} {'overlaps the one before it' if begin < at else 'leaves a gap before it'}")
+        at = end
+
+
 def read_safetensors(file: Path) -> Dict[str, mx.array]:
+    check_safetensors(file)
     try:
         return mx.load(str(file))
     except Exception as e:

@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .checkpoint import base_fingerprint
+from .checkpoint import base_fingerprint, read_safetensors
 from .cli import progress_bar
 from .drafters.medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
@@ -396,7 +396,7 @@ def _save_state(out: Path, trainable, opt, step: int):
 
 
 def _load_state(out: Path, trainable, opt) -> int:
-    flat = mx.load(str(out / "trainer_state.safetensors"))
+    flat = read_safetensors(out / "trainer_state.safetensors")
     params = [(k, v) for k, v in flat.items() if not k.startswith("__opt__.")]
     trainable.load_weights(params, strict=False)
     opt_state = tree_unflatten([(k[len("__opt__."):], v) for k, v in flat.items() if k.startswith("__opt__.")])

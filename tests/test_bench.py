@@ -159,3 +159,23 @@ def test_chat_and_code_prompt_sets_use_the_chat_template():
     held = {p.relative_to(stdlib_root()).parts[0].removesuffix(".py") for p in split_files()[1]}
     named = [t.split("`")[1].split(".")[0] for t in builtin_prompts("chat", 40) if t.startswith("Explain")]
     assert named and set(named) <= held  # questions about held-out modules only
+
+
+def test_prompt_files_take_texts_or_chat_messages(tmp_path):
+    from mlx_specstream.bench.prompts import load_prompts
+
+    class Tok:
+        has_chat_template = True
+
+        def apply_chat_template(self, msgs, add_generation_prompt):
+            return [7, len(msgs)]
+
+        def encode(self, t):
+            return [1, len(t)]
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "abc"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    assert load_prompts(str(f), 5, Tok(), 100) == [[1, 3], [7, 1]]
+    f.write_text(json.dumps({"text": "abc"}) + "\n")
+    with pytest.raises(ValueError, match="p.jsonl:1: records need a 'prompt' string or a 'messages' list"):
+        load_prompts(str(f), 5, Tok(), 100)

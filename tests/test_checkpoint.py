@@ -208,3 +208,26 @@ def test_stream_files_of_the_wrong_shape_are_named(hf_model, tmp_path, content, 
     (d / "speculative_streams.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=msg):
         load(str(d))
+
+
+@pytest.mark.parametrize("header,data,msg", [
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     '"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', 16, "names \\['a'\\] more than once"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "'b' overlaps the one before it"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4, "do not hold its shape"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "do not hold its shape"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, 8, "malformed"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap"),
+])
+def test_safetensors_headers_are_checked_before_any_byte_is_viewed(tmp_path, header, data, msg):
+    from mlx_specstream.checkpoint import read_safetensors
+
+    f = tmp_path / "w.safetensors"
+    raw = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data))
+    with pytest.raises(CheckpointError, match=msg):
+        read_safetensors(f)
+    f.write_bytes((10**12).to_bytes(8, "little") + raw)
+    with pytest.raises(CheckpointError, match="a header of"):
+        read_safetensors(f)

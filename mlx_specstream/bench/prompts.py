@@ -49,17 +49,22 @@ def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
         length = int(spec.split(":")[1])
         rng = np.random.RandomState(0)
         return [rng.randint(3, vocab, size=length).tolist() for _ in range(n)]
-    if spec.endswith(".jsonl"):
+    if spec.endswith(".jsonl"):  # {"prompt": text} as is, or {"messages": [...]} through the chat template
         out = []
-        for ln, line in enumerate(Path(spec).read_text().splitlines(), 1):
-            if line.strip():
-                rec = json.loads(line)
-                if "prompt" not in rec:
-                    raise ValueError(f"{spec}:{ln}: records need a 'prompt'")
-                out.append(rec["prompt"])
-        texts = out[:n]
-    else:
-        texts = builtin_prompts(spec, n)
+        for ln, line in enumerate(Path(spec).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"]:
+                if not getattr(tokenizer, "has_chat_template", False):
+                    raise ValueError(f"{spec}:{ln}: 'messages' records need a tokenizer with a chat template")
+                out.append(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True))
+            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+                out.append(tokenizer.encode(rec["prompt"]))
+            else:
+                raise ValueError(f"{spec}:{ln}: records need a 'prompt' string or a 'messages' list")
+        return out[:n]
+    texts = builtin_prompts(spec, n)
     if spec in CHAT_SETS and getattr(tokenizer, "has_chat_template", False):
         return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
                 for t in texts]

@@ -80,6 +80,7 @@ def tree_generate_step(
     cached_tokens: Sequence[int] = (),
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     max_context: Optional[int] = None,
+    overlap: bool = True,
 ) -> Generator[StepResult, None, None]:
     """Tree decoding with any drafter; yields one :class:`StepResult` per forward pass.
 
@@ -88,7 +89,9 @@ def tree_generate_step(
     and proposes the next. ``tree``: rank paths (default: the drafter's). ``lookup``: context
     drafts (prompt lookup) joining every tree (default: the drafter's), copied from
     ``cached_tokens`` (what ``prompt_cache`` already holds, e.g. earlier chat turns), the prompt
-    and the output. ``max_context``: near it, steps verify the root alone.
+    and the output. ``max_context``: near it, steps verify the root alone. ``overlap=False``
+    queues each step only after the caller took the previous one (for measuring what the
+    overlap buys: ``benchmarks/async_overlap.py``).
     """
     drafter = drafter or Verifier()
     accept = accept or GreedyAcceptance()
@@ -113,14 +116,16 @@ def tree_generate_step(
             cand = plan.with_context(cand, ctx.propose())
         state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
         n += len(result.tokens)
-        if n < max_tokens:
+        near_end = max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context
+        if n < max_tokens and overlap:
             # Queue the next step before handing this one over: the device runs it while the
             # caller detokenizes, matches stops, writes (as mlx-lm's generate_step does).
-            near_end = max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context
             pending = launch_step(model, drafter, plan.root_only if near_end else plan, state, cache, accept)
         yield result
         if n >= max_tokens:
             return
+        if not overlap:
+            pending = launch_step(model, drafter, plan.root_only if near_end else plan, state, cache, accept)
 
 
 @dataclass

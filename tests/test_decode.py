@@ -331,3 +331,20 @@ def test_greedy_speculative_equals_plain_greedy_in_half_precision_and_quantized(
         assert steps < 100
     got = [t for r in tree_generate_step(_prompt(9), model, None, max_tokens=60, lookup=4) for t in r.tokens][:60]
     assert got == ar_tokens(model, _prompt(9), 60)
+
+
+def test_the_overlapped_loop_gives_the_sequential_loops_tokens_and_cache(hf_model):
+    """Queueing the next step before the caller takes the current one changes timing only."""
+    model, _ = load_model(hf_model("llama")[0])
+    cfg = StreamConfig(num_streams=2, num_msa_layers=1, tree=[[0], [1], [0, 0]], lookup=3)
+    streams = randomize(SpeculativeStreams(cfg, model), scale=0.3)
+    prompt = _prompt(12, seed=4)
+    runs = []
+    for overlap in (True, False):
+        cache = make_cache(model)
+        toks = [t for r in tree_generate_step(prompt, model, StreamDrafter(streams), max_tokens=40, overlap=overlap,
+                                              prompt_cache=cache) for t in r.tokens]
+        runs.append((toks, [np.array(c.keys[..., : c.offset, :]) for c in cache]))
+    assert runs[0][0] == runs[1][0] == ar_tokens(model, prompt, 40)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_array_equal(a, b)

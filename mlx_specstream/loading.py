@@ -176,7 +176,8 @@ def load(
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:
             _say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
-                      "run `specstream bench tune --write` here for settings fitted to this machine]")
+                      "run `specstream bench tune --write` here for settings fitted to this machine "
+                      "(`--write-to FILE` for the package's own adapters)]")
         if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
             # Every extra verified row costs full compute with the reference BLAS: settings tuned
             # with an optimised one decode slower than plain decoding here (0.55x measured).

@@ -20,15 +20,15 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--prompts", default="heldout")
+    ap.add_argument("--prompts", default=None, help="default: heldout (embedded model), chat (any other)")
     ap.add_argument("--n-prompts", type=int, default=6)
     ap.add_argument("-m", "--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     model, tok = load(args.model)
     base, drafter = model.base, model.drafter
-    ids = load_prompts(args.prompts if args.prompts != "heldout" or args.model is None else "chat",
-                       args.n_prompts, tok, base.args.vocab_size)
+    spec = args.prompts or ("heldout" if args.model is None else "chat")
+    ids = load_prompts(spec, args.n_prompts, tok, base.args.vocab_size)
     tps = {True: [], False: []}
     step_ms = {True: [], False: []}
     outputs = {}

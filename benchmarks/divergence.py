@@ -18,6 +18,7 @@ import mlx.core as mx
 
 def main(argv=None):
     from mlx_specstream.bench.prompts import load_prompts
+    from mlx_specstream.bench.runners import divergence
     from mlx_specstream.generate import stream_generate
     from mlx_specstream.loading import load
 
@@ -37,19 +38,15 @@ def main(argv=None):
         dtype = None if q else v
         model, tok = load(args.model, streams=args.streams or None, quantize=q, dtype=dtype)
         prompts = load_prompts(args.prompts, args.n_prompts, tok, model.args.vocab_size)
-        rows, tic = [], time.perf_counter()
-        for p in prompts:
-            ar = [t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, speculative=False) for t in r.tokens]
-            sp = [t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, lookup=args.lookup) for t in r.tokens]
-            first = next((i for i, (a, b) in enumerate(zip(ar, sp)) if a != b), None)
-            if first is None and len(ar) != len(sp):
-                first = min(len(ar), len(sp))
-            rows.append({"equal": first is None, "first_difference": first, "tokens": len(ar)})
-        n_diff = sum(not r["equal"] for r in rows)
-        results["variants"][v] = {"prompts": len(rows), "diverged": n_diff, "divergence_rate": n_diff / len(rows),
-                                  "rows": rows, "seconds": round(time.perf_counter() - tic, 1)}
-        print(f"{v}: {n_diff}/{len(rows)} prompts diverged "
-              f"(first differences at {[r['first_difference'] for r in rows if not r['equal']]})", flush=True)
+        tic = time.perf_counter()
+        ar = [[t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, speculative=False) for t in r.tokens]
+              for p in prompts]
+        sp = [[t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, lookup=args.lookup) for t in r.tokens]
+              for p in prompts]
+        d = divergence(sp, ar)
+        results["variants"][v] = {**d, "prompts": len(prompts), "seconds": round(time.perf_counter() - tic, 1)}
+        print(f"{v}: divergence rate {d['divergence_rate']:.2f} over {len(prompts)} prompts "
+              f"(first differences at {[i for i in d['first_divergence'] if i is not None]})", flush=True)
         del model
         mx.clear_cache()
         if args.json:  # after each variant: a run cut short keeps what it measured

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -60,9 +61,12 @@ def get_model_path(path_or_hf_repo: Union[str, Path], revision: Optional[str] = 
         ) from e
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"  # the package's embedded models and shipped adapters
+
+
 def default_model_path(name: str = "default") -> Path:
     """An embedded model: ``default`` (the 7M model with its streams) or ``draft`` (its draft)."""
-    path = Path(__file__).parent / "assets" / name
+    path = ASSETS / name
     if not (path / "config.json").exists():
         raise CheckpointError(f"the embedded {name} model is missing from {path}; pass --model")
     return path
@@ -161,10 +165,7 @@ def check_safetensors(file: Path) -> None:
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])):
             fail(f"tensor {name!r}: dtype, shape or data_offsets malformed")
         begin, end = info["data_offsets"]
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        if not 0 <= begin <= end <= data_len or end - begin != count * _ST_ITEMSIZE[info["dtype"]]:
+        if not 0 <= begin <= end <= data_len or end - begin != math.prod(info["shape"]) * _ST_ITEMSIZE[info["dtype"]]:
             fail(f"tensor {name!r}: bytes {begin}..{end} do not hold its shape {info['shape']} "
                  f"{info['dtype']} inside {data_len} bytes of data")
         spans.append((begin, end, name))

@@ -117,15 +117,16 @@ def tree_generate_step(
         state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
         n += len(result.tokens)
         near_end = max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context
+        step_plan = plan.root_only if near_end else plan
         if n < max_tokens and overlap:
             # Queue the next step before handing this one over: the device runs it while the
             # caller detokenizes, matches stops, writes (as mlx-lm's generate_step does).
-            pending = launch_step(model, drafter, plan.root_only if near_end else plan, state, cache, accept)
+            pending = launch_step(model, drafter, step_plan, state, cache, accept)
         yield result
         if n >= max_tokens:
             return
         if not overlap:
-            pending = launch_step(model, drafter, plan.root_only if near_end else plan, state, cache, accept)
+            pending = launch_step(model, drafter, step_plan, state, cache, accept)
 
 
 @dataclass

@@ -34,7 +34,7 @@ DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_TIMEOUT = 30.0  # seconds a socket read or write may wait (slow or stalled clients)
 DRAIN_LIMIT = 64 << 20  # an oversized body is read and dropped up to this much, so the client reads its 413
-_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError, socket.timeout)
+_GONE = (ConnectionError, TimeoutError)  # the peer closed, reset, or stalled past the timeout
 
 
 class RequestError(Exception):
@@ -369,7 +369,7 @@ def make_handler(server: ModelServer):
                     self.wfile.write(f"data: {json.dumps(obj_)}\n\n".encode())
                     self.wfile.flush()
                     return True
-                except (BrokenPipeError, ConnectionResetError, OSError):
+                except OSError:
                     return False
 
             if chat and not send(chunk(role=True, delta_text="")):
@@ -390,7 +390,7 @@ def make_handler(server: ModelServer):
             try:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-            except _GONE + (OSError,):
+            except OSError:
                 pass
 
     return Handler
@@ -404,7 +404,7 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         e = sys.exc_info()[1]
-        if isinstance(e, _GONE + (OSError,)):  # a client that went away: one line, not a traceback
+        if isinstance(e, OSError):  # a socket error is a client that went away: one line, not a traceback
             print(f"[client {client_address[0]}:{client_address[1]} disconnected: {type(e).__name__}]",
                   file=sys.stderr, flush=True)
         else:

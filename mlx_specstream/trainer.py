@@ -339,7 +339,7 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         elapsed = time.perf_counter() - tic
         step = i if not cfg.time_limit else max(i, start + round((cfg.iters - start) * elapsed / cfg.time_limit))
         opt.learning_rate = mx.array(sched(mx.array(min(step, cfg.iters))), mx.float32)
-        final = i + 1 == last or (cfg.time_limit and step >= cfg.iters - 1)
+        final = i + 1 == last or (cfg.time_limit > 0 and step >= cfg.iters - 1)
         grads_acc, loss_acc = None, 0.0
         for a in range(cfg.grad_accum):
             toks, mask, b = next(it)

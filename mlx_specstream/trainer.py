@@ -163,10 +163,11 @@ def batches(data, batch_size: int, rng: random.Random, bottom: Optional[np.ndarr
             yield mx.array(toks[idx]), mx.array(mask[idx]), None if bottom is None else mx.array(bottom[idx])
 
 
-def bottom_states(model, streams: SpeculativeStreams, data, batch_size: int = 8, log=print) -> np.ndarray:
-    """The bottom N−Ns layers' output for every training input (float32, host memory). The base is
+def bottom_states(model, streams: Optional[SpeculativeStreams], data, batch_size: int = 8, log=print) -> np.ndarray:
+    """The bottom N−Ns layers' output for every training input (float32, host memory); with
+    ``streams=None``, the whole base's final-normed states (what Medusa heads read). The base is
     frozen in every mode, so these rows never change: computing them once makes an iteration
-    cost only the Ns stream layers and the heads. Rows are batched by length and run only up to
+    cost only the Ns stream layers (or the heads). Rows are batched by length and run only up to
     their last target (later positions are padding no loss term reads; they stay zero)."""
     toks, mask = data
     N, L = toks.shape[0], toks.shape[1] - 1
@@ -177,8 +178,8 @@ def bottom_states(model, streams: SpeculativeStreams, data, batch_size: int = 8,
     for s in range(0, N, batch_size):
         idx = order[s : s + batch_size]
         Lb = int(min(max(ends[idx].max(), 1), L))
-        h = bottom_forward(model, streams, mx.array(toks[idx, :Lb]), mask="causal" if Lb > 1 else None,
-                           positions=mx.arange(Lb))
+        x, kw = mx.array(toks[idx, :Lb]), dict(mask="causal" if Lb > 1 else None, positions=mx.arange(Lb))
+        h = bottom_forward(model, streams, x, **kw) if streams is not None else model.hidden(x, **kw)
         out[idx, :Lb] = np.array(h.astype(mx.float32))
         done += len(idx) * Lb
         if log and (s // batch_size) % 20 == 0:
@@ -292,6 +293,8 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
 
 
 def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at):
+    """Medusa-1 heads with the streams' budget: the same batches, iterations and sampled target
+    positions per batch (``max_stream_positions``), on cached final states of the frozen base."""
     rng = random.Random(cfg.seed)
     heads = MedusaHeads(MedusaConfig(num_heads=cfg.medusa), model)
     heads.init_from_lm_head(model)
@@ -299,14 +302,23 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     opt, sched = _optimizer(cfg)
     start = _load_state(out, trainable, opt) if resume and (out / "trainer_state.safetensors").exists() else 0
 
-    def loss_fn(tr, toks, mask, bottom, i):
-        return medusa_loss(model, tr.medusa, toks, mask)[0]
+    def loss_fn(tr, toks, mask, hidden, i):
+        return medusa_loss(model, tr.medusa, toks, mask, max_positions=cfg.max_stream_positions or None,
+                           sample_seed=cfg.seed * 1_000_003 + i, hidden=hidden)[0]
+
+    train_hidden = valid_hidden = None
+    if cfg.cache_bottom:
+        train_hidden = bottom_states(model, None, train_data, cfg.batch_size, log)
+        if valid_data is not None:
+            n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
+            valid_hidden = bottom_states(model, None, (valid_data[0][:n_val], valid_data[1][:n_val]),
+                                         cfg.batch_size, None)
 
     def on_eval():
-        return evaluate(lambda t, m, b: medusa_loss(model, heads, t, m)[1], valid_data, cfg)
+        return evaluate(lambda t, m, b: medusa_loss(model, heads, t, m, hidden=b)[1], valid_data, cfg, valid_hidden)
 
     history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
-                    lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads")
+                    lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads", train_hidden)
     return heads, history
 
 

@@ -137,6 +137,49 @@ def test_bench_shared_adapter_against_its_fused_model(bench_result, tmp_path):
     assert res["config"]["stream_config"]["mode"] == "shared"
 
 
+def test_several_prompt_sets_and_sampled_rows_in_one_run(bench_result, tmp_path, capsys):
+    """Two prompt sets interleave in one run, reported together and per set; --temp adds sampled
+    rows compared with the AR baselines at the same temperature."""
+    from mlx_specstream.bench import main
+
+    _, d = bench_result
+    out = tmp_path / "r.json"
+    assert main(["--model", str(d), "--prompts", "random:12", "--prompts", "random:7", "--n-prompts", "2", "-m", "12",
+                 "--trials", "2", "--warmup", "0", "--tree", "chain", "--lookup", "2", "--temp", "1.5",
+                 "--json", str(out), "--csv", str(tmp_path / "r.csv")]) == 0
+    res = json.loads(out.read_text())
+    ms = res["methods"]
+    assert set(ms) == {"ours_ar", "mlx_lm_ar", "ss[chain]", "ss[chain]+lookup[2]", "lookup[2]",
+                       "ours_ar@1.5", "mlx_lm_ar@1.5"}  # the sampled rows: AR baselines and the default tree
+    assert res["config"]["n_prompts_by_set"] == {"random:12": 2, "random:7": 2}
+    for name, m in ms.items():
+        assert set(m["by_set"]) == {"random:12", "random:7"}
+        assert sum(b["generated_tokens"] for b in m["by_set"].values()) == m["generated_tokens"]
+        if "@" in name:
+            assert m["temperature"] == 1.5 and m["equal_to_ar"] is None
+            assert set(m["speedup"]) == {"ours_ar", "mlx_lm_ar"}
+        else:
+            assert m["equal_to_ar"] and all(b["equal_to_ar"] for b in m["by_set"].values()), name
+    # the sampled baseline is compared with itself at its temperature, and really samples
+    assert ms["ours_ar@1.5"]["speedup"]["ours_ar"] == 1.0
+    assert ms["ours_ar@1.5"]["left_greedy_path"] > 0
+    text = capsys.readouterr().out
+    assert "prompt set random:7 (2 prompts)" in text and "ours_ar@1.5" in text
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7 * 3  # header, then every row for all prompts and per set
+
+
+def test_sampled_rows_include_the_stream_configs_tree(bench_result):
+    _, d = bench_result
+    res = run_bench(str(d), trees=["default"], prompts="random:12", n_prompts=1, max_tokens=8, trials=1, warmup=0,
+                    progress=False, temps=[0.7], methods=["ours_ar", "ss"])
+    assert set(res["methods"]) == {"ours_ar", "ss[default]", "ours_ar@0.7", "ss[default]@0.7"}
+    assert res["methods"]["ss[default]@0.7"]["speedup"] == {"ours_ar": pytest.approx(
+        res["methods"]["ss[default]@0.7"]["decode_tps_by_trial"][0] / res["methods"]["ours_ar@0.7"]["decode_tps_by_trial"][0])}
+    with pytest.raises(ValueError, match="temperatures"):
+        run_bench(str(d), prompts="random:12", n_prompts=1, temps=[0.0], progress=False)
+
+
 def test_chat_and_code_prompt_sets_use_the_chat_template():
     from mlx_specstream.bench.prompts import load_prompts
     from mlx_specstream.stdlib_data import split_files, stdlib_root

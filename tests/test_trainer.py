@@ -91,16 +91,18 @@ def test_malformed_records_name_the_line(tiny, line, msg):
         read_jsonl(f, tok, 32)
 
 
-@pytest.mark.parametrize("mode", ["lossless", "shared"])
+@pytest.mark.parametrize("mode", ["lossless", "shared", "medusa"])
 def test_cached_bottom_states_train_exactly_like_recomputing_them(tiny, mode):
     """The bottom N−Ns layers are frozen in every mode: computing their output once per sequence
-    gives the same parameters as recomputing it every iteration."""
+    gives the same parameters as recomputing it every iteration (Medusa: the whole base's final
+    states, with sampled positions as the streams have)."""
     model, tok, data, tmp = tiny
-    stream = StreamConfig(num_streams=2, num_msa_layers=1, mode=mode, lora_rank=4)
+    stream = StreamConfig(num_streams=2, num_msa_layers=1, mode="lossless" if mode == "medusa" else mode, lora_rank=4)
     runs = []
     for cache in (True, False):
         cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, val_every=6, streams=stream,
-                          mode=mode, cache_bottom=cache)
+                          mode=stream.mode, cache_bottom=cache, medusa=2 if mode == "medusa" else 0,
+                          max_stream_positions=8)
         s, hist = train(model, tok, data, data, cfg, tmp / f"out-{mode}-{cache}", log=lambda *_: None)
         runs.append((dict(tree_flatten(s.parameters())), hist))
     (a, ha), (b, hb) = runs

@@ -26,7 +26,9 @@ from .tune import tune
 def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="On-device benchmark harness")
     p.add_argument("--model", default=None)
-    p.add_argument("--prompts", default="heldout", help="heldout | sitepackages | random:LEN | file.jsonl")
+    p.add_argument("--prompts", action="append", default=None,
+                   help="heldout | sitepackages | chat | code | random:LEN | file.jsonl; repeat to run several sets "
+                        "in one interleaved run (reported together and per set; --n-prompts from each)")
     p.add_argument("--n-prompts", type=int, default=8)
     p.add_argument("-m", "--max-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=3)
@@ -40,6 +42,10 @@ def setup_arg_parser(parser=None):
     p.add_argument("--medusa", default=None, help="folder with medusa_heads.json")
     p.add_argument("--lookup", type=int, action="append", default=[],
                    help="also run context drafts (prompt lookup) of this length, alone and with the streams")
+    p.add_argument("--temp", type=float, action="append", default=[],
+                   help="also run sampled rows at this temperature (our AR, mlx-lm AR and the stream config's tree, "
+                        "alone and with its context drafts; --temp-methods to choose)")
+    p.add_argument("--temp-methods", default=None, help="comma list of method prefixes the sampled rows run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast every peer's weights (CPU: float32 is fastest)")
@@ -81,10 +87,11 @@ def main(argv=None) -> int:
     if draft is None and args.model is None:  # the embedded model comes with its draft model
         draft = str(default_model_path("draft"))
     res = run_bench(args.model, methods=args.methods.split(",") if args.methods else None,
-                    trees=args.tree or ["default"], prompts=args.prompts, n_prompts=args.n_prompts,
+                    trees=args.tree or ["default"], prompts=args.prompts or ["heldout"], n_prompts=args.n_prompts,
                     max_tokens=args.max_tokens, trials=args.trials, warmup=args.warmup, draft=draft,
                     num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype,
-                    lookups=args.lookup, streams_name=args.streams)
+                    lookups=args.lookup, streams_name=args.streams, temps=args.temp,
+                    **({"temp_methods": args.temp_methods.split(",")} if args.temp_methods else {}))
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

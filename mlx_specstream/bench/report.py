@@ -7,39 +7,63 @@ from pathlib import Path
 from typing import List
 
 
-def table(result: dict) -> str:
-    fp = result["fingerprint"]
-    lines = [f"{fp['backend']} | {fp['device']} | mlx {fp['mlx']} | mlx-lm {fp['mlx_lm']}"
-             + (f" | BLAS {fp['blas']}" if fp.get("blas") else "")]
-    hdr = f"{'method':<22}{'decode tok/s':>18}{'TTFT ms':>9}{'step p50':>9}{'ITL p99':>8}{'acc/step':>9}{'vs AR':>7}{'vs mlx-lm':>10}{'equal':>7}{'extra params':>13}"
-    lines += [hdr, "-" * len(hdr)]
-    for name, m in result["methods"].items():
+def _fmt_equal(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def _rows(methods: dict) -> List[str]:
+    hdr = f"{'method':<24}{'decode tok/s':>18}{'TTFT ms':>9}{'step p50':>9}{'ITL p99':>8}{'acc/step':>9}{'vs AR':>7}{'vs mlx-lm':>10}{'equal':>7}{'extra params':>13}{'peak GB':>8}"
+    lines = [hdr, "-" * len(hdr)]
+    for name, m in methods.items():
         d = m["decode_tps"]
         step, itl = m["step_latency_ms"] or {}, m["inter_token_latency_ms"] or {}
         lines.append(
-            f"{name:<22}{d['median']:>8.1f} ({d['min']:.0f}-{d['max']:.0f}){m['ttft_s']['median'] * 1e3:>9.1f}"
+            f"{name:<24}{d['median']:>8.1f} ({d['min']:.0f}-{d['max']:.0f}){m['ttft_s']['median'] * 1e3:>9.1f}"
             f"{step.get('p50', 0):>9.2f}{itl.get('p99', 0):>8.2f}{m['mean_accepted']:>9.2f}"
             f"{m['speedup'].get('ours_ar', 0):>7.2f}{m['speedup'].get('mlx_lm_ar', 0):>10.2f}"
-            f"{str(m.get('equal_to_ar', '-')):>7}{m['extra_params']:>13}")
+            f"{_fmt_equal(m.get('equal_to_ar')):>7}{m['extra_params']:>13}{m['peak_memory_gb']:>8.3f}")
         if m["acceptance_by_depth"]:
-            lines.append(f"{'':<22}levels reached: " + " ".join(f"{a:.2f}" for a in m["acceptance_by_depth"]))
+            lines.append(f"{'':<24}levels reached: " + " ".join(f"{a:.2f}" for a in m["acceptance_by_depth"]))
+    return lines
+
+
+def table(result: dict) -> str:
+    """The run as text: every row over all prompts, then per prompt set when there are several.
+    Sampled rows (``name@T``) compare with the AR baselines at the same temperature."""
+    fp = result["fingerprint"]
+    cfg = result.get("config", {})
+    lines = [f"{fp['backend']} | {fp['device']} | mlx {fp['mlx']} | mlx-lm {fp['mlx_lm']}"
+             + (f" | BLAS {fp['blas']}" if fp.get("blas") else "")]
+    sets = cfg.get("n_prompts_by_set") or {}
+    if len(sets) > 1:
+        lines.append("all prompts (" + ", ".join(f"{k}: {v}" for k, v in sets.items()) + ")")
+    lines += _rows(result["methods"])
+    for spec in sets if len(sets) > 1 else ():
+        lines += ["", f"prompt set {spec} ({sets[spec]} prompts)"]
+        lines += _rows({name: m["by_set"][spec] for name, m in result["methods"].items()})
     return "\n".join(lines)
 
 
+CSV_FIELDS = ["set", "method", "temperature", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s",
+              "prompt_tps", "step_p50_ms", "step_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "mean_accepted",
+              "acceptance_by_depth", "speedup_vs_ours_ar", "speedup_vs_mlx_lm_ar", "peak_memory_gb", "extra_params",
+              "equal_to_ar", "divergence_rate"]
+
+
 def write_csv(result: dict, path: Path) -> None:
+    """One line per row and prompt set (``all`` = every prompt)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s", "prompt_tps",
-                    "step_p50_ms", "step_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "mean_accepted",
-                    "speedup_vs_ours_ar",
-                    "speedup_vs_mlx_lm_ar", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate"])
-        for name, m in result["methods"].items():
-            step, itl = m["step_latency_ms"] or {}, m["inter_token_latency_ms"] or {}
-            w.writerow([name, m["decode_tps"]["median"], m["decode_tps"]["min"], m["decode_tps"]["max"],
-                        m["ttft_s"]["median"], m["prompt_tps"]["median"], step.get("p50"), step.get("p99"),
-                        itl.get("p50"), itl.get("p90"), itl.get("p99"), m["mean_accepted"], m["speedup"].get("ours_ar"),
-                        m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m["extra_params"],
-                        m.get("equal_to_ar"), m.get("divergence_rate")])
+        w.writerow(CSV_FIELDS)
+        for name, top in result["methods"].items():
+            for spec, m in [("all", top)] + list(top.get("by_set", {}).items()):
+                step, itl = m["step_latency_ms"] or {}, m["inter_token_latency_ms"] or {}
+                w.writerow([spec, name, m.get("temperature", 0.0), m["decode_tps"]["median"], m["decode_tps"]["min"],
+                            m["decode_tps"]["max"], m["ttft_s"]["median"], m["prompt_tps"]["median"], step.get("p50"),
+                            step.get("p99"), itl.get("p50"), itl.get("p90"), itl.get("p99"), m["mean_accepted"],
+                            " ".join(f"{a:.3f}" for a in m["acceptance_by_depth"]), m["speedup"].get("ours_ar"),
+                            m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m["extra_params"],
+                            m.get("equal_to_ar"), m.get("divergence_rate")])
 
 
 def plots(result: dict, out: Path) -> List[Path]:

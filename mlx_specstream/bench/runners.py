@@ -1,7 +1,9 @@
 """Running every method on the same weights and prompts: our AR, mlx-lm's AR, our tree decoding
 with each drafter (streams per tree, with and without context drafts; context drafts alone;
-Medusa heads; a draft model) and mlx-lm's two-model decoding. Methods interleave prompt by
-prompt so machine-load drift hits all alike; speedups are medians of paired per-trial ratios."""
+Medusa heads; a draft model) and mlx-lm's two-model decoding; optionally sampled rows at given
+temperatures. Methods interleave prompt by prompt so machine-load drift hits all alike; speedups
+are medians of paired per-trial ratios. Several prompt sets run in one interleaved run, reported
+together and per set."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx_lm
@@ -25,6 +27,7 @@ from ..decode import levels_reached
 from ..drafters import DEFAULT_NUM_DRAFT, MedusaDrafter, StreamDrafter, load_medusa
 from ..generate import stream_generate
 from ..loading import load, load_draft_model, resolve_model
+from ..sample import SamplingParams
 from ..streams import find_stream_file, load_streams
 from ..tree import parse_tree_spec
 from .prompts import load_prompts
@@ -32,6 +35,9 @@ from .prompts import load_prompts
 METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "step_latency_ms", "inter_token_latency_ms", "mean_accepted", "acceptance_by_depth",
                  "speedup", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
                  "generated_tokens")
+# Sampled rows (``temps``): what a chat user gets — the AR baselines and the stream config's own
+# tree, alone and with its context drafts.
+DEFAULT_TEMP_METHODS = ("ours_ar", "mlx_lm_ar", "ss[default]")
 
 
 @dataclass
@@ -43,10 +49,10 @@ class Run:
     produced: Optional[float] = None  # tokens the forward passes produced (a cut last step counts whole)
 
 
-def _ours(model, tok, prompt, max_tokens, **kw) -> Run:
+def _ours(model, tok, prompt, max_tokens, temp=0.0, **kw) -> Run:
     tic = time.perf_counter()
     toks, arr, depths, size, last = [], [], [], 1, None
-    for last in stream_generate(model, tok, prompt, max_tokens=max_tokens, **kw):
+    for last in stream_generate(model, tok, prompt, max_tokens=max_tokens, sampling=SamplingParams(temp=temp), **kw):
         arr.append((time.perf_counter() - tic, len(last.tokens)))
         toks += last.tokens
         size = max(size, last.tree_size)
@@ -55,11 +61,11 @@ def _ours(model, tok, prompt, max_tokens, **kw) -> Run:
     return Run(toks, arr, depths, size, last.mean_accepted * last.steps if last is not None else 0.0)
 
 
-def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DRAFT) -> Run:
+def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DRAFT, temp=0.0) -> Run:
     kw = {"draft_model": draft, "num_draft_tokens": num_draft} if draft is not None else {}
     tic = time.perf_counter()
     toks, arr, depths, run_len = [], [], [], 0
-    for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0), **kw):
+    for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(temp), **kw):
         if r.finish_reason == "stop" and r.token in tok.eos_token_ids:
             break
         toks.append(int(r.token))
@@ -133,11 +139,21 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
 
 
 def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
-              prompts: str = "heldout", n_prompts: int = 8, max_tokens: int = 128, trials: int = 3,
-              warmup: int = 1, draft: Optional[str] = None, num_draft: int = DEFAULT_NUM_DRAFT,
+              prompts: Union[str, Sequence[str]] = "heldout", n_prompts: int = 8, max_tokens: int = 128,
+              trials: int = 3, warmup: int = 1, draft: Optional[str] = None, num_draft: int = DEFAULT_NUM_DRAFT,
               medusa: Optional[str] = None, seed: int = 0, progress=True, dtype: Optional[str] = None,
-              lookups: Sequence[int] = (), streams_name: Optional[str] = None) -> dict:
-    """Every method on the same weights and prompts, interleaved; see the module docstring."""
+              lookups: Sequence[int] = (), streams_name: Optional[str] = None, temps: Sequence[float] = (),
+              temp_methods: Sequence[str] = DEFAULT_TEMP_METHODS) -> dict:
+    """Every method on the same weights and prompts, interleaved; see the module docstring.
+    ``prompts``: one set or several (``n_prompts`` from each); ``temps``: also run the
+    ``temp_methods`` rows sampled at each temperature (rows ``name@T``, compared with the AR
+    baselines at the same temperature)."""
+    sets = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not sets:
+        raise ValueError("no prompt set given")
+    for t in temps:
+        if not (t > 0 and t == t and t != float("inf")):
+            raise ValueError(f"temperatures must be finite and > 0 (greedy rows always run), got {t}")
     mx.random.seed(seed)
     path = default_model_path() if model_path is None else resolve_model(model_path)
     model, tok = load(str(path), dtype=dtype, streams=streams_name)
@@ -159,10 +175,15 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         dtype = dtype or {v: k for k, v in DTYPES.items()}[model_dtype(base)]
     if dtype:  # the same weights in the same dtype for every peer
         cast_floats(lm_model, dtype)
-    ids = load_prompts(prompts, n_prompts, tok, base.args.vocab_size)
-    plan: List[Tuple[str, Callable[[List[int]], Run], int]] = []  # (name, fn, extra params)
-    plan.append(("ours_ar", lambda p: _ours(base, tok, p, max_tokens, speculative=False), 0))
-    plan.append(("mlx_lm_ar", lambda p: _mlx_lm(lm_model, tok, p, max_tokens), 0))
+    ids, set_of = [], []
+    for spec in sets:
+        got = load_prompts(spec, n_prompts, tok, base.args.vocab_size)
+        ids += got
+        set_of += [spec] * len(got)
+    # (name, fn(prompt, temperature) -> Run, extra params)
+    plan: List[Tuple[str, Callable[[List[int], float], Run], int]] = []
+    plan.append(("ours_ar", lambda p, t: _ours(base, tok, p, max_tokens, t, speculative=False), 0))
+    plan.append(("mlx_lm_ar", lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, temp=t), 0))
     if streams is not None:
         own = streams.config.lookup
         own = [own] if own and own not in lookups else []
@@ -170,69 +191,96 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
             # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
             # stream config's own number joins the default tree: what a user of it gets)
-            plan.append((f"ss[{spec}]", lambda p, paths=paths: _ours(model, tok, p, max_tokens, tree=paths, lookup=0),
+            plan.append((f"ss[{spec}]", lambda p, t, paths=paths: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=0),
                          streams.num_params))
             for n in list(lookups) + (own if spec == "default" else []):
                 plan.append((f"ss[{spec}]+lookup[{n}]",
-                             lambda p, paths=paths, n=n: _ours(model, tok, p, max_tokens, tree=paths, lookup=n),
+                             lambda p, t, paths=paths, n=n: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=n),
                              streams.num_params))
     for n in lookups:  # context drafts alone (prompt lookup decoding): no trained parameters
-        plan.append((f"lookup[{n}]", lambda p, n=n: _ours(base, tok, p, max_tokens, lookup=n), 0))
+        plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
     if medusa:
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
-        plan.append(("medusa", lambda p: _ours(base, tok, p, max_tokens, drafter=md), md.num_params))
+        plan.append(("medusa", lambda p, t: _ours(base, tok, p, max_tokens, t, drafter=md), md.num_params))
     if draft:
         # Two-model decoding: our loop with the draft model as its drafter, beside mlx-lm's own.
         dd = load_draft_model(draft, base, num_draft=num_draft)
-        plan.append((f"draft[{num_draft}]", lambda p: _ours(base, tok, p, max_tokens, drafter=dd), dd.num_params))
+        plan.append((f"draft[{num_draft}]", lambda p, t: _ours(base, tok, p, max_tokens, t, drafter=dd), dd.num_params))
         d_model = mlx_lm_model(resolve_model(draft), dtype)
-        plan.append((f"mlx_lm_draft[{num_draft}]", lambda p: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft),
-                     dd.num_params))
+        plan.append((f"mlx_lm_draft[{num_draft}]",
+                     lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft, temp=t), dd.num_params))
     if methods:
         plan = [x for x in plan if any(x[0].startswith(m) for m in methods)]
+    # (row name, fn, extra params, temperature)
+    rows = [(name, fn, extra, 0.0) for name, fn, extra in plan]
+    for t in temps:
+        rows += [(f"{name}@{t:g}", fn, extra, t) for name, fn, extra in plan
+                 if any(name.startswith(m) for m in temp_methods)]
     results = {}
     npt = [len(p) for p in ids]
-    total_runs = len(plan) * (warmup + trials)
+    total_runs = len(rows) * (warmup + trials)
     done = 0
-    for _, fn, _ in plan:
+    for _, fn, _, t in rows:
         for _ in range(warmup):
-            fn(ids[0])
+            fn(ids[0], t)
             done += 1
     # Methods interleave: each prompt runs under every method back to back, so load drift on a
     # shared machine hits all alike; speedups are the median of per-trial ratios (paired runs).
-    trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _ in plan}
+    # Sampled rows draw from one seed per (trial, prompt), the same for every method.
+    trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _, _ in rows}
     peak: Dict[str, float] = {}
-    for t in range(trials):
+    for k in range(trials):
         for name in trial_runs:
             trial_runs[name].append([])
-        for p in ids:
-            for name, fn, _ in plan:
+        for j, p in enumerate(ids):
+            for name, fn, _, t in rows:
+                if t:
+                    mx.random.seed(seed * 1_000_003 + k * 1_009 + j)
                 mx.reset_peak_memory()
-                trial_runs[name][t].append(fn(p))
+                trial_runs[name][k].append(fn(p, t))
                 peak[name] = max(peak.get(name, 0.0), mx.get_peak_memory() / 1e9)
-        for name, _, _ in plan:
+        for name, _, _, _ in rows:
             done += 1
             if progress:
-                print(f"\r{progress_bar(done, total_runs)} trial {t + 1}/{trials} {name:<28}", end="",
+                print(f"\r{progress_bar(done, total_runs)} trial {k + 1}/{trials} {name:<28}", end="",
                       file=sys.stderr, flush=True)
-    for name, _, extra in plan:
-        res = summarize(trial_runs[name], npt)
-        res["peak_memory_gb"] = peak[name]
-        res["extra_params"] = extra
-        res["_tokens"] = [r.tokens for r in trial_runs[name][0]]
-        results[name] = res
     if progress:
         print(file=sys.stderr)
-    ref = results.get("ours_ar", {}).get("_tokens")
-    for name, res in results.items():
-        toks = res.pop("_tokens")
-        if ref is not None:
-            res.update(divergence(toks, ref))
-        res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
-                                                                      results[b]["decode_tps_by_trial"]))
-                          for b in ("ours_ar", "mlx_lm_ar") if b in results}
+    temp_of = {name: t for name, _, _, t in rows}
+    extra_of = {name: e for name, _, e, _ in rows}
+
+    def report(idx: List[int]) -> Dict[str, dict]:
+        """The rows' metrics over the prompts ``idx``."""
+        out = {}
+        for name in trial_runs:
+            res = summarize([[runs[i] for i in idx] for runs in trial_runs[name]], [npt[i] for i in idx])
+            res["peak_memory_gb"], res["extra_params"] = peak[name], extra_of[name]
+            out[name] = res
+        for name, res in out.items():
+            t = temp_of[name]
+            suffix = f"@{t:g}" if t else ""
+            if not t and "ours_ar" in out:  # greedy rows must reproduce our AR exactly
+                res.update(divergence([trial_runs[name][0][i].tokens for i in idx],
+                                      [trial_runs["ours_ar"][0][i].tokens for i in idx]))
+            else:  # sampled rows follow other random paths: equality does not apply
+                res.update({"equal_to_ar": None, "divergence_rate": None, "left_greedy_path": divergence(
+                    [trial_runs[name][0][i].tokens for i in idx],
+                    [trial_runs["ours_ar"][0][i].tokens for i in idx])["divergence_rate"] if "ours_ar" in out else None})
+            res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
+                                                                          out[b + suffix]["decode_tps_by_trial"]))
+                              for b in ("ours_ar", "mlx_lm_ar") if b + suffix in out}
+            res["temperature"] = t
+        return out
+
+    results = report(list(range(len(ids))))
+    if len(sets) > 1:
+        per_set = {spec: report([i for i, s in enumerate(set_of) if s == spec]) for spec in sets}
+        for name, res in results.items():
+            res["by_set"] = {spec: per_set[spec][name] for spec in sets}
     return {"fingerprint": fingerprint(), "model": str(path),
-            "config": {"prompts": prompts, "n_prompts": len(ids), "max_tokens": max_tokens, "trials": trials,
-                       "warmup": warmup, "seed": seed, "greedy": True,
+            "config": {"prompts": sets if len(sets) > 1 else sets[0], "n_prompts": len(ids),
+                       "n_prompts_by_set": {spec: set_of.count(spec) for spec in sets},
+                       "max_tokens": max_tokens, "trials": trials,
+                       "warmup": warmup, "seed": seed, "greedy": True, "temperatures": list(temps),
                        "stream_config": streams.config.to_dict() if streams is not None else None},
             "methods": results}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..checkpoint import CheckpointError, load_adapter_weights, model_dtype, read_json, save_adapter
+from ..streams.loss import sample_positions
 from ..tree import TreeSetting
 from .base import Drafter, DraftState, Verified, verify_tree
 
@@ -92,19 +94,27 @@ class MedusaDrafter(Drafter):
         return Verified(plan, tokens, model.head(h), lambda best: self.heads(h[best]))
 
 
-def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array):
-    """Σ_k CE(head_k(h_t), y[t+1+k]) over target positions; the base is frozen (no gradient)."""
+def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array, max_positions: Optional[int] = None,
+                sample_seed: int = 0, hidden: Optional[mx.array] = None):
+    """Σ_k CE(head_k(h_t), y[t+1+k]) over target positions; the base is frozen (no gradient).
+
+    ``max_positions`` and ``sample_seed`` sample the positions the heads train on exactly as
+    :func:`stream_loss` samples the positions it attaches streams to (so both baselines see the
+    same budget); ``hidden`` (B, L, h): the base's final-normed states, when precomputed.
+    """
     x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     L = x.shape[1]
-    h = mx.stop_gradient(model.hidden(x))
-    logits = medusa(h)  # (B, L, K, V)
+    h = mx.stop_gradient(hidden if hidden is not None else model.hidden(x))
+    at = sample_positions(m, max_positions, sample_seed)
+    logits = medusa(h[:, at])  # (B, P, K, V)
     total, metrics = mx.array(0.0), {}
     for k in range(medusa.config.num_heads):
-        off = k + 1
-        if L - off <= 0:
-            break
-        ce = nn.losses.cross_entropy(logits[:, : L - off, k], y[:, off:]) * m[:, off:]
-        lk = ce.sum() / mx.maximum(m[:, off:].sum(), 1)
+        tgt_pos = at + 1 + k  # head k at position t predicts y[t+1+k]
+        ok = tgt_pos < L
+        tp = mx.minimum(tgt_pos, L - 1)
+        w = m[:, tp] * ok
+        ce = nn.losses.cross_entropy(logits[:, :, k], y[:, tp]) * w
+        lk = ce.sum() / mx.maximum(w.sum(), 1)
         metrics[f"head{k + 1}"] = lk
         total = total + lk
     return total, metrics

@@ -20,6 +20,15 @@ class LossWeights:
     pruning: float = 1.0
 
 
+def sample_positions(m: mx.array, max_positions: Optional[int], seed: int, as_numpy: bool = False):
+    """Positions whose next token is a target in some row of the batch (``m``: (B, L) weights),
+    at most ``max_positions`` of them sampled without replacement (seeded), in order."""
+    pos = np.flatnonzero(np.array(m).sum(0) > 0)
+    if max_positions and len(pos) > max_positions:
+        pos = np.sort(np.random.default_rng(seed).choice(pos, max_positions, replace=False))
+    return pos if as_numpy else mx.array(pos.astype(np.int32))
+
+
 def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int = 64, train_streams: bool = True,
                 max_positions: Optional[int] = None, sample_seed: int = 0, bottom: Optional[mx.array] = None):
     """Loss of one batch. ``tokens``/``mask`` (B, L+1): inputs are ``tokens[:, :-1]``, the target
@@ -40,9 +49,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         h = mx.stop_gradient(h)
     total, metrics = mx.array(0.0), {}
     # Streams only on rows whose next token is a target (union over the batch), in segments.
-    owners_np = np.flatnonzero(np.array(m).sum(0) > 0)
-    if max_positions and len(owners_np) > max_positions:
-        owners_np = np.sort(np.random.default_rng(sample_seed).choice(owners_np, max_positions, replace=False))
+    owners_np = sample_positions(m, max_positions, sample_seed, as_numpy=True)
     # Pruning adapter: next-token prediction from the insertion layer, on the same sampled
     # positions (its vocabulary head over every row would cost more than the streams).
     if weights.pruning:

@@ -118,6 +118,23 @@ def test_tune_writes_a_measured_choice(bench_result, tmp_path):
     assert spec == ar
 
 
+def test_tune_measures_the_adapter_it_writes(bench_result, tmp_path):
+    """--write-to FILE tunes FILE's adapter (a fresh one beside the attached), not the attached one."""
+    _, d = bench_result
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    base, _ = load_model(m)
+    save_streams(m, SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=1), base), name="other")
+    attached = (m / "speculative_streams.json").read_text()
+    other = m / "speculative_streams-other.json"
+    res = tune(str(m), prompts="random:12", n_prompts=2, quick=True, write_to=str(other))
+    assert res["adapter"] == str(other) and len(res["rank_acceptance"]) == 2  # the 2-stream adapter was measured
+    assert json.loads(other.read_text())["tuned_on"] == res["tuned_on"]
+    assert (m / "speculative_streams.json").read_text() == attached
+    with pytest.raises(ValueError, match="name different files"):
+        tune(str(m), streams=str(m / "speculative_streams.json"), write_to=str(other))
+
+
 def test_bench_shared_adapter_against_its_fused_model(bench_result, tmp_path):
     """A shared-mode adapter changes the model: both AR baselines decode the base with the LoRA
     fused in, and every method's greedy output equals that."""

@@ -70,12 +70,14 @@ def main(argv=None) -> int:
         ap.add_argument("--n-prompts", type=int, default=6)
         ap.add_argument("--write", action="store_true", help="write the tuned settings into the attached stream config")
         ap.add_argument("--write-to", default=None, metavar="FILE.json",
-                        help="write them into this stream config instead (needed for the package's own adapters)")
+                        help="tune this stream config and write into it (needed for the package's own adapters)")
+        ap.add_argument("--streams", default=None,
+                        help="the adapter to tune (a name or .json; default: --write-to's, else the model's)")
         ap.add_argument("--quick", action="store_true")
         ap.add_argument("--json", default=None)
         a = ap.parse_args(argv[1:])
-        res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write or bool(a.write_to), quick=a.quick,
-                   write_to=a.write_to)
+        res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write, quick=a.quick,
+                   write_to=a.write_to, streams=a.streams)
         print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))

@@ -127,14 +127,20 @@ def measure_rank_acceptance(model, streams, tokenizer, prompts: List[List[int]],
     return (counts / np.maximum(n[:, None], 1)).tolist()
 
 
-def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False, write_to=None) -> dict:
+def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False, write_to=None,
+         streams=None) -> dict:
     """Fit the stream config to this device: the cost model's tree from the measured cost curve
     and rank acceptance, then end-to-end decode speed of candidate (tree, lookup, τ) settings and
     of plain decoding, in interleaved rounds; ``write`` stores the fastest — plain decoding unless
     a setting beats it beyond the noise — with the backend, device and BLAS it was tuned on — into
     the attached adapter's config (``write_to``: that file, named explicitly; the package's own
-    adapters are written only so)."""
-    model, tok = load(model_path)
+    adapters are written only so). The adapter measured is the one written: ``streams`` (a name
+    or .json, as for ``load``), else ``write_to``, else the attached one."""
+    if streams is not None and write_to is not None and Path(str(streams)).resolve() != Path(write_to).resolve():
+        raise ValueError(f"tune measures one adapter and writes its settings into it: --streams {streams} and "
+                         f"--write-to {write_to} name different files")
+    write = write or write_to is not None
+    model, tok = load(model_path, streams=streams if streams is not None else write_to)
     drafter = getattr(model, "drafter", None)
     if not isinstance(drafter, StreamDrafter):
         raise ValueError(f"{model_path or 'the embedded model'} has no stream adapter to tune")
@@ -181,7 +187,7 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     # faster than plain decoding's fastest. Otherwise plain decoding is the tuned setting.
     margin_ok = best == PLAIN or min(runs[best]) > max(runs[PLAIN])
     paths, best_lookup, best_tau = best if margin_ok else PLAIN
-    result = {"fingerprint": fingerprint(), "tuned_on": tuned_on(), "cost_ms": {str(k): v for k, v in cost.items()},
+    result = {"fingerprint": fingerprint(), "tuned_on": tuned_on(), "adapter": str(streams.source), "cost_ms": {str(k): v for k, v in cost.items()},
               "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": len(paths) + 1,
               "expected_tokens_per_s": rate, "prune_threshold": best_tau, "lookup": best_lookup,
               "plain_decoding": (paths, best_lookup) == ((), 0),

@@ -276,7 +276,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         save_streams(out, streams, name)
 
     train_bottom = valid_bottom = None
-    if cfg.cache_bottom:
+    if cfg.cache_bottom and start < cfg.iters:  # a finished run resumed: nothing to compute
         train_bottom = bottom_states(model, streams, train_data, cfg.batch_size, log)
         if valid_data is not None:
             n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
@@ -307,7 +307,7 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
                            sample_seed=cfg.seed * 1_000_003 + i, hidden=hidden)[0]
 
     train_hidden = valid_hidden = None
-    if cfg.cache_bottom:
+    if cfg.cache_bottom and start < cfg.iters:
         train_hidden = bottom_states(model, None, train_data, cfg.batch_size, log)
         if valid_data is not None:
             n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)

@@ -157,6 +157,10 @@ def test_a_resumed_run_keeps_the_whole_history(tiny):
     train(model, tok, data, None, cfg, tmp / "r", resume=True, log=lambda *_: None)
     hist = json.loads((tmp / "r" / "train_history.json").read_text())
     assert [h["iter"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    logged = []  # resuming a finished run (a rerun recipe) computes nothing and keeps everything
+    s = train(model, tok, data, None, cfg, tmp / "r", resume=True, log=logged.append)[0]
+    assert not any("bottom states" in m for m in logged) and json.loads((tmp / "r" / "train_history.json").read_text()) == hist
+    assert s.config.base is not None
 
 
 def test_a_killed_run_keeps_its_history_up_to_the_last_checkpoint(tiny):

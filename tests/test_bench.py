@@ -34,7 +34,8 @@ def bench_result(hf_model, tmp_path_factory):
 
 def test_every_method_and_metric_present(bench_result):
     res, _ = bench_result
-    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "mlx_lm_draft[3]", "draft[3]",
+    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "medusa[chain]",
+                                   "mlx_lm_draft[3]", "draft[3]",
                                    "ss[default]+lookup[3]", "ss[chain]+lookup[3]", "lookup[3]"}
     for name, m in res["methods"].items():
         for f in METHOD_FIELDS:

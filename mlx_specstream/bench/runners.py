@@ -201,7 +201,11 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
     if medusa:
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
-        plan.append(("medusa", lambda p, t: _ours(base, tok, p, max_tokens, t, drafter=md), md.num_params))
+        for spec in trees:  # the same trees as the streams (tokens per step compare like for like)
+            paths = None if spec == "default" else parse_tree_spec(spec, md.levels)
+            plan.append(("medusa" if spec == "default" else f"medusa[{spec}]",
+                         lambda p, t, paths=paths: _ours(base, tok, p, max_tokens, t, drafter=md, tree=paths),
+                         md.num_params))
     if draft:
         # Two-model decoding: our loop with the draft model as its drafter, beside mlx-lm's own.
         dd = load_draft_model(draft, base, num_draft=num_draft)

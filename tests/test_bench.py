@@ -119,6 +119,18 @@ def test_tune_writes_a_measured_choice(bench_result, tmp_path):
     assert spec == ar
 
 
+def test_the_stream_configs_own_context_drafts_run_with_its_tree_and_alone(bench_result, tmp_path):
+    _, d = bench_result
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    cfg = json.loads((m / "speculative_streams.json").read_text())
+    (m / "speculative_streams.json").write_text(json.dumps({**cfg, "lookup": 2}))
+    res = run_bench(str(m), trees=["default", "chain"], prompts="random:12", n_prompts=1, max_tokens=8, trials=1,
+                    warmup=0, progress=False)
+    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[default]+lookup[2]", "ss[chain]",
+                                   "lookup[2]"}
+
+
 def test_tune_measures_the_adapter_it_writes(bench_result, tmp_path):
     """--write-to FILE tunes FILE's adapter (a fresh one beside the attached), not the attached one."""
     _, d = bench_result

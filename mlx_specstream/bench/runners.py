@@ -184,20 +184,21 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     plan: List[Tuple[str, Callable[[List[int], float], Run], int]] = []
     plan.append(("ours_ar", lambda p, t: _ours(base, tok, p, max_tokens, t, speculative=False), 0))
     plan.append(("mlx_lm_ar", lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, temp=t), 0))
+    own = [] if streams is None else [streams.config.lookup]
+    own = [n for n in own if n and n not in lookups]
     if streams is not None:
-        own = streams.config.lookup
-        own = [own] if own and own not in lookups else []
         for spec in trees:
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
             # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
-            # stream config's own number joins the default tree: what a user of it gets)
+            # stream config's own number joins the default tree — what a user of it gets — and
+            # runs alone below, so the shipped setting always has its two components beside it)
             plan.append((f"ss[{spec}]", lambda p, t, paths=paths: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=0),
                          streams.num_params))
             for n in list(lookups) + (own if spec == "default" else []):
                 plan.append((f"ss[{spec}]+lookup[{n}]",
                              lambda p, t, paths=paths, n=n: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=n),
                              streams.num_params))
-    for n in lookups:  # context drafts alone (prompt lookup decoding): no trained parameters
+    for n in list(lookups) + own:  # context drafts alone (prompt lookup decoding): no trained parameters
         plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
     if medusa:
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype

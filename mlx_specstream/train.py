@@ -46,6 +46,9 @@ def setup_arg_parser(parser=None):
                    help="train K Medusa-1 heads on the frozen base instead (the baseline)")
     p.add_argument("--no-cache-bottom", action="store_true",
                    help="recompute the frozen bottom layers every iteration (default: once per sequence, kept in memory)")
+    p.add_argument("--keep-states", action="store_true",
+                   help="keep the frozen layers' outputs in --out (float32: samples x seq-len x hidden, ~1 GB for "
+                        "1,600 SmolLM2 answers) so --resume reads them instead of computing them again")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--streams", default=None, help="existing stream file to continue (pruning mode)")
     return p
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
                               mode="shared" if args.mode == "shared" else "lossless",
                               main_sees_streams=args.main_sees_streams)
     cfg = TrainConfig(mode=args.mode, streams=stream_cfg, alpha0=args.alpha0, medusa=args.medusa,
-                      cache_bottom=not args.no_cache_bottom,
+                      cache_bottom=not args.no_cache_bottom, keep_states=args.keep_states,
                       **{k: getattr(args, k) for k in OPT_INT + OPT_FLOAT})
     out = Path(args.out) if args.out else path
     if Path(__file__).parent.resolve() in [out.resolve(), *out.resolve().parents]:

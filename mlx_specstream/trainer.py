@@ -16,6 +16,7 @@ segments so that training rows grow by γ·segment, not γ·sequence (the paper'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -188,6 +189,40 @@ def bottom_states(model, streams: Optional[SpeculativeStreams], data, batch_size
     return out
 
 
+def kept_states(model, streams: Optional[SpeculativeStreams], data, batch_size: int, log, folder: Optional[Path]):
+    """:func:`bottom_states`, kept in ``folder`` (None: not kept) as a float32 ``.npy`` named by
+    a hash of the base's weights, the layers cut and the data — so a resumed run (the next session,
+    on this 2-core CPU) reads them instead of computing them again. A file that does not load as the
+    expected array is computed again."""
+    if folder is None:
+        return bottom_states(model, streams, data, batch_size, log)
+    toks, mask = data
+    h = hashlib.sha256(f"{'final' if streams is None else streams.config.num_msa_layers}".encode())
+    for k, v in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        h.update(k.encode())
+        h.update(memoryview(np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)).cast("B"))
+    h.update(toks.tobytes())
+    h.update(mask.tobytes())
+    f = Path(folder) / f"states-{h.hexdigest()[:16]}.npy"
+    shape = (toks.shape[0], toks.shape[1] - 1, model.args.hidden_size)
+    if f.exists():
+        try:
+            arr = np.load(f, mmap_mode="r")
+            if arr.shape == shape and arr.dtype == np.float32:
+                if log:
+                    log(f"frozen layers' outputs read from {f}")
+                return arr
+        except (OSError, ValueError):
+            pass
+        if log:
+            log(f"{f} is not the expected array: computing it again")
+    arr = bottom_states(model, streams, data, batch_size, log)
+    tmp = f.with_name(f.stem + ".partial.npy")
+    np.save(tmp, arr)
+    tmp.replace(f)  # whole or absent: a killed run never leaves half a file under the final name
+    return arr
+
+
 # ---------------------------------------------------------------- loss
 
 
@@ -217,7 +252,8 @@ class TrainConfig:
     val_batches: int = 8
     save_every: int = 200
     max_stream_positions: int = 64  # streams on at most this many sampled target positions per batch (0 = all)
-    cache_bottom: bool = True  # compute the frozen bottom layers' output once per sequence (streams only)
+    cache_bottom: bool = True  # compute the frozen bottom layers' output once per sequence
+    keep_states: bool = False  # keep those outputs in the output folder for a resumed run
     medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
     time_limit: float = 0.0  # seconds (0 = none): the schedule runs on whichever of iters / time ends first
 
@@ -277,7 +313,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
 
     train_bottom = valid_bottom = None
     if cfg.cache_bottom and start < cfg.iters:  # a finished run resumed: nothing to compute
-        train_bottom = bottom_states(model, streams, train_data, cfg.batch_size, log)
+        train_bottom = kept_states(model, streams, train_data, cfg.batch_size, log, out if cfg.keep_states else None)
         if valid_data is not None:
             n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
             valid_bottom = bottom_states(model, streams, (valid_data[0][:n_val], valid_data[1][:n_val]),
@@ -308,7 +344,7 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
 
     train_hidden = valid_hidden = None
     if cfg.cache_bottom and start < cfg.iters:
-        train_hidden = bottom_states(model, None, train_data, cfg.batch_size, log)
+        train_hidden = kept_states(model, None, train_data, cfg.batch_size, log, out if cfg.keep_states else None)
         if valid_data is not None:
             n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
             valid_hidden = bottom_states(model, None, (valid_data[0][:n_val], valid_data[1][:n_val]),

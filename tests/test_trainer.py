@@ -188,3 +188,35 @@ def test_a_time_limit_ends_the_run_with_its_schedule_decayed_and_saved(tiny):
     assert "valid" in hist[-1]  # the last iteration is evaluated and saved like a finished run
     assert (tmp / "t" / "speculative_streams.json").exists()
     assert json.loads((tmp / "t" / "trainer_state.json").read_text())["step"] == len(hist)
+
+
+@pytest.mark.parametrize("medusa", [0, 2])
+def test_kept_states_are_read_back_by_a_resumed_run(tiny, medusa):
+    """--keep-states: the frozen layers' outputs land in the output folder once; a resumed run
+    reads them (no recomputation) and trains exactly as an uninterrupted run; a damaged file is
+    computed again."""
+    from dataclasses import replace
+
+    from mlx_specstream.trainer import bottom_states, kept_states
+
+    model, tok, data, tmp = tiny
+    stream = StreamConfig(num_streams=2, num_msa_layers=1, lora_rank=4)
+    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=3, val_every=100,
+                      streams=stream, keep_states=True, medusa=medusa, max_stream_positions=8)
+    out = tmp / f"k{medusa}"
+    train(model, tok, data, None, cfg, out, log=lambda *_: None, stop_at=3)
+    files = list(out.glob("states-*.npy"))
+    assert len(files) == 1 and not list(out.glob("*.partial.npy"))
+    logs = []
+    resumed = train(model, tok, data, None, cfg, out, resume=True, log=logs.append)[0]
+    assert any("read from" in m for m in logs) and not any("bottom states" in m for m in logs)
+    ref = train(model, tok, data, None, replace(cfg, keep_states=False), tmp / f"ref{medusa}", log=lambda *_: None)[0]
+    a, b = dict(tree_flatten(resumed.parameters())), dict(tree_flatten(ref.parameters()))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+    files[0].write_bytes(b"not an array")
+    logs = []
+    s = None if medusa else resumed
+    got = kept_states(model, s, data, 4, logs.append, out)
+    assert any("computing it again" in m for m in logs)
+    np.testing.assert_array_equal(got, bottom_states(model, s, data, 4, None))

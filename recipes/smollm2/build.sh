@@ -33,7 +33,7 @@ else
 fi
 stage train specstream train --model smollm2 --data "$OUT/data" --out "$OUT" --num-streams "$GAMMA" \
   --msa-layers "$NS" --lora-rank "$RANK" --lr 1e-3 --warmup 20 --iters "$ITERS" --batch-size 8 \
-  --val-every 50 --save-every 25 --resume
+  --val-every 50 --save-every 25 --keep-states --resume
 stage tune specstream bench tune --model smollm2 --prompts $R/calibration.jsonl --n-prompts 4 --quick \
   --write-to "$OUT/speculative_streams.json" --json "$OUT/tune.json"
 echo "adapter: $OUT/speculative_streams.{json,safetensors}"

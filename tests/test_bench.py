@@ -51,6 +51,10 @@ def test_every_method_and_metric_present(bench_result):
     for name in res["methods"]:
         assert res["methods"][name]["equal_to_ar"], name
     assert res["methods"]["ss[default]"]["extra_params"] > 0
+    # a row's peak memory counts the weights it uses, not every peer's loaded beside it
+    ms = res["methods"]
+    assert ms["ours_ar"]["peak_memory_gb"] < ms["ours_ar"]["peak_process_gb"]
+    assert ms["medusa"]["peak_memory_gb"] - ms["ours_ar"]["peak_memory_gb"] > 0.5 * ms["medusa"]["extra_params"] * 2 / 1e9
     assert res["methods"]["ours_ar"]["mean_accepted"] == 1.0
     json.dumps(res)  # serialisable
 

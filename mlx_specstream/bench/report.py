@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import List
 
 
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _fmt_equal(v) -> str:
     return "-" if v is None else str(v)
 
@@ -20,7 +24,7 @@ def _rows(methods: dict) -> List[str]:
         lines.append(
             f"{name:<24}{d['median']:>8.1f} ({d['min']:.0f}-{d['max']:.0f}){m['ttft_s']['median'] * 1e3:>9.1f}"
             f"{step.get('p50', 0):>9.2f}{itl.get('p99', 0):>8.2f}{m['mean_accepted']:>9.2f}"
-            f"{m['speedup'].get('ours_ar', 0):>7.2f}{m['speedup'].get('mlx_lm_ar', 0):>10.2f}"
+            f"{_ratio(m['speedup'].get('ours_ar')):>7}{_ratio(m['speedup'].get('mlx_lm_ar')):>10}"
             f"{_fmt_equal(m.get('equal_to_ar')):>7}{m['extra_params']:>13}{m['peak_memory_gb']:>8.3f}")
         if m["acceptance_by_depth"]:
             lines.append(f"{'':<24}levels reached: " + " ".join(f"{a:.2f}" for a in m["acceptance_by_depth"]))
@@ -46,7 +50,8 @@ def table(result: dict) -> str:
 
 CSV_FIELDS = ["set", "method", "temperature", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s",
               "prompt_tps", "step_p50_ms", "step_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "mean_accepted",
-              "acceptance_by_depth", "speedup_vs_ours_ar", "speedup_vs_mlx_lm_ar", "peak_memory_gb", "extra_params",
+              "acceptance_by_depth", "speedup_vs_ours_ar", "speedup_vs_mlx_lm_ar", "peak_memory_gb", "peak_process_gb",
+              "extra_params",
               "equal_to_ar", "divergence_rate"]
 
 
@@ -62,7 +67,8 @@ def write_csv(result: dict, path: Path) -> None:
                             m["decode_tps"]["max"], m["ttft_s"]["median"], m["prompt_tps"]["median"], step.get("p50"),
                             step.get("p99"), itl.get("p50"), itl.get("p90"), itl.get("p99"), m["mean_accepted"],
                             " ".join(f"{a:.3f}" for a in m["acceptance_by_depth"]), m["speedup"].get("ours_ar"),
-                            m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m["extra_params"],
+                            m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m.get("peak_process_gb"),
+                            m["extra_params"],
                             m.get("equal_to_ar"), m.get("divergence_rate")])
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx_lm
+from mlx.utils import tree_flatten
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
@@ -33,7 +34,7 @@ from ..tree import parse_tree_spec
 from .prompts import load_prompts
 
 METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "step_latency_ms", "inter_token_latency_ms", "mean_accepted", "acceptance_by_depth",
-                 "speedup", "peak_memory_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
+                 "speedup", "peak_memory_gb", "peak_process_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
                  "generated_tokens")
 # Sampled rows (``temps``): what a chat user gets — the AR baselines and the stream config's own
 # tree, alone and with its context drafts.
@@ -81,6 +82,10 @@ def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DR
     if run_len:
         arr.append((time.perf_counter() - tic, run_len))
     return Run(toks, arr, depths, num_draft + 1 if draft is not None else 1)
+
+
+def _nbytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
 def divergence(outputs: List[List[int]], reference: List[List[int]]) -> dict:
@@ -233,7 +238,14 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     # shared machine hits all alike; speedups are the median of per-trial ratios (paired runs).
     # Sampled rows draw from one seed per (trial, prompt), the same for every method.
     trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _, _ in rows}
+    # Every peer's weights stay loaded for the whole run, so the process's peak holds them all. A
+    # row's peak memory is what it would need alone: the weights it uses (its base, plus its extra
+    # parameters in the base's dtype) and the most its runs allocated above what was resident.
     peak: Dict[str, float] = {}
+    process_peak: Dict[str, float] = {}
+    itemsize = next(v for _, v in tree_flatten(base.parameters())).dtype.size
+    own_bytes = {name: _nbytes(lm_model if name.startswith("mlx_lm") else base) + extra * itemsize
+                 for name, _, extra, _ in rows}
     for k in range(trials):
         for name in trial_runs:
             trial_runs[name].append([])
@@ -242,8 +254,11 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
                 if t:
                     mx.random.seed(seed * 1_000_003 + k * 1_009 + j)
                 mx.reset_peak_memory()
+                resident = mx.get_active_memory()
                 trial_runs[name][k].append(fn(p, t))
-                peak[name] = max(peak.get(name, 0.0), mx.get_peak_memory() / 1e9)
+                top = mx.get_peak_memory()
+                peak[name] = max(peak.get(name, 0.0), (own_bytes[name] + top - resident) / 1e9)
+                process_peak[name] = max(process_peak.get(name, 0.0), top / 1e9)
         for name, _, _, _ in rows:
             done += 1
             if progress:
@@ -259,7 +274,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         out = {}
         for name in trial_runs:
             res = summarize([[runs[i] for i in idx] for runs in trial_runs[name]], [npt[i] for i in idx])
-            res["peak_memory_gb"], res["extra_params"] = peak[name], extra_of[name]
+            res["peak_memory_gb"], res["peak_process_gb"], res["extra_params"] = peak[name], process_peak[name], extra_of[name]
             out[name] = res
         for name, res in out.items():
             t = temp_of[name]

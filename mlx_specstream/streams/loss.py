@@ -20,13 +20,13 @@ class LossWeights:
     pruning: float = 1.0
 
 
-def sample_positions(m: mx.array, max_positions: Optional[int], seed: int, as_numpy: bool = False):
-    """Positions whose next token is a target in some row of the batch (``m``: (B, L) weights),
-    at most ``max_positions`` of them sampled without replacement (seeded), in order."""
-    pos = np.flatnonzero(np.array(m).sum(0) > 0)
+def sample_positions(m: mx.array, max_positions: Optional[int], seed: int) -> np.ndarray:
+    """Positions (int32, in order) whose next token is a target in some row of the batch (``m``:
+    (B, L) weights), at most ``max_positions`` of them sampled without replacement (seeded)."""
+    pos = np.flatnonzero(np.array(m).sum(0) > 0).astype(np.int32)
     if max_positions and len(pos) > max_positions:
         pos = np.sort(np.random.default_rng(seed).choice(pos, max_positions, replace=False))
-    return pos if as_numpy else mx.array(pos.astype(np.int32))
+    return pos
 
 
 def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int = 64, train_streams: bool = True,
@@ -49,11 +49,11 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         h = mx.stop_gradient(h)
     total, metrics = mx.array(0.0), {}
     # Streams only on rows whose next token is a target (union over the batch), in segments.
-    owners_np = sample_positions(m, max_positions, sample_seed, as_numpy=True)
+    owners_np = sample_positions(m, max_positions, sample_seed)
     # Pruning adapter: next-token prediction from the insertion layer, on the same sampled
     # positions (its vocabulary head over every row would cost more than the streams).
     if weights.pruning:
-        at = mx.array(owners_np.astype(np.int32)) if max_positions else mx.arange(L)
+        at = mx.array(owners_np) if max_positions else mx.arange(L)
         ce = nn.losses.cross_entropy(early_exit_logits(model, streams, mx.stop_gradient(h[:, at])), y[:, at]) * m[:, at]
         pl = ce.sum() / mx.maximum(m[:, at].sum(), 1)
         total = total + weights.pruning * pl
@@ -65,7 +65,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     counts = [mx.array(0.0) for _ in range(g)]
     main_logits = None
     for s in range(0, max(len(owners_np), 1), segment):
-        owners = mx.array(owners_np[s : s + segment].astype(np.int32))
+        owners = mx.array(owners_np[s : s + segment])
         if owners.size == 0:
             break
         h_main, h_str = msa_forward(model, streams, h, anc=anc, owners=owners, positions=positions)

@@ -201,6 +201,15 @@ def test_several_prompt_sets_and_sampled_rows_in_one_run(bench_result, tmp_path,
     assert "prompt set random:7 (2 prompts)" in text and "ours_ar@1.5" in text
     rows = (tmp_path / "r.csv").read_text().splitlines()
     assert len(rows) == 1 + 7 * 3  # header, then every row for all prompts and per set
+    # the stored run prints again, as the README's Markdown table: one line per row, per-set figures
+    assert main(["show", str(out), "--markdown"]) == 0
+    md = capsys.readouterr().out.strip().splitlines()
+    assert md[0].startswith("| method |") and "(random:12 / random:7)" in md[0] and len(md) == 2 + 7
+    line = next(l for l in md if l.startswith("| ss[chain]+lookup[2] |")).split(" | ")
+    acc = ms["ss[chain]+lookup[2]"]
+    assert line[2] == f"{acc['mean_accepted']:.2f} ({acc['by_set']['random:12']['mean_accepted']:.2f} / " \
+                      f"{acc['by_set']['random:7']['mean_accepted']:.2f})"
+    assert main(["show", str(out)]) == 0 and "prompt set random:7" in capsys.readouterr().out
 
 
 def test_sampled_rows_include_the_stream_configs_tree(bench_result):

@@ -2,6 +2,7 @@
 
     specstream bench [--model M] [--quick] [--json out.json] [--csv out.csv] [--plots DIR]
     specstream bench compare A.json B.json
+    specstream bench show RESULT.json [--markdown]
     specstream bench tune [--model M] [--write]
 
 One process, one run, same weights and prompts for every method (:mod:`.runners`); prompt sets
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import default_model_path
 from ..drafters import DEFAULT_NUM_DRAFT
-from .report import compare, plots, table, write_csv
+from .report import compare, markdown, plots, table, write_csv
 from .runners import run_bench
 from .tune import tune
 
@@ -62,6 +63,14 @@ def main(argv=None) -> int:
         if len(argv) != 3:
             raise ValueError("usage: specstream bench compare A.json B.json")
         print(compare(json.loads(Path(argv[1]).read_text()), json.loads(Path(argv[2]).read_text())))
+        return 0
+    if argv and argv[0] == "show":  # a stored run again: its table, or the README's Markdown table
+        ap = argparse.ArgumentParser(description="print a stored bench result")
+        ap.add_argument("result")
+        ap.add_argument("--markdown", action="store_true")
+        a = ap.parse_args(argv[1:])
+        res = json.loads(Path(a.result).read_text())
+        print(markdown(res) if a.markdown else table(res))
         return 0
     if argv and argv[0] == "tune":
         ap = argparse.ArgumentParser(description="tune the tree to this device")

@@ -48,6 +48,31 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """The run as a Markdown table (the README's): with several prompt sets, tokens per step and
+    the speedup vs mlx-lm read ``all (set1 / set2 ...)``."""
+    sets = list((result.get("config") or {}).get("n_prompts_by_set") or {})
+    sets = sets if len(sets) > 1 else []
+
+    def per_set(m, get, fmt):
+        v = fmt(get(m))
+        return v + (" (" + " / ".join(fmt(get(m["by_set"][s])) for s in sets) + ")" if sets else "")
+
+    where = f" ({' / '.join(sets)})" if sets else ""
+    lines = [f"| method | decode tok/s | tokens/step{where} | vs our AR | vs mlx-lm AR{where} "
+             "| equal to AR | peak memory GB | extra params |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        d = m["decode_tps"]
+        lines.append(
+            f"| {name} | {d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) "
+            f"| {per_set(m, lambda x: x['mean_accepted'], lambda v: f'{v:.2f}')} "
+            f"| {_ratio(m['speedup'].get('ours_ar'))} "
+            f"| {per_set(m, lambda x: x['speedup'].get('mlx_lm_ar'), _ratio)} "
+            f"| {_fmt_equal(m.get('equal_to_ar'))} | {m['peak_memory_gb']:.3f} | {m['extra_params']:,} |")
+    return "\n".join(lines)
+
+
 CSV_FIELDS = ["set", "method", "temperature", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s",
               "prompt_tps", "step_p50_ms", "step_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "mean_accepted",
               "acceptance_by_depth", "speedup_vs_ours_ar", "speedup_vs_mlx_lm_ar", "peak_memory_gb", "peak_process_gb",

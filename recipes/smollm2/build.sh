@@ -18,12 +18,19 @@ OUT=${1:-runs/smollm2-build}
 NS=${NS:-1} GAMMA=${GAMMA:-3} RANK=${RANK:-16} ITERS=${ITERS:-500}
 R=recipes/smollm2
 mkdir -p "$OUT/data"
-stage() {  # name, command...: run it and record its wall time
-  local name=$1 t0
+stage() {  # name, command...: run it and record its wall time (also when it stops early, so a
+  # build resumed over several sittings still adds up to its measured time)
+  local name=$1 t0 rc=0
   shift
   t0=$(date +%s)
   echo "== $name: $*"
-  "$@"
+  trap 'echo "$name $(( $(date +%s) - t0 )) s (interrupted)" >> "$OUT/build_times.txt"; exit 130' INT TERM
+  "$@" || rc=$?
+  trap - INT TERM
+  if [ "$rc" -ne 0 ]; then
+    echo "$name $(( $(date +%s) - t0 )) s (failed, exit $rc)" | tee -a "$OUT/build_times.txt"
+    exit "$rc"
+  fi
   echo "$name $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build_times.txt"
 }
 if [ -n "${DISTILL:-}" ]; then

@@ -15,7 +15,8 @@ from mlx_lm.sample_utils import greedy_sampler
 from .cache import DEFAULT_PREFILL_STEP, KVCache, PromptCache
 from .cli import add_model_args, add_sampling_args, check_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
-from .drafters import Drafter
+from .drafters import Drafter, StreamDrafter
+from .loading import _say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
 from .tree import MAX_LOOKUP, parse_tree_spec
@@ -92,6 +93,14 @@ def stream_generate(
     if sampling is not None:
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
+        if (speculative and sampling.temp > 0 and isinstance(drafter, StreamDrafter) and tree is None
+                and lookup is None and drafter.streams.config.tuned_on):
+            # `bench tune` measures greedy decoding; sampled drafts are accepted less often (on
+            # SmolLM2 at T=0.7 its tuned setting ran 0.88x plain decoding: README), so say it once.
+            src = drafter.streams.source
+            _say_once(f"[{src.name if src else 'the stream adapter'}: its tree and context drafts "
+                      "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
+                      "than plain decoding (measure: specstream bench --temp T; plain: --no-speculate)]")
     prompt = _encode_prompt(tokenizer, prompt)
     cached = prompt_cache[0].offset if prompt_cache else 0
     max_tokens = check_prompt_length(base, prompt.size + cached, max_tokens)

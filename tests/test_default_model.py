@@ -102,3 +102,24 @@ def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys):
 def test_optimised_blas_keeps_the_tuned_settings(capsys):
     model, _ = load()
     assert model.drafter.default_lookup == 5 and "reference BLAS" not in capsys.readouterr().err
+
+
+def test_sampling_with_settings_tuned_for_greedy_decoding_says_so(capsys):
+    """`bench tune` measures greedy decoding; sampled drafts are accepted less often, so sampling
+    with the tuned setting is announced once (and nothing is said otherwise)."""
+    import mlx_specstream.loading as loading
+    from mlx_specstream.sample import SamplingParams
+
+    loading._said.clear()
+    model, tok = load()
+    hot = SamplingParams(temp=0.7)
+    capsys.readouterr()
+    list(stream_generate(model, tok, "def f(x):", max_tokens=4))  # greedy
+    list(stream_generate(model, tok, "def f(x):", max_tokens=4, sampling=hot, lookup=3))  # chosen by the user
+    list(stream_generate(model, tok, "def f(x):", max_tokens=4, sampling=hot, speculative=False))
+    assert "tuned for greedy decoding" not in capsys.readouterr().err
+    for _ in range(2):
+        list(stream_generate(model, tok, "def f(x):", max_tokens=4, sampling=hot))
+    err = capsys.readouterr().err
+    assert err.count("tuned for greedy decoding") == 1 and "--no-speculate" in err
+    loading._said.clear()

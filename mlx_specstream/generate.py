@@ -16,7 +16,7 @@ from .cache import DEFAULT_PREFILL_STEP, KVCache, PromptCache
 from .cli import add_model_args, add_sampling_args, check_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
 from .drafters import Drafter, StreamDrafter
-from .loading import _say_once
+from .loading import say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
 from .tree import MAX_LOOKUP, parse_tree_spec
@@ -98,7 +98,7 @@ def stream_generate(
             # `bench tune` measures greedy decoding; sampled drafts are accepted less often (on
             # SmolLM2 at T=0.7 its tuned setting ran 0.88x plain decoding: README), so say it once.
             src = drafter.streams.source
-            _say_once(f"[{src.name if src else 'the stream adapter'}: its tree and context drafts "
+            say_once(f"[{src.name if src else 'the stream adapter'}: its tree and context drafts "
                       "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
                       "than plain decoding (measure: specstream bench --temp T; plain: --no-speculate)]")
     prompt = _encode_prompt(tokenizer, prompt)

@@ -28,7 +28,7 @@ KNOWN_MODELS = {
 _said = set()
 
 
-def _say_once(msg: str) -> None:
+def say_once(msg: str) -> None:
     if msg not in _said:
         _said.add(msg)
         print(msg, file=sys.stderr)
@@ -89,7 +89,7 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
         on_cpu = mx.default_device() == mx.cpu
         dequantize = on_cpu if dequantize is None else dequantize
         if dequantize and on_cpu and dtype is None:
-            _say_once(f"[{path.name}: quantized weights dequantized to float32 for the CPU "
+            say_once(f"[{path.name}: quantized weights dequantized to float32 for the CPU "
                       "(faster here than quantized matmuls; --keep-quantized to keep them)]")
         dtype = dtype or ("float32" if dequantize else None)
         if dtype is not None and dtype not in DTYPES:
@@ -149,7 +149,7 @@ def load(
     on the CPU and as stored on GPUs.
     """
     if mx.default_device() == mx.cpu and blas_kind() == "reference":
-        _say_once("[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
+        say_once("[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
                   "Install an optimised one and preload it: apt-get install libopenblas0-pthread; "
                   "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3]")
     model, config, path, tok_folder = load_base(path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype,
@@ -159,7 +159,7 @@ def load(
             raise ValueError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
     if mx.default_device() == mx.cpu and float32_scales(model):
-        _say_once("[quantized layers run with float32 scales and biases on the CPU (~30x faster there than float16)]")
+        say_once("[quantized layers run with float32 scales and biases on the CPU (~30x faster there than float16)]")
     tokenizer = load_tokenizer(tok_folder, config)
     if tok_folder != path:
         shutil.rmtree(tok_folder, ignore_errors=True)  # written from the GGUF's metadata
@@ -175,14 +175,14 @@ def load(
         drafter = StreamDrafter(load_streams(file, model, force=force_streams, **stream_overrides), prune_threshold=tau)
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:
-            _say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
+            say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
                       "run `specstream bench tune --write` here for settings fitted to this machine "
                       "(`--write-to FILE` for the package's own adapters)]")
         if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
             # Every extra verified row costs full compute with the reference BLAS: settings tuned
             # with an optimised one decode slower than plain decoding here (0.55x measured).
             drafter.default_paths, drafter.default_lookup = (), 0
-            _say_once(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
+            say_once(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
                       "default (--tree/--lookup still apply)]")
     else:
         if {k for k, v in stream_overrides.items() if v is not None}:

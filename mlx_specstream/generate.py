@@ -4,6 +4,7 @@ decoding) and the ``specstream generate`` verb."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from typing import Callable, Generator, List, Optional, Sequence, Union
@@ -80,6 +81,14 @@ def stream_generate(
     drafter = drafter if drafter is not None else getattr(model, "drafter", None)
     if lookup is not None and not 0 <= lookup <= MAX_LOOKUP:
         raise ValueError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
+    if sampling is not None and sampling.temp > 0 and getattr(drafter, "sampled", None) is not None:
+        # Sampling: the adapter's setting tuned for it (`bench tune --temp T`) fills what the caller
+        # left unset, in place of greedy's.
+        s_tree, s_lookup, tau = drafter.sampled
+        if tree is None and tau != drafter.prune_threshold:
+            drafter = copy.copy(drafter)
+            drafter.prune_threshold = tau
+        tree, lookup = s_tree if tree is None else tree, s_lookup if lookup is None else lookup
     if speculative is None:
         speculative = drafter is not None or bool(lookup)
         if drafter is not None and not (tree if tree is not None else drafter.default_paths) and not (
@@ -95,12 +104,13 @@ def stream_generate(
         accept = accept or sampling.acceptance()
         if (speculative and sampling.temp > 0 and isinstance(drafter, StreamDrafter) and tree is None
                 and lookup is None and drafter.streams.config.tuned_on):
-            # `bench tune` measures greedy decoding; sampled drafts are accepted less often (on
-            # SmolLM2 at T=0.7 its tuned setting ran 0.88x plain decoding: README), so say it once.
+            # Tuned for greedy decoding only: sampled drafts are accepted less often (on SmolLM2 at
+            # T=0.7 its greedy setting ran 0.88x plain decoding: README), so say it once.
             src = drafter.streams.source
             say_once(f"[{src.name if src else 'the stream adapter'}: its tree and context drafts "
                       "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
-                      "than plain decoding (measure: specstream bench --temp T; plain: --no-speculate)]")
+                      "than plain decoding (tune for sampling: specstream bench tune --temp T --write; "
+                      "plain: --no-speculate)]")
     prompt = _encode_prompt(tokenizer, prompt)
     cached = prompt_cache[0].offset if prompt_cache else 0
     max_tokens = check_prompt_length(base, prompt.size + cached, max_tokens)

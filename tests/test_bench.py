@@ -123,6 +123,50 @@ def test_tune_writes_a_measured_choice(bench_result, tmp_path):
     assert spec == ar
 
 
+def test_tune_for_sampling_writes_the_sampled_setting_and_keeps_greedys(bench_result, tmp_path):
+    """`bench tune --temp T` measures sampled decoding and writes it as the config's `sampled`
+    setting; the greedy setting is left as it was, and loading picks the sampled one up."""
+    from mlx_specstream import load
+
+    _, d = bench_result
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    before = json.loads((m / "speculative_streams.json").read_text())
+    res = tune(str(m), prompts="random:12", n_prompts=2, write=True, quick=True, temp=0.7)
+    cfg = json.loads((m / "speculative_streams.json").read_text())
+    assert {k: v for k, v in cfg.items() if k != "sampled"} == {k: v for k, v in before.items() if k != "sampled"}
+    s = cfg["sampled"]
+    assert s == {"temp": 0.7, "tree": res["tree"], "lookup": res["lookup"], "prune_threshold": res["prune_threshold"],
+                 "tuned_on": res["tuned_on"]} and res["temp"] == 0.7
+    plain = res["measured_tps"]["tree=[] lookup=0 tau=0.0"]
+    chosen = res["measured_tps"][f"tree={res['tree']} lookup={res['lookup']} tau={res['prune_threshold']}"]
+    if res["beats_plain_beyond_noise"]:
+        assert chosen["min"] > plain["max"]
+    else:
+        assert s["tree"] == [] and s["lookup"] == 0
+    model, _ = load(str(m))
+    assert model.drafter.sampled == (tuple(tuple(p) for p in s["tree"]), s["lookup"], s["prune_threshold"])
+    with pytest.raises(ValueError, match="temp must be >= 0"):
+        tune(str(m), temp=-1.0)
+
+
+def test_bench_config_row_is_the_setting_a_user_gets(bench_result, tmp_path):
+    """`--tree config`: the adapter's whole setting — greedy rows its tree and context drafts,
+    sampled rows its `sampled` setting (here one stream draft per step, no context drafts)."""
+    _, d = bench_result
+    m = tmp_path / "m"
+    shutil.copytree(d, m)
+    cfg = json.loads((m / "speculative_streams.json").read_text())
+    cfg.update(tree=[[0], [1], [0, 0]], lookup=2, sampled={"temp": 1.5, "tree": [[0]], "lookup": 0})
+    (m / "speculative_streams.json").write_text(json.dumps(cfg))
+    res = run_bench(str(m), trees=["config"], prompts="random:12", n_prompts=2, max_tokens=12, trials=1, warmup=0,
+                    temps=[1.5], temp_methods=["ss[config]"], progress=False, lookups=[])
+    ms = res["methods"]
+    assert set(ms) == {"ours_ar", "mlx_lm_ar", "ss[config]", "ss[config]@1.5", "lookup[2]"}
+    assert ms["ss[config]"]["equal_to_ar"] and 4 <= ms["ss[config]"]["tree_size"] <= 4 + 2
+    assert ms["ss[config]@1.5"]["tree_size"] == 2
+
+
 def test_the_stream_configs_own_context_drafts_run_with_its_tree_and_alone(bench_result, tmp_path):
     _, d = bench_result
     m = tmp_path / "m"

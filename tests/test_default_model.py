@@ -123,3 +123,56 @@ def test_sampling_with_settings_tuned_for_greedy_decoding_says_so(capsys):
     err = capsys.readouterr().err
     assert err.count("tuned for greedy decoding") == 1 and "--no-speculate" in err
     loading._said.clear()
+
+
+def test_sampling_uses_the_setting_tuned_for_sampling(capsys):
+    """With a `sampled` setting (`bench tune --temp T --write`), sampled generation decodes with it
+    (here: plain decoding, then one stream draft per step) and says nothing about greedy tuning;
+    greedy generation and the user's explicit tree keep theirs."""
+    import mlx.core as mx
+    import mlx_specstream.loading as loading
+    from mlx_specstream.sample import SamplingParams
+
+    loading._said.clear()
+    model, tok = load()
+    d, hot = model.drafter, SamplingParams(temp=0.7)
+
+    def run(seed=3, **kw):
+        mx.random.seed(seed)
+        rs = list(stream_generate(model, tok, "def f(x):", max_tokens=12, **kw))
+        return [t for r in rs for t in r.tokens], max(r.tree_size for r in rs)
+
+    try:
+        capsys.readouterr()
+        d.sampled = ((), 0, 0.0)  # tuned: sampling decodes plainly
+        toks, size = run(sampling=hot)
+        assert size == 1 and toks == run(sampling=hot, speculative=False)[0]
+        d.sampled = (((0,),), 0, 0.0)  # tuned: one stream draft per step
+        assert run(sampling=hot)[1] == 2
+        assert "tuned for greedy decoding" not in capsys.readouterr().err
+        assert run()[1] >= 3  # greedy: its tuned tree [[0], [1]] (and up to 5 context drafts)
+        assert run(sampling=hot, tree=((0,), (1,)))[1] == 3  # the caller's tree, the sampled lookup (0)
+        d.sampled = (((0,), (1,), (2,)), 5, 0.0)
+        assert run(sampling=hot, lookup=0)[1] == 4  # the sampled tree (4 nodes), the caller's lookup
+    finally:
+        d.sampled = None
+        loading._said.clear()
+
+
+@pytest.mark.parametrize("sampled, msg", [
+    ([1], "sampled must be an object"),
+    ({"tree": []}, "needs tree and lookup"),
+    ({"tree": [], "lookup": 0, "bogus": 1}, "needs tree and lookup"),
+    ({"tree": [[1, 0]], "lookup": 0}, "sampled.tree"),
+    ({"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], "lookup": 0}, "deeper than the 3 levels"),
+    ({"tree": [], "lookup": 99}, "sampled.lookup"),
+    ({"tree": [], "lookup": 0, "prune_threshold": 1.5}, "sampled.prune_threshold"),
+    ({"tree": [], "lookup": 0, "temp": 0}, "sampled.temp"),
+])
+def test_a_malformed_sampled_setting_is_a_named_error(sampled, msg):
+    from mlx_specstream.streams import StreamConfig
+
+    with pytest.raises(ValueError, match=msg):
+        StreamConfig.from_dict({"num_streams": 3, "sampled": sampled})
+    ok = StreamConfig.from_dict({"num_streams": 3, "sampled": {"tree": [[0], [0, 0]], "lookup": 2, "temp": 0.7}})
+    assert ok.sampled_setting == (((0,), (0, 0)), 2, 0.0)

@@ -3,7 +3,7 @@
     specstream bench [--model M] [--quick] [--json out.json] [--csv out.csv] [--plots DIR]
     specstream bench compare A.json B.json
     specstream bench show RESULT.json [--markdown]
-    specstream bench tune [--model M] [--write]
+    specstream bench tune [--model M] [--write] [--temp T]
 
 One process, one run, same weights and prompts for every method (:mod:`.runners`); prompt sets
 (:mod:`.prompts`); table, CSV, plots, comparison (:mod:`.report`); device tuning (:mod:`.tune`).
@@ -34,7 +34,9 @@ def setup_arg_parser(parser=None):
     p.add_argument("-m", "--max-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--tree", action="append", default=None, help="SS tree(s) to run (default: the stream config's)")
+    p.add_argument("--tree", action="append", default=None, help="SS tree(s) to run: a tree spec, `default` (the stream config's tree, its drafts alone) or `config` "
+                        "(the whole setting a user gets: tree and context drafts, the `sampled` one when sampling); "
+                        "default: `default`")
     p.add_argument("--methods", default=None, help="comma list of method prefixes to run")
     p.add_argument("--draft-model", default=None,
                    help="draft model: two-model decoding in our loop and in mlx-lm's (default model: its draft)")
@@ -83,10 +85,13 @@ def main(argv=None) -> int:
         ap.add_argument("--streams", default=None,
                         help="the adapter to tune (a name or .json; default: --write-to's, else the model's)")
         ap.add_argument("--quick", action="store_true")
+        ap.add_argument("--temp", type=float, default=0.0,
+                        help="tune sampled decoding at this temperature; written as the config's `sampled` "
+                             "setting, used whenever generation samples (default 0: greedy)")
         ap.add_argument("--json", default=None)
         a = ap.parse_args(argv[1:])
         res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write, quick=a.quick,
-                   write_to=a.write_to, streams=a.streams)
+                   write_to=a.write_to, streams=a.streams, temp=a.temp)
         print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))

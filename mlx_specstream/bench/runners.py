@@ -193,6 +193,9 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     own = [n for n in ([streams.config.lookup] if streams is not None else []) if n and n not in lookups]
     if streams is not None:
         for spec in trees:
+            if spec == "config":  # the adapter as a user gets it: its own setting, greedy or sampled
+                plan.append(("ss[config]", lambda p, t: _ours(model, tok, p, max_tokens, t), streams.num_params))
+                continue
             paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
             # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
             # stream config's own number joins the default tree — what a user of it gets — and
@@ -207,7 +210,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
     if medusa:
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
-        for spec in trees:  # the same trees as the streams (tokens per step compare like for like)
+        for spec in (t for t in trees if t != "config"):  # the streams' trees: tokens per step compare like for like
             paths = None if spec == "default" else parse_tree_spec(spec, md.levels)
             plan.append(("medusa" if spec == "default" else f"medusa[{spec}]",
                          lambda p, t, paths=paths: _ours(base, tok, p, max_tokens, t, drafter=md, tree=paths),

@@ -22,6 +22,7 @@ from ..drafters import DraftState, StreamDrafter
 from ..generate import stream_generate
 from ..loading import load
 from ..plan import TreePlan
+from ..sample import SamplingParams
 from ..streams import forward_with_streams
 from ..tree import chain, sparse
 from .prompts import load_prompts
@@ -128,14 +129,18 @@ def measure_rank_acceptance(model, streams, tokenizer, prompts: List[List[int]],
 
 
 def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False, write_to=None,
-         streams=None) -> dict:
+         streams=None, temp: float = 0.0) -> dict:
     """Fit the stream config to this device: the cost model's tree from the measured cost curve
     and rank acceptance, then end-to-end decode speed of candidate (tree, lookup, τ) settings and
     of plain decoding, in interleaved rounds; ``write`` stores the fastest — plain decoding unless
     a setting beats it beyond the noise — with the backend, device and BLAS it was tuned on — into
     the attached adapter's config (``write_to``: that file, named explicitly; the package's own
     adapters are written only so). The adapter measured is the one written: ``streams`` (a name
-    or .json, as for ``load``), else ``write_to``, else the attached one."""
+    or .json, as for ``load``), else ``write_to``, else the attached one. ``temp`` > 0 measures
+    sampled decoding at that temperature (the same seeds for every setting) and writes the result
+    as the config's ``sampled`` setting, leaving the greedy one as it was."""
+    if temp < 0:
+        raise ValueError(f"temp must be >= 0, got {temp}")
     if streams is not None and write_to is not None and Path(str(streams)).resolve() != Path(write_to).resolve():
         raise ValueError(f"tune measures one adapter and writes its settings into it: --streams {streams} and "
                          f"--write-to {write_to} name different files")
@@ -165,13 +170,16 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
                                 for tau in ((0.0, 0.1) if t else (0.0,)) if t or n]
     PLAIN = configs[0]
 
+    sampling = SamplingParams(temp=temp) if temp > 0 else None
+
     def decode_tps(tree_paths, lookup, tau):  # decode tokens/s (prefill excluded) over the prompts
         d = StreamDrafter(streams, prune_threshold=tau)
         kw = {"speculative": False} if (tree_paths, lookup, tau) == PLAIN else {
             "drafter": d, "tree": tree_paths, "lookup": lookup}
         n = secs = 0.0
-        for p in ids:
-            *_, r = stream_generate(base, tok, p, max_tokens=32 if quick else 96, **kw)
+        for i, p in enumerate(ids):
+            mx.random.seed(i)  # sampled: every setting decodes from the same seeds
+            *_, r = stream_generate(base, tok, p, max_tokens=32 if quick else 96, sampling=sampling, **kw)
             n, secs = n + r.generation_tokens, secs + r.generation_tokens / r.generation_tps
         return n / secs
 
@@ -187,7 +195,8 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     # faster than plain decoding's fastest. Otherwise plain decoding is the tuned setting.
     margin_ok = best == PLAIN or min(runs[best]) > max(runs[PLAIN])
     paths, best_lookup, best_tau = best if margin_ok else PLAIN
-    result = {"fingerprint": fingerprint(), "tuned_on": tuned_on(), "adapter": str(streams.source), "cost_ms": {str(k): v for k, v in cost.items()},
+    result = {"fingerprint": fingerprint(), "tuned_on": tuned_on(), "temp": temp, "adapter": str(streams.source),
+              "cost_ms": {str(k): v for k, v in cost.items()},
               "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": len(paths) + 1,
               "expected_tokens_per_s": rate, "prune_threshold": best_tau, "lookup": best_lookup,
               "plain_decoding": (paths, best_lookup) == ((), 0),
@@ -197,8 +206,12 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
                                for (t, n, tau), v in runs.items()}}
     if write:
         cfg = read_json(cfg_file)
-        cfg["tree"], cfg["prune_threshold"], cfg["lookup"] = result["tree"], best_tau, best_lookup
-        cfg["tuned_on"] = result["tuned_on"]
+        if temp > 0:
+            cfg["sampled"] = {"temp": temp, "tree": result["tree"], "lookup": best_lookup,
+                              "prune_threshold": best_tau, "tuned_on": result["tuned_on"]}
+        else:
+            cfg["tree"], cfg["prune_threshold"], cfg["lookup"] = result["tree"], best_tau, best_lookup
+            cfg["tuned_on"] = result["tuned_on"]
         cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
         result["written_to"] = str(cfg_file)
     return result

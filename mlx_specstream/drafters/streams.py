@@ -15,15 +15,18 @@ from .base import Drafter, DraftState, Verified
 
 
 class StreamDrafter(Drafter):
-    """``prune_threshold`` (τ) overrides the stream config's for this drafter."""
+    """``prune_threshold`` (τ) overrides the stream config's for this drafter (greedy and sampled)."""
 
     def __init__(self, streams: SpeculativeStreams, *, prune_threshold: Optional[float] = None):
         self.streams = streams
         c = streams.config
         self.levels, self.default_paths, self.default_lookup = c.num_streams, c.tree_paths, c.lookup
+        self.sampled = c.sampled_setting  # (paths, lookup, τ) tuned for temp > 0, or None
         self.changes_main = c.changes_main
         self.num_params = streams.num_params
         self.prune_threshold = c.prune_threshold if prune_threshold is None else prune_threshold
+        if prune_threshold is not None and self.sampled is not None:  # τ given: it holds when sampling too
+            self.sampled = self.sampled[:2] + (prune_threshold,)
 
     def streams_run(self, plan: TreePlan) -> int:
         """Streams a step computes: as deep as the tree's stream drafts go (stream j never sees

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional
 
-from ..tree import MAX_LOOKUP, MAX_TREE_NODES, TreeSetting
+from ..tree import MAX_LOOKUP, MAX_TREE_NODES, TreeSetting, normalize_paths
 
 MODES = ("lossless", "shared")
 POSITION_POLICIES = ("parent", "parent_plus_j")
@@ -25,6 +25,10 @@ class StreamConfig(TreeSetting):
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
     lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
     tuned_on: Optional[dict] = None  # backend, device, BLAS that `bench tune` fitted tree/lookup/τ on
+    # The setting `bench tune --temp T` fitted for sampled decoding, used whenever temp > 0 (sampled
+    # drafts are accepted less often, so greedy's tree can lose to plain decoding there):
+    # {"temp", "tree", "lookup", "prune_threshold", "tuned_on"}; tree [] with lookup 0 = plain decoding.
+    sampled: Optional[dict] = None
     base: Optional[dict] = None  # fingerprint of the base it was trained on (checkpoint.base_fingerprint)
 
     def __post_init__(self):
@@ -33,7 +37,7 @@ class StreamConfig(TreeSetting):
             want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type))
             if want is not None and (not isinstance(v, want) or (want is not bool and isinstance(v, bool))):
                 raise ValueError(f"{f.name} must be {str(f.type)}, got {v!r}")
-        for name in ("tuned_on", "base"):
+        for name in ("tuned_on", "base", "sampled"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be an object, got {getattr(self, name)!r}")
         if self.num_streams < 1:
@@ -55,6 +59,33 @@ class StreamConfig(TreeSetting):
         if not 0.0 <= self.prune_threshold < 1.0:
             raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         self.check_tree()
+        if self.sampled is not None:
+            self.sampled = self.check_sampled(self.sampled)
+
+    def check_sampled(self, s: dict) -> dict:
+        keys = {"temp", "tree", "lookup", "prune_threshold", "tuned_on"}
+        if set(s) - keys or not {"tree", "lookup"} <= set(s):
+            raise ValueError(f"sampled: needs tree and lookup, may hold {sorted(keys)}; got {sorted(s)}")
+        try:
+            paths = normalize_paths(s["tree"])[1:]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sampled.tree: not a list of rank paths: {e}") from None
+        if max((len(p) for p in paths), default=0) > self.num_streams:
+            raise ValueError(f"sampled.tree is deeper than the {self.num_streams} levels the streams draft")
+        lookup, tau, temp = s["lookup"], s.get("prune_threshold", 0.0), s.get("temp", 1.0)
+        if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= MAX_LOOKUP:
+            raise ValueError(f"sampled.lookup must be an int in [0, {MAX_LOOKUP}], got {lookup!r}")
+        if not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
+            raise ValueError(f"sampled.prune_threshold must be in [0, 1), got {tau!r}")
+        if not isinstance(temp, (int, float)) or temp <= 0:
+            raise ValueError(f"sampled.temp must be > 0 (it is the temperature tuned for), got {temp!r}")
+        return {**s, "tree": [list(p) for p in paths], "prune_threshold": float(tau)}
+
+    @property
+    def sampled_setting(self) -> Optional[tuple]:
+        """(rank paths, lookup, τ) for sampled decoding, or None when none was tuned."""
+        s = self.sampled
+        return None if s is None else (tuple(tuple(p) for p in s["tree"]), s["lookup"], s["prune_threshold"])
 
     @property
     def draft_depth(self) -> int:

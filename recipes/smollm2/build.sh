@@ -10,7 +10,9 @@
 #   2. train — lossless streams on the frozen base (NS, GAMMA, RANK, ITERS from the environment;
 #              defaults: the shipped adapter's shape, 500 iterations of batch 8);
 #   3. tune  — `bench tune` on the calibration prompts (not the bench's evaluation sets) writes the
-#              decode setting this device runs fastest into OUT/speculative_streams.json.
+#              decode setting this device runs fastest into OUT/speculative_streams.json;
+#   4. tune-sampled — the same at temperature 0.7, written as the config's `sampled` setting (what
+#              generation uses whenever it samples).
 # Then: specstream generate --model smollm2 --streams OUT/speculative_streams.json -p "..."
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,4 +45,6 @@ stage train specstream train --model smollm2 --data "$OUT/data" --out "$OUT" --n
   --val-every 50 --save-every 25 --keep-states --resume
 stage tune specstream bench tune --model smollm2 --prompts $R/calibration.jsonl --n-prompts 4 --quick \
   --write-to "$OUT/speculative_streams.json" --json "$OUT/tune.json"
+stage tune-sampled specstream bench tune --model smollm2 --prompts $R/calibration.jsonl --n-prompts 8 --quick \
+  --temp 0.7 --write-to "$OUT/speculative_streams.json" --json "$OUT/tune_sampled.json"
 echo "adapter: $OUT/speculative_streams.{json,safetensors}"

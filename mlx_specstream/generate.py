@@ -217,18 +217,20 @@ def main(argv=None) -> int:
         prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
                                                add_generation_prompt=True)
     sampling = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p)
-    text, last = "", None
+    text, last, drafted = "", None, False
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                                 sampling=sampling, stop=args.stop, tree=tree, lookup=args.lookup,
                                 speculative=False if args.no_speculate else None):
         text += last.text
+        drafted = drafted or last.tree_size > 1
         if not args.json:
             print(last.text, end="", flush=True)
     stats = {} if last is None else {
         k: getattr(last, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps",
                                       "peak_memory", "finish_reason", "steps", "mean_accepted", "acceptance_by_depth")
     }
-    stats["speculative"] = (drafter is not None or bool(args.lookup)) and not args.no_speculate
+    # whether drafts were verified: a setting may decode plainly (sampling, reference BLAS)
+    stats["speculative"] = drafted
     if args.json:
         print(json.dumps({"text": text, **stats}))
     else:

@@ -96,6 +96,9 @@ def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys):
     assert model.drafter.default_paths == () and model.drafter.default_lookup == 0
     r = list(stream_generate(model, tok, "def f(x):", max_tokens=8))
     assert r[-1].mean_accepted == 1.0  # plain decoding
+    from mlx_specstream.cli import main
+    assert main(["generate", "--prompt", "def f(x):", "-m", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["speculative"] is False  # says it decoded plainly
     loading._said.clear()
 
 

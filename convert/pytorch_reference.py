@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 DEFAULTS = dict(num_streams=3, num_msa_layers=2, mode="lossless", main_sees_streams=False,
                 stream_positions="parent", tree=None, tree_budget=12, prune_threshold=0.0,
-                pruning_rank=8, lora_rank=8, lora_scale=1.0, lora_targets=None, lookup=0, tuned_on=None, base=None)
+                pruning_rank=8, lora_rank=8, lora_scale=1.0, lora_targets=None, lookup=0, tuned_on=None, base=None,
+                sampled=None)
 
 
 def _base(hf):

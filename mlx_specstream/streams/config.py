@@ -11,6 +11,14 @@ MODES = ("lossless", "shared")
 POSITION_POLICIES = ("parent", "parent_plus_j")
 
 
+def check_setting(where: str, lookup, tau) -> None:
+    """The bounds of a decode setting's context drafts and τ (greedy's fields and `sampled`'s)."""
+    if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= MAX_LOOKUP:
+        raise ValueError(f"{where}lookup must be in [0, {MAX_LOOKUP}], got {lookup!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
+        raise ValueError(f"{where}prune_threshold must be in [0, 1), got {tau!r}")
+
+
 @dataclass
 class StreamConfig(TreeSetting):
     num_streams: int = 3  # γ: tokens drafted per step
@@ -50,14 +58,11 @@ class StreamConfig(TreeSetting):
             raise ValueError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
         if self.stream_positions not in POSITION_POLICIES:
             raise ValueError(f"stream_positions must be one of {POSITION_POLICIES}")
-        if not 0 <= self.lookup <= MAX_LOOKUP:
-            raise ValueError(f"lookup must be in [0, {MAX_LOOKUP}], got {self.lookup}")
+        check_setting("", self.lookup, self.prune_threshold)
         for name, hi in (("num_streams", 64), ("num_msa_layers", 1024), ("tree_budget", MAX_TREE_NODES),
                          ("pruning_rank", 4096), ("lora_rank", 4096)):
             if getattr(self, name) > hi:
                 raise ValueError(f"{name} {getattr(self, name)} is beyond any model (at most {hi})")
-        if not 0.0 <= self.prune_threshold < 1.0:
-            raise ValueError(f"prune_threshold must be in [0, 1), got {self.prune_threshold}")
         self.check_tree()
         if self.sampled is not None:
             self.sampled = self.check_sampled(self.sampled)
@@ -73,10 +78,7 @@ class StreamConfig(TreeSetting):
         if max((len(p) for p in paths), default=0) > self.num_streams:
             raise ValueError(f"sampled.tree is deeper than the {self.num_streams} levels the streams draft")
         lookup, tau, temp = s["lookup"], s.get("prune_threshold", 0.0), s.get("temp", 1.0)
-        if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= MAX_LOOKUP:
-            raise ValueError(f"sampled.lookup must be an int in [0, {MAX_LOOKUP}], got {lookup!r}")
-        if not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
-            raise ValueError(f"sampled.prune_threshold must be in [0, 1), got {tau!r}")
+        check_setting("sampled.", lookup, tau)
         if not isinstance(temp, (int, float)) or temp <= 0:
             raise ValueError(f"sampled.temp must be > 0 (it is the temperature tuned for), got {temp!r}")
         return {**s, "tree": [list(p) for p in paths], "prune_threshold": float(tau)}

@@ -10,8 +10,9 @@ loop syncs once per step. A new rule is a new class here, passed as ``accept=``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 
 class GreedyAcceptance:
@@ -29,30 +30,23 @@ class GreedyAcceptance:
 class SamplingAcceptance:
     """Distribution-preserving acceptance over a tree of deterministic (top-k) drafts.
 
-    At a node with target distribution ``p`` (temperature, top-k, top-p, min-p applied) the
-    children are tried in rank order: child ``x`` is accepted with probability ``p(x)``; if
-    rejected, ``p(x)`` is set to 0 and ``p`` renormalised before the next sibling (so a later
-    sibling carrying the same token is never accepted); if every child is rejected the
-    correction token is drawn from what remains. Each emitted token is therefore
-    distributed exactly as the target's sample (the multi-draft rule of SpecInfer with point-mass
-    drafts), unlike per-path rejection against the stream distribution.
+    ``law`` maps a node's log-probabilities to the logits of the distribution plain decoding
+    draws from (:meth:`mlx_specstream.sample.SamplingParams.law`: mlx-lm's filters on the
+    log-probabilities, then the temperature — the one function the plain sampler uses too). At a
+    node with that distribution ``p`` the children are tried in rank order: child ``x`` is
+    accepted with probability ``p(x)``; if rejected, ``p(x)`` is set to 0 and ``p`` renormalised
+    before the next sibling (so a later sibling carrying the same token is never accepted); if
+    every child is rejected the correction token is drawn from what remains. Each emitted token is
+    therefore distributed exactly as plain decoding's sample (the multi-draft rule of SpecInfer
+    with point-mass drafts), unlike per-path rejection against the stream distribution.
     """
 
-    def __init__(self, temp: float = 1.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0):
-        if temp <= 0:
-            raise ValueError("SamplingAcceptance needs temp > 0 (use GreedyAcceptance)")
-        self.temp, self.top_p, self.top_k, self.min_p = temp, top_p, top_k, min_p
+    def __init__(self, law: Callable[[mx.array], mx.array]):
+        self.law = law
 
     def target_probs(self, logits: mx.array) -> mx.array:
-        lp = logits.astype(mx.float32) / self.temp
-        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
-        if 0 < self.top_p < 1.0:
-            lp = apply_top_p(lp, self.top_p)
-        if self.min_p:
-            lp = apply_min_p(lp, self.min_p)
-        if self.top_k > 0:
-            lp = apply_top_k(lp, self.top_k)
-        return mx.softmax(lp, axis=-1)
+        lp = logits.astype(mx.float32)
+        return mx.softmax(self.law(lp - mx.logsumexp(lp, axis=-1, keepdims=True)), axis=-1)
 
     @staticmethod
     def child_mass(p: mx.array, child_tok: mx.array, valid: mx.array) -> mx.array:

@@ -60,8 +60,8 @@ def draw_pairs(step, n, temp, seed, paths=PATHS, tokens=TOKENS):
     return counts
 
 
-def ours(temp, rule_class=SamplingAcceptance):
-    rule = rule_class(temp=temp)
+def ours(temp, rule_class=SamplingAcceptance, **filters):
+    rule = rule_class(SamplingParams(temp=temp, **filters).law)
 
     def step(tree, seqs, rng, tokens=TOKENS):
         dt = TreePlan(tree.paths)
@@ -151,7 +151,7 @@ def test_sampling_with_top_k_never_leaves_the_support():
     tree = build_tree(PATHS)
     dt = TreePlan(tree.paths)
     logits = mx.array(np.stack([target_logits(s) for s in node_seqs(tree)]).astype(np.float32))
-    rule = SamplingAcceptance(temp=1.0, top_k=1)  # top-1 support: behaves like greedy
+    rule = SamplingParams(temp=1.0, top_k=1).acceptance()  # top-1 support: behaves like greedy
     g_best, g_corr = GreedyAcceptance()(dt, mx.array(TOKENS), logits)
     for s in range(50):
         best, corr = rule(dt, mx.array(TOKENS), logits, key=mx.random.key(s))
@@ -175,5 +175,125 @@ def test_greedy_acceptance_by_hand():
 def test_sampling_params_pick_rules():
     assert isinstance(SamplingParams().acceptance(), GreedyAcceptance)
     assert isinstance(SamplingParams(temp=0.5).acceptance(), SamplingAcceptance)
-    with pytest.raises(ValueError):
-        SamplingAcceptance(temp=0)
+
+
+# --- Filters: the tree's law must be the plain sampler's, tested against mlx-lm's own draws. ---
+# 5% of the critical values of chi-square at p = 0.001 by degrees of freedom (two-sample test).
+CHI2_CRIT_P001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
+                  10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+FILTERS = {"top-p": dict(top_p=0.75), "min-p": dict(min_p=0.25), "top-k": dict(top_k=2),
+           "mix": dict(top_p=0.9, min_p=0.1, top_k=3)}
+FILTER_TREES = {"children": TREES["plain"], "duplicate siblings": TREES["duplicate siblings"],
+                "no children": ((), [0])}
+
+
+def log_softmax(z):
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def mlx_lm_sampler(temp, **filters):
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp, top_p=filters.get("top_p", 0.0), min_p=filters.get("min_p", 0.0),
+                        top_k=filters.get("top_k", 0))
+
+
+def plain_pairs(n, temp, seed, root, **filters):
+    """Two tokens after ``root`` drawn ``n`` times by mlx-lm's ``make_sampler`` (plain decoding)."""
+    sampler = mlx_lm_sampler(temp, **filters)
+    mx.random.seed(seed)
+    first = np.array(sampler(mx.array(np.tile(log_softmax(target_logits(root)), (n, 1)).astype(np.float32))))
+    nxt = np.stack([log_softmax(target_logits(root + [a])) for a in range(V)]).astype(np.float32)
+    second = np.array(sampler(mx.array(nxt[first])))
+    counts = np.zeros((V, V))
+    np.add.at(counts, (first, second), 1)
+    return counts
+
+
+def tree_pairs(step, n, temp, seed, paths, tokens, **filters):
+    """Like :func:`draw_pairs`, completing a one-token step with mlx-lm's sampler."""
+    sampler = mlx_lm_sampler(temp, **filters)
+    tree = build_tree(paths)
+    seqs = node_seqs(tree, tokens)
+    rng = np.random.RandomState(seed)
+    mx.random.seed(seed + 1)
+    counts = np.zeros((V, V))
+    for _ in range(n):
+        out = step(tree, seqs, rng, tokens)
+        if len(out) < 2:
+            lp = log_softmax(target_logits([tokens[0]] + out)).astype(np.float32)
+            out = out + [int(sampler(mx.array(lp[None]))[0].item())]
+        counts[out[0], out[1]] += 1
+    return counts
+
+
+def two_sample_chi2(a, b):
+    """Homogeneity of two count tables: (statistic, degrees of freedom)."""
+    a, b = a.ravel(), b.ravel()
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    k1, k2 = np.sqrt(b.sum() / a.sum()), np.sqrt(a.sum() / b.sum())
+    return float(((a * k1 - b * k2) ** 2 / (a + b)).sum()), int(keep.sum()) - 1
+
+
+def tree_rule(rule):
+    def step(tree, seqs, rng, tokens):
+        dt = TreePlan(tree.paths)
+        logits = mx.array(np.stack([target_logits(s) for s in seqs]).astype(np.float32))
+        best, corr = rule(dt, mx.array(tokens), logits, key=mx.random.key(int(rng.randint(2**31))))
+        return [tokens[i] for i in tree.path_to(int(best.item()))[1:]] + [int(corr.item())]
+
+    return step
+
+
+class TemperatureFirstAcceptance(SamplingAcceptance):
+    """The rule before the fix (the failing control): temperature applied before the filters."""
+
+    def __init__(self, temp, **filters):
+        self.temp, self.filters = temp, filters
+
+    def target_probs(self, logits):
+        lp = logits.astype(mx.float32) / self.temp
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        return mx.softmax(SamplingParams(temp=1.0, **self.filters).law(lp), axis=-1)
+
+
+def support(temp, root, **filters):
+    """Tokens plain decoding can emit first (mlx-lm's own filter functions)."""
+    lp = mx.array(log_softmax(target_logits(root)).astype(np.float32))[None]
+    return set(np.flatnonzero(np.isfinite(np.array(SamplingParams(temp=temp, **filters).law(lp))[0])))
+
+
+@pytest.mark.parametrize("temp", [0.7, 1.5])
+@pytest.mark.parametrize("filt", list(FILTERS))
+@pytest.mark.parametrize("tree", list(FILTER_TREES))
+def test_tree_sampling_with_filters_follows_mlx_lm_sampler(temp, filt, tree):
+    paths, tokens = FILTER_TREES[tree]
+    n = 2000
+    spec = tree_pairs(ours(temp, **FILTERS[filt]), n, temp, seed=3, paths=paths, tokens=tokens, **FILTERS[filt])
+    plain = plain_pairs(n, temp, seed=4, root=[tokens[0]], **FILTERS[filt])
+    stat, df = two_sample_chi2(spec, plain)
+    assert stat < CHI2_CRIT_P001[df], (stat, df, spec, plain)
+    # never a token plain decoding cannot emit
+    assert set(np.flatnonzero(spec.sum(axis=1))) <= support(temp, [tokens[0]], **FILTERS[filt])
+
+
+@pytest.mark.parametrize("temp,filt", [(0.7, "min-p"), (1.5, "top-p")])
+def test_temperature_before_filters_fails_the_same_test(temp, filt):
+    paths, tokens = FILTER_TREES["children"]
+    n = 2000
+    rule = TemperatureFirstAcceptance(temp, **FILTERS[filt])
+    spec = tree_pairs(tree_rule(rule), n, temp, seed=3, paths=paths, tokens=tokens, **FILTERS[filt])
+    plain = plain_pairs(n, temp, seed=4, root=[tokens[0]], **FILTERS[filt])
+    stat, df = two_sample_chi2(spec, plain)
+    assert stat > CHI2_CRIT_P001[df], (stat, df)
+
+
+def test_law_by_hand():
+    """The issue's example: p = (.5, .3, .15, .05), T = .7, min-p .25 keeps three tokens."""
+    lp = mx.array(np.log([[0.5, 0.3, 0.15, 0.05]]).astype(np.float32))
+    got = np.array(mx.softmax(SamplingParams(temp=0.7, min_p=0.25).law(lp), axis=-1))[0]
+    kept = np.array([0.5, 0.3, 0.15]) ** (1 / 0.7)
+    np.testing.assert_allclose(got, np.append(kept / kept.sum(), 0), atol=1e-6)
+    np.testing.assert_allclose(got[:3], [0.60, 0.29, 0.11], atol=0.01)

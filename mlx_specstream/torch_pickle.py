@@ -8,9 +8,11 @@ types, ``OrderedDict``) — to our own functions that build numpy arrays. Any ot
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Dict
 
@@ -47,37 +49,64 @@ class BF16:
         return self.bits.shape
 
 
-MAX_ELEMENTS = 1 << 40
+MAX_DIMS = 8  # no model tensor has more; also bounds what a crafted size can make us build
+
+
+class _Storage:
+    """A storage as read from the archive: flat bytes of one element type. Only these back a view
+    (a rebuilt tensor passed as another's storage is refused: its rows are not its elements)."""
+
+    def __init__(self, data: np.ndarray, is_bf16: bool):
+        self.data, self.is_bf16 = data, is_bf16
+
+
+class _Budget:
+    """Bytes the tensors of one archive may make: views may overlap (tied weights share a
+    storage) but never amount to much more than the archive holds."""
+
+    def __init__(self, archive_bytes: int):
+        self.left = 4 * archive_bytes + (64 << 20)
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > self.left:
+            raise UnsafeCheckpointError(f"{what} would make {nbytes} bytes of tensors, more than the archive's "
+                                        "storages can hold: overlapping views (zero strides or one storage "
+                                        "repeated) of a crafted file")
+        self.left -= nbytes
 
 
 def _ints(x, what: str):
-    if not isinstance(x, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
-        raise UnsafeCheckpointError(f"tensor {what} {x!r} is not a tuple of integers")
+    if (not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in x)):
+        # never repr() it: a crafted value may be nested thousands deep
+        raise UnsafeCheckpointError(f"tensor {what} is not a valid view: expected a tuple of at most {MAX_DIMS} "
+                                    "small non-negative integers")
     return tuple(x)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_, **__):
-    """A tensor viewing ``storage``: size, stride and offset are checked to stay inside the
-    storage before any view is made (a crafted file must not read memory it does not own)."""
-    if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], np.ndarray)):
-        raise UnsafeCheckpointError("tensor storage is not a storage")
-    data, is_bf16 = storage
+def _rebuild_tensor(storage, offset, size, stride, *_, budget: _Budget = None, **__):
+    """A tensor viewing ``storage``: its first and last bytes are checked to lie inside the
+    storage's bytes before any view is made (a crafted file must not read memory it does not own)."""
+    if not isinstance(storage, _Storage):
+        raise UnsafeCheckpointError("tensor storage is not a storage of the archive (a view of a view?)")
+    data = storage.data
     size, stride = _ints(size, "size"), _ints(stride, "stride")
-    if len(size) != len(stride) or any(v < 0 for v in size + stride) or not isinstance(offset, int) or offset < 0:
-        raise UnsafeCheckpointError(f"tensor size {size} / stride {stride} / offset {offset!r} are not a valid view")
-    n = int(np.prod(size, dtype=object)) if size else 1
-    if n > MAX_ELEMENTS:
-        raise UnsafeCheckpointError(f"tensor size {size} is beyond any model")
+    if len(size) != len(stride) or not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 1 << 48:
+        raise UnsafeCheckpointError(f"tensor size {size} / stride {stride} / offset are not a valid view")
+    n = math.prod(size)
+    item = data.itemsize
+    if budget is not None:
+        budget.take(n * item, f"a tensor of size {size}")
     if n == 0:
         arr = np.zeros(size, data.dtype)
     else:
-        last = offset + sum((d - 1) * st for d, st in zip(size, stride))
-        if last >= data.size:
-            raise UnsafeCheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads element "
-                                        f"{last} of a storage of {data.size}: outside its storage")
+        end = (offset + sum((d - 1) * st for d, st in zip(size, stride)) + 1) * item  # bytes, exact ints
+        if end > data.nbytes:
+            raise UnsafeCheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads byte "
+                                        f"{end} of a storage of {data.nbytes} bytes: outside its storage")
         arr = np.lib.stride_tricks.as_strided(
-            data[offset:], shape=size, strides=tuple(st * data.itemsize for st in stride)).copy()
-    return BF16(arr) if is_bf16 else arr
+            data[offset:], shape=size, strides=tuple(st * item for st in stride)).copy()
+    return BF16(arr) if storage.is_bf16 else arr
 
 
 def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *_):
@@ -93,13 +122,14 @@ _ALLOWED = {
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, zf: zipfile.ZipFile, prefix: str, where: str):
+    def __init__(self, file, zf: zipfile.ZipFile, prefix: str, where: str, budget: _Budget):
         super().__init__(file)
-        self.zf, self.prefix, self.where = zf, prefix, where
+        self.zf, self.prefix, self.where, self.budget = zf, prefix, where, budget
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
+            fn = _ALLOWED[(module, name)]
+            return partial(fn, budget=self.budget) if fn is _rebuild_tensor else fn
         if module == "torch" and name in _STORAGES:
             return _StorageType(name)
         raise UnsafeCheckpointError(
@@ -123,7 +153,8 @@ class _SafeUnpickler(pickle.Unpickler):
         if len(raw) % dtype.itemsize:
             raise UnsafeCheckpointError(f"{self.where}: storage {key} ({len(raw)} bytes) is not a whole number of "
                                         f"{st.name} elements")
-        return np.frombuffer(raw, dtype), st.dtype == "bfloat16"
+        self.budget.take(len(raw), f"storage {key}")
+        return _Storage(np.frombuffer(raw, dtype), st.dtype == "bfloat16")
 
 
 def check_member(info: zipfile.ZipInfo, where: str) -> None:
@@ -148,7 +179,9 @@ def load_torch_file(path: Path) -> Dict[str, object]:
             prefix = pkls[0][: -len("data.pkl")]
             check_member(zf.getinfo(pkls[0]), str(path))
             with zf.open(pkls[0]) as f:
-                obj = _SafeUnpickler(f, zf, prefix, str(path)).load()
+                obj = _SafeUnpickler(f, zf, prefix, str(path), _Budget(path.stat().st_size)).load()
+    except RecursionError:
+        raise UnsafeCheckpointError(f"{path}: the pickle nests objects deeper than a state dict ever does") from None
     except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, TypeError, ValueError) as e:
         if isinstance(e, UnsafeCheckpointError):
             raise UnsafeCheckpointError(e if str(path) in str(e) else f"{path}: {e}") from None

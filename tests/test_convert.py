@@ -283,6 +283,92 @@ def test_unpickler_refuses_views_outside_their_storage(tmp_path, size, stride, o
     assert load_torch_file(ok)["w"].shape == (2, 2)
 
 
+def _crafted_views(path, views, n_floats=4):
+    """A torch zip checkpoint of hand-made views: ``views`` maps a name to ``(base, offset, size,
+    stride)`` where ``base`` is ``"storage"`` or the name of another view (a view of a view)."""
+    import collections
+    import io
+    import pickle
+    import zipfile
+
+    storage = object()
+    made = {}
+
+    class View:
+        def __init__(self, base, offset, size, stride):
+            self.args = (storage if base == "storage" else made[base], offset, size, stride)
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, self.args + (False, collections.OrderedDict()))
+
+    for name, spec in views.items():
+        made[name] = View(*spec)
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", n_floats) if obj is storage else None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump(made)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        zf.writestr("archive/data/0", np.arange(n_floats, dtype=np.float32).tobytes())
+    return path
+
+
+def test_unpickler_refuses_a_view_of_a_view(tmp_path):
+    """A rebuilt (2, 8) tensor used as another view's storage: slicing it skips whole rows, so the
+    element-count check passed and the view read heap bytes (or segfaulted)."""
+    from mlx_specstream.torch_pickle import load_torch_file
+
+    f = _crafted_views(tmp_path / "w.bin", {"a": ("storage", 0, (2, 8), (8, 1)), "b": ("a", 1, (16,), (1,))},
+                       n_floats=16)
+    with pytest.raises(UnsafeCheckpointError, match="view of a view"):
+        load_torch_file(f)
+
+
+@pytest.mark.parametrize("views,msg", [
+    ({"a": ("storage", 0, (16384, 32768), (0, 0))}, "overlapping views"),       # 2 GiB from 16 bytes
+    ({f"w{i}": ("storage", 0, (1 << 18,), (0,)) for i in range(4000)}, "overlapping views"),  # one storage 4000x
+    ({"a": ("storage", 0, (2, 2), (1, 1 << 63))}, "not a valid view"),           # strides past 2**63
+])
+def test_unpickler_bounds_what_it_builds(tmp_path, views, msg):
+    from mlx_specstream.torch_pickle import load_torch_file
+
+    f = _crafted_views(tmp_path / "w.bin", views)
+    with pytest.raises(UnsafeCheckpointError, match=msg):
+        load_torch_file(f)
+
+
+def test_unpickler_refuses_a_deeply_nested_size(tmp_path):
+    import struct
+    import zipfile
+
+    from mlx_specstream.torch_pickle import load_torch_file
+
+    f = _crafted_views(tmp_path / "w.bin", {"a": ("storage", 0, (12345678,), (1,))})
+    with zipfile.ZipFile(f) as zf:
+        pkl, data = zf.read("archive/data.pkl"), zf.read("archive/data/0")
+    one = b"J" + struct.pack("<i", 12345678) + b"\x85"  # BININT, TUPLE1: the size (12345678,)
+    assert pkl.count(one) == 1
+    deep = pkl.replace(one, b")" + b"\x85" * 200_000)  # EMPTY_TUPLE wrapped 200,000 times, iteratively
+    with zipfile.ZipFile(f, "w") as zf:
+        zf.writestr("archive/data.pkl", deep)
+        zf.writestr("archive/data/0", data)
+    with pytest.raises(UnsafeCheckpointError, match="not a valid view"):
+        load_torch_file(f)
+
+
+def test_unpickler_loads_tied_views_of_one_storage(tmp_path):
+    from mlx_specstream.torch_pickle import load_torch_file
+
+    f = _crafted_views(tmp_path / "w.bin", {"a": ("storage", 0, (2, 4), (4, 1)), "b": ("storage", 0, (2, 4), (4, 1)),
+                                            "t": ("storage", 0, (4, 2), (1, 4))}, n_floats=8)
+    got = load_torch_file(f)
+    np.testing.assert_array_equal(got["a"], np.arange(8).reshape(2, 4))
+    np.testing.assert_array_equal(got["t"], np.arange(8).reshape(2, 4).T)
+
+
 def test_unpickler_refuses_zip_bombs(tmp_path):
     import zipfile
 

@@ -353,6 +353,11 @@ def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dt
         raise CheckpointError(f"{weights_file} not found (adapter config without its weights)")
     weights = read_safetensors(weights_file)
     check_names(dict(tree_flatten(module.parameters())), weights, weights_file, against)
+    bad = [k for k, v in sorted(weights.items())
+           if mx.issubdtype(v.dtype, mx.floating) and not mx.all(mx.isfinite(v)).item()]
+    if bad:
+        raise CheckpointError(f"{weights_file}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
+                              "infinite values (a diverged training run?): refusing to attach the adapter")
     module.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
     mx.eval(module.parameters())
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -399,7 +400,13 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         if cfg.grad_accum > 1:
             grads_acc = tree_map(lambda g: g / cfg.grad_accum, grads_acc)
         opt.update(trainable, grads_acc)
-        mx.eval(trainable.parameters(), opt.state, loss_acc)
+        finite = mx.all(mx.array([mx.all(mx.isfinite(v)) for _, v in tree_flatten(trainable.trainable_parameters())]))
+        mx.eval(trainable.parameters(), opt.state, loss_acc, finite)
+        if not (finite.item() and math.isfinite(float(loss_acc))):
+            # never save a diverged adapter: it would break losslessness checks and decode nothing
+            raise DataError(f"training diverged at iteration {i + 1} (loss {float(loss_acc) / cfg.grad_accum}, "
+                            f"parameters {'finite' if finite.item() else 'not finite'}): nothing saved from it; "
+                            "lower --lr (the last saved adapter and state are kept)")
         rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
                "lr": round(float(opt.learning_rate), 8), "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
                "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}

@@ -348,3 +348,24 @@ def test_the_overlapped_loop_gives_the_sequential_loops_tokens_and_cache(hf_mode
     assert runs[0][0] == runs[1][0] == ar_tokens(model, prompt, 40)
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["lora_b", "lora_a", "stream_embeddings", "inf"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_non_finite_stream_values_never_reach_main_rows_in_lossless_mode(hf_model, name, where):
+    """One NaN (or inf) in a stream parameter made every main row NaN (a masked attention weight
+    0 times a NaN value, and a LoRA output times a per-row scale of 0): greedy decoding emitted
+    <unk> forever. Main rows must be the base model's whatever the streams hold."""
+    model, _ = load_model(hf_model(name)[0])
+    s = randomize(SpeculativeStreams(StreamConfig(num_streams=3, num_msa_layers=2, lora_rank=4), model), seed=1)
+    bad = float("inf") if where == "inf" else float("nan")
+    if where == "stream_embeddings" or where == "inf":
+        s.stream_embeddings = s.stream_embeddings.at[0, 0].add(bad)
+    else:
+        ad = s.lora[0]["self_attn__v_proj"]
+        setattr(ad, where, getattr(ad, where).at[0, 0].add(bad))
+    ids = mx.array([[1, 9, 40, 7, 300, 12, 5, 80]])
+    main, _ = forward_with_streams(model, s, ids)
+    np.testing.assert_array_equal(np.array(main), np.array(model(ids)))
+    prompt = _prompt(9)
+    assert spec_tokens(model, s, prompt, 16, tree=cartesian(2, 2))[0] == ar_tokens(model, prompt, 16)

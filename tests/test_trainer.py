@@ -220,3 +220,27 @@ def test_kept_states_are_read_back_by_a_resumed_run(tiny, medusa):
     got = kept_states(model, s, data, 4, logs.append, out)
     assert any("computing it again" in m for m in logs)
     np.testing.assert_array_equal(got, bottom_states(model, s, data, 4, None))
+
+
+def test_a_diverged_run_stops_with_an_error_and_saves_nothing(tiny):
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=float("nan"), warmup=1, val_every=6, save_every=2)
+    with pytest.raises(DataError, match="diverged at iteration 1"):
+        train(model, tok, data, data, cfg, tmp / "out", log=lambda *_: None)
+    assert not (tmp / "out" / "speculative_streams.safetensors").exists()
+
+
+def test_an_adapter_with_non_finite_values_is_refused_at_load(hf_model, tmp_path):
+    import shutil
+
+    from mlx_specstream.checkpoint import CheckpointError
+    from mlx_specstream.streams import load_streams, save_streams
+
+    folder = tmp_path / "m"
+    shutil.copytree(hf_model("llama")[0], folder)
+    model, _ = load(str(folder), streams=False)
+    s = SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=1, lora_rank=4), model)
+    s.lora[0]["mlp__up_proj"].lora_b = s.lora[0]["mlp__up_proj"].lora_b.at[1, 2].add(float("nan"))
+    save_streams(folder, s)
+    with pytest.raises(CheckpointError, match=r"lora\.0\.mlp__up_proj\.lora_b hold NaN"):
+        load_streams(folder / "speculative_streams.json", model)

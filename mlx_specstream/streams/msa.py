@@ -65,15 +65,19 @@ def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array,
 
 class _MainRowsCache:
     """A joint main+stream call: cache only the first n (main) rows; stream K/V live for this
-    forward only."""
+    forward only. ``finite``: stream K/V made finite first — a masked attention weight is exactly
+    0, but 0 x NaN (or inf) is NaN, so in lossless mode a stream's non-finite value would
+    otherwise reach the main rows that never attend to it."""
 
-    def __init__(self, cache: KVCache, n_main: int):
-        self.cache, self.n, self.offset = cache, n_main, cache.offset
+    def __init__(self, cache: KVCache, n_main: int, finite: bool = False):
+        self.cache, self.n, self.offset, self.finite = cache, n_main, cache.offset, finite
 
     def update_and_fetch(self, k, v):
         ck, cv = self.cache.update_and_fetch(k[:, :, : self.n], v[:, :, : self.n])
-        return (mx.concatenate([ck, k[:, :, self.n :]], axis=2),
-                mx.concatenate([cv, v[:, :, self.n :]], axis=2))
+        ks, vs = k[:, :, self.n :], v[:, :, self.n :]
+        if self.finite:
+            ks, vs = mx.nan_to_num(ks), mx.nan_to_num(vs)
+        return mx.concatenate([ck, ks], axis=2), mx.concatenate([cv, vs], axis=2)
 
 
 def _with_prefix(mask: mx.array, prefix: int) -> mx.array:
@@ -118,11 +122,11 @@ def msa_forward(
     # rows off the streams (unless main_sees_streams); in lossless mode the LoRA views touch stream
     # rows only, so main rows are exactly the base model's.
     x = mx.concatenate([h_main, h_str], axis=1)
-    row_scale = None
+    row_scale, lossless = None, not c.changes_main
     if c.mode == "lossless" and c.lora_rank:
         row_scale = (mx.arange(x.shape[1]) >= T).astype(x.dtype)[:, None] * c.lora_scale
     for i, (layer, cache) in enumerate(zip(layers, caches)):
-        x = streams.stream_layer(layer, i, row_scale)(x, joint_mask, _MainRowsCache(cache, T), pos_joint)
+        x = streams.stream_layer(layer, i, row_scale)(x, joint_mask, _MainRowsCache(cache, T, lossless), pos_joint)
     h_main, h_str = x[:, :T], x[:, T:]
     return h_main, h_str
 

@@ -31,7 +31,11 @@ class _LoRALinear(nn.Module):
         self.base, self.adapter, self.scale = base, adapter, scale
 
     def __call__(self, x):
-        # ``scale``: a number, or (R, 1) per-row scales that are 0 on main rows (exact base rows).
+        # ``scale``: a number, or (R, 1) per-row scales that are 0 on main rows. Those rows are
+        # selected out, not multiplied by 0: 0 x NaN is NaN, and main rows must stay exactly the
+        # base's whatever the adapter holds.
+        if isinstance(self.scale, mx.array):
+            return self.base(x) + mx.where(self.scale != 0, self.adapter(x) * self.scale, 0)
         return self.base(x) + self.adapter(x) * self.scale
 
 

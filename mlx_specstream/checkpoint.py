@@ -21,6 +21,7 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import save_model as save_mlx_lm_weights
 
 from .models import UnsupportedModelError, build_model, normalize_rope_config
+from .errors import UserError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -33,7 +34,7 @@ QUANT_GROUP_SIZES = (32, 64, 128)
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: the message names the file or tensor at fault."""
 
 
@@ -283,11 +284,11 @@ def quantize_model(model: nn.Module, config: dict, *, bits: int = 4, group_size:
     Layers whose input width is not a multiple of ``group_size`` stay in float.
     """
     if bits not in QUANT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
+        raise UserError(f"bits must be one of {QUANT_BITS}, got {bits}")
     if group_size not in QUANT_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
+        raise UserError(f"group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
     if recipe not in (None, "mixed_4_8"):
-        raise ValueError(f"unknown quantization recipe {recipe!r} (known: mixed_4_8)")
+        raise UserError(f"unknown quantization recipe {recipe!r} (known: mixed_4_8)")
     config = copy.deepcopy(config)
     q: Dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
 

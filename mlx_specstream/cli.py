@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 import mlx.core as mx
 
@@ -13,6 +14,7 @@ from .checkpoint import DTYPES
 from .drafters import DEFAULT_NUM_DRAFT
 from .loading import load
 from .sample import SamplingParams
+from .errors import UserError
 
 VERBS = {
     "generate": ("mlx_specstream.generate", "generate text from a prompt"),
@@ -59,7 +61,7 @@ def check_args(args: argparse.Namespace) -> None:
                            ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)")):
         v = getattr(args, name, None)
         if v is not None and not ok(v):
-            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {v}")
+            raise UserError(f"--{name.replace('_', '-')} must be {want}, got {v}")
     if getattr(args, "seed", None) is not None:
         mx.random.seed(args.seed)
 
@@ -89,9 +91,14 @@ def main(argv=None) -> int:
     module = importlib.import_module(VERBS[argv[0]][0])
     try:
         return module.main(argv[1:]) or 0
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:  # bad input, named
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception:  # noqa: BLE001 - anything else is a bug: the traceback, and a line saying so
+        traceback.print_exc()
+        print("error: the above is a bug in mlx-specstream, not a problem with your input: please report it "
+              "with the traceback", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

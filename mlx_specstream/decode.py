@@ -14,6 +14,7 @@ from .acceptance import GreedyAcceptance
 from .cache import DEFAULT_PREFILL_STEP, KVCache, prefill, prepared_cache
 from .drafters import ContextDrafts, Drafter, DraftState, Verified, Verifier, top_candidates
 from .plan import TreePlan
+from .errors import UserError
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -97,7 +98,7 @@ def tree_generate_step(
     accept = accept or GreedyAcceptance()
     lookup = drafter.default_lookup if lookup is None else lookup
     if lookup < 0:
-        raise ValueError(f"lookup must be >= 0, got {lookup}")
+        raise UserError(f"lookup must be >= 0, got {lookup}")
     plan = TreePlan(drafter.default_paths if tree is None else tree, lookup=lookup)
     if plan.draft_levels == 0 and not drafter.changes_main:
         drafter = Verifier()  # no drafter nodes in the tree: its drafts would be computed for nothing

@@ -21,6 +21,7 @@ from .loading import say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
 from .tree import MAX_LOOKUP, parse_tree_spec
+from .errors import UserError
 
 
 def context_limit(model) -> Optional[int]:
@@ -33,7 +34,7 @@ def check_prompt_length(model, n_prompt: int, max_tokens: int) -> int:
     if limit is None:
         return max_tokens
     if n_prompt >= limit:
-        raise ValueError(f"prompt is {n_prompt} tokens; the model's context is {limit} tokens "
+        raise UserError(f"prompt is {n_prompt} tokens; the model's context is {limit} tokens "
                          "(max_position_embeddings): shorten the prompt")
     return min(max_tokens, limit - n_prompt)
 
@@ -43,7 +44,7 @@ def _encode_prompt(tokenizer, prompt: Union[str, List[int], mx.array]) -> mx.arr
         prompt = tokenizer.encode(prompt)
     prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
     if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError("prompt must be a non-empty string or 1-D list of token ids")
+        raise UserError("prompt must be a non-empty string or 1-D list of token ids")
     return prompt.astype(mx.int32)
 
 
@@ -80,7 +81,7 @@ def stream_generate(
     base = getattr(model, "base", model)
     drafter = drafter if drafter is not None else getattr(model, "drafter", None)
     if lookup is not None and not 0 <= lookup <= MAX_LOOKUP:
-        raise ValueError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
+        raise UserError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
     if sampling is not None and sampling.temp > 0 and getattr(drafter, "sampled", None) is not None:
         # Sampling: the adapter's setting tuned for it (`bench tune --temp T`) fills what the caller
         # left unset, in place of greedy's.
@@ -95,10 +96,10 @@ def stream_generate(
                 drafter.default_lookup if lookup is None else lookup):
             speculative = False  # a tree with nothing drafted is plain decoding
     if speculative and drafter is None and not lookup:
-        raise ValueError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
+        raise UserError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
                          "or context drafts (lookup > 0); this model has none")
     if tree is not None and drafter is None:
-        raise ValueError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
+        raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
     if sampling is not None:
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
@@ -119,9 +120,9 @@ def stream_generate(
     tree_decoding = speculative or (drafter is not None and drafter.changes_main)
     if tree_decoding:
         if accept is None and sampler is not None and sampler is not greedy_sampler:
-            raise ValueError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
+            raise UserError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
         if logits_processors:
-            raise ValueError("logits_processors are not supported with speculative decoding")
+            raise UserError("logits_processors are not supported with speculative decoding")
         if not speculative:
             tree, lookup = (), 0
         steps = ((r.tokens, r.depth, r.tree_size) for r in tree_generate_step(
@@ -195,14 +196,14 @@ def _read_stdin() -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"the prompt on stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        raise UserError(f"the prompt on stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_args(args)
     if args.no_speculate and (args.tree or args.lookup or args.prune_threshold is not None):
-        raise ValueError("--tree, --lookup and --prune-threshold shape speculative decoding; --no-speculate turns it off")
+        raise UserError("--tree, --lookup and --prune-threshold shape speculative decoding; --no-speculate turns it off")
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     model, tokenizer = load_from_args(args, revision=args.revision, quantize=args.q_bits if args.quantize else None,
                                       q_group_size=args.q_group_size, prune_threshold=args.prune_threshold)
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     tree = None
     if args.tree:
         if drafter is None:
-            raise ValueError("--tree needs a drafter (a stream adapter, --medusa or --draft-model)")
+            raise UserError("--tree needs a drafter (a stream adapter, --medusa or --draft-model)")
         tree = parse_tree_spec(args.tree, drafter.levels)
     if tokenizer.has_chat_template and not args.ignore_chat_template:  # as mlx-lm's generate does
         messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []

@@ -19,6 +19,7 @@ from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, Medusa
 from .gguf import load_gguf
 from .streams import find_stream_file, load_streams, shipped_stream_file
 from .tokenizer import load_tokenizer
+from .errors import UserError
 
 
 # Real models by name: (package that ships a GGUF, its file, the hub repo otherwise).
@@ -61,7 +62,7 @@ def resolve_model(name_or_path: Union[str, Path], revision: Optional[str] = None
 def default_dtype(path: Path, dtype: Optional[str]) -> Optional[str]:
     """CPUs have no fast half-precision matmul; float32 goes through BLAS (3-4x faster here)."""
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype is None and mx.default_device() == mx.cpu and (path.suffix == ".gguf" or "quantization" not in load_config(path)):
         return "float32"
     return dtype
@@ -93,7 +94,7 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
                       "(faster here than quantized matmuls; --keep-quantized to keep them)]")
         dtype = dtype or ("float32" if dequantize else None)
         if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         model, config, tok_folder = load_gguf(path, dequantize=dequantize, dtype=DTYPES[dtype] if dtype else None)
         return model, config, path, tok_folder
     dtype = default_dtype(path, dtype)
@@ -156,7 +157,7 @@ def load(
                                                 dequantize=dequantize)
     if quantize:
         if "quantization" in config:
-            raise ValueError(f"{path} is already quantized ({config['quantization']})")
+            raise UserError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
     if mx.default_device() == mx.cpu and float32_scales(model):
         say_once("[quantized layers run with float32 scales and biases on the CPU (~30x faster there than float16)]")
@@ -186,6 +187,6 @@ def load(
                       "default (--tree/--lookup still apply)]")
     else:
         if {k for k, v in stream_overrides.items() if v is not None}:
-            raise ValueError(f"stream settings {sorted(stream_overrides)} given, but {path} has no stream adapter")
+            raise UserError(f"stream settings {sorted(stream_overrides)} given, but {path} has no stream adapter")
         return model, tokenizer
     return DraftedModel(model, drafter), tokenizer

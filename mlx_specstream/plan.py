@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .tree import MAX_LOOKUP, Path, Tree, build_tree
+from .errors import UserError
 
 MAX_SUBPLANS = 64  # pruned shapes kept per decode (a few dozen occur in practice)
 
@@ -38,7 +39,7 @@ class TreePlan:
 
     def __init__(self, paths: Sequence[Sequence[int]], *, lookup: int = 0):
         if not 0 <= lookup <= MAX_LOOKUP:
-            raise ValueError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
+            raise UserError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
         drafter_tree = build_tree(paths)
         self.width = max(drafter_tree.max_rank, 1)
         self.lookup = lookup

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
@@ -29,12 +30,26 @@ from .cli import add_model_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
 from .generate import cached_stream_generate, context_limit
 from .sample import SamplingParams
+from .errors import UserError
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_TIMEOUT = 30.0  # seconds a socket read or write may wait (slow or stalled clients)
 DRAIN_LIMIT = 64 << 20  # an oversized body is read and dropped up to this much, so the client reads its 413
 _GONE = (ConnectionError, TimeoutError)  # the peer closed, reset, or stalled past the timeout
+
+
+def error_of(e: Exception, rid: str) -> "RequestError":
+    """The one error map: bad input (a :class:`UserError`) is the client's 400; anything else is
+    a bug — a 500 naming the request id, whose traceback is in the server's log."""
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, UserError):
+        return RequestError(400, str(e))
+    print(f"[request {rid}: bug]", file=sys.stderr)
+    traceback.print_exception(e, file=sys.stderr)
+    return RequestError(500, f"internal error (request {rid}; the server's log has the traceback)",
+                        code="server_error")
 
 
 class RequestError(Exception):
@@ -326,10 +341,8 @@ def make_handler(server: ModelServer):
                 return self._stream(req, chat, rid)
             try:  # a client that has gone stops its generation, streamed or not
                 text, finish, usage = server.generate(req, on_piece=lambda _: not self._client_gone())
-            except ValueError as e:
-                return self._error(RequestError(400, str(e)))
             except Exception as e:  # noqa: BLE001 - the client gets a JSON error, the server lives on
-                return self._error(RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="server_error"))
+                return self._error(error_of(e, rid))
             if finish == "cancelled":
                 self.close_connection = True
                 return
@@ -377,8 +390,7 @@ def make_handler(server: ModelServer):
             try:
                 text, finish, usage = server.generate(req, on_piece=lambda t: send(chunk(delta_text=t)))
             except Exception as e:  # noqa: BLE001 - headers are sent: an SSE error event, then [DONE]
-                err = (RequestError(400, str(e)) if isinstance(e, ValueError) else
-                       RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="server_error"))
+                err = error_of(e, rid)
                 finish = usage = None
                 send({"error": err.body()["error"]})
             if finish == "cancelled":
@@ -413,11 +425,11 @@ class _Server(ThreadingHTTPServer):
 
 def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {port}")
+        raise UserError(f"--port must be in 0..65535, got {port}")
     try:
         return _Server((host, port), make_handler(model_server))
     except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def setup_arg_parser(parser=None):
@@ -437,9 +449,9 @@ def setup_arg_parser(parser=None):
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     if not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
     model, tokenizer = load_from_args(args)
     model_id = args.model or "specstream-default"
     ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,

@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional
 import sentencepiece as spm
 from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as _load_hf
+from .errors import UserError
 
 
 class SentencePieceTokenizer:
@@ -20,7 +21,7 @@ class SentencePieceTokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except Exception as e:
-            raise ValueError(f"cannot read sentencepiece model {model_file}: {e}") from e
+            raise UserError(f"cannot read sentencepiece model {model_file}: {e}") from e
         self.add_bos = add_bos and self.sp.bos_id() >= 0
         self.bos_token_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_token_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -60,7 +61,7 @@ class SentencePieceTokenizer:
         return [self._vocab.get(t) for t in tokens]
 
     def apply_chat_template(self, *args, **kwargs):
-        raise ValueError("this tokenizer has no chat template")
+        raise UserError("this tokenizer has no chat template")
 
 
 def load_tokenizer(path: Path, config: Optional[dict] = None) -> TokenizerWrapper:

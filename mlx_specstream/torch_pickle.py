@@ -18,9 +18,10 @@ from typing import Dict
 
 import mlx.core as mx
 import numpy as np
+from .errors import UserError
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """The file asks for something a plain tensor state dict never needs."""
 
 

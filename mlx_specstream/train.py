@@ -15,6 +15,7 @@ from .streams import StreamConfig, find_stream_file, load_streams
 from .streams.files import stream_stem
 from .tokenizer import load_tokenizer
 from .trainer import TRAIN_MODES, TrainConfig, load_data, train
+from .errors import UserError
 
 OPT_INT = ("iters", "batch_size", "grad_accum", "seq_len", "segment", "warmup", "seed", "val_every", "val_batches",
            "save_every", "max_stream_positions")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     if path.suffix == ".gguf":
         shutil.rmtree(tok_folder, ignore_errors=True)
         if args.out is None:
-            raise ValueError("training on a GGUF file needs --out (where the stream file goes)")
+            raise UserError("training on a GGUF file needs --out (where the stream file goes)")
     stream_cfg = StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank,
                               mode="shared" if args.mode == "shared" else "lossless",
                               main_sees_streams=args.main_sees_streams)
@@ -71,18 +72,18 @@ def main(argv=None) -> int:
                       **{k: getattr(args, k) for k in OPT_INT + OPT_FLOAT})
     out = Path(args.out) if args.out else path
     if Path(__file__).parent.resolve() in [out.resolve(), *out.resolve().parents]:
-        raise ValueError(f"{out} is inside the installed package: its shipped adapters are never overwritten; pass --out")
+        raise UserError(f"{out} is inside the installed package: its shipped adapters are never overwritten; pass --out")
     name = args.name if args.name is not None else (
         args.streams if args.streams and not Path(args.streams).suffix and "/" not in args.streams else None)
     target = out / f"{stream_stem(name)}.json"
     if target.exists() and not (args.force or args.resume):
-        raise ValueError(f"{target} exists: pass --force to replace it, --name to write another, or --resume")
+        raise UserError(f"{target} exists: pass --force to replace it, --name to write another, or --resume")
     train_data, valid_data = load_data(args, tokenizer)
     streams = None
     if args.mode == "pruning" or args.streams:
         file = find_stream_file(path.parent if path.suffix == ".gguf" else path, args.streams)
         if file is None:
-            raise ValueError("--mode pruning needs an existing stream file (--streams)")
+            raise UserError("--mode pruning needs an existing stream file (--streams)")
         streams = load_streams(file, model)
         streams.update(tree_map(lambda p: p.astype(mx.float32), streams.parameters()))
     train(model, tokenizer, train_data, valid_data, cfg, out, streams=streams, resume=args.resume, name=name)

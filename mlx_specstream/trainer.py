@@ -36,11 +36,12 @@ from .cli import progress_bar
 from .drafters.medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.loss import LossWeights, stream_loss
+from .errors import UserError
 
 TRAIN_MODES = ("lossless", "shared", "pruning")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     pass
 
 
@@ -286,7 +287,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     if cfg.medusa:
         return _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     if cfg.mode not in TRAIN_MODES:
-        raise ValueError(f"mode must be one of {TRAIN_MODES}, got {cfg.mode!r}")
+        raise UserError(f"mode must be one of {TRAIN_MODES}, got {cfg.mode!r}")
     if streams is None:
         streams = SpeculativeStreams(cfg.streams, model)
     streams.config.base = base_fingerprint(model)  # recorded in the stream file: it attaches to this base only

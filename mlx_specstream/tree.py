@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from .errors import UserError
 
 Path = Tuple[int, ...]
 DEFAULT_TREE_BUDGET = 12  # non-root nodes of a drafter's default sparse tree
@@ -70,9 +71,9 @@ def normalize_paths(paths: Sequence[Sequence[int]]) -> Tuple[Path, ...]:
     ps.discard(())
     for p in ps:
         if any(r < 0 for r in p):
-            raise ValueError(f"tree path {list(p)} has a negative rank")
+            raise UserError(f"tree path {list(p)} has a negative rank")
         if len(p) > 1 and p[:-1] not in ps:
-            raise ValueError(f"tree path {list(p)} lacks its parent {list(p[:-1])}")
+            raise UserError(f"tree path {list(p)} lacks its parent {list(p[:-1])}")
     return ((),) + tuple(sorted(ps, key=lambda p: (len(p), p)))
 
 
@@ -80,7 +81,7 @@ def build_tree(paths: Sequence[Sequence[int]]) -> Tree:
     """Build a :class:`Tree` from rank paths (the root ``()`` may be given or not)."""
     paths = normalize_paths(paths)
     if len(paths) > MAX_TREE_NODES + 1:
-        raise ValueError(f"a tree of {len(paths) - 1} nodes is beyond the {MAX_TREE_NODES} supported")
+        raise UserError(f"a tree of {len(paths) - 1} nodes is beyond the {MAX_TREE_NODES} supported")
     index = {p: i for i, p in enumerate(paths)}
     T = len(paths)
     depth = np.array([len(p) for p in paths], np.int32)
@@ -160,7 +161,7 @@ class TreeSetting:
             paths = normalize_paths(self.tree)
             deepest = max((len(p) for p in paths), default=0)
             if deepest > self.draft_depth:
-                raise ValueError(f"tree depth {deepest} exceeds the {self.draft_depth} levels this drafter drafts")
+                raise UserError(f"tree depth {deepest} exceeds the {self.draft_depth} levels this drafter drafts")
             self.tree = [list(p) for p in paths[1:]]
 
     @property
@@ -178,19 +179,19 @@ def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
         try:
             paths = normalize_paths(json.loads(spec))[1:]
         except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"--tree: not a JSON list of rank paths: {e}") from e
+            raise UserError(f"--tree: not a JSON list of rank paths: {e}") from e
     else:
         kind, *nums = spec.split(":")
         try:
             nums = [int(x) for x in nums]
         except ValueError:
-            raise ValueError(f"--tree: bad number in {spec!r}") from None
+            raise UserError(f"--tree: bad number in {spec!r}") from None
         if any(x < 1 for x in nums) or len(nums) > 2:
-            raise ValueError(f"--tree: {spec!r} needs one or two positive numbers")
+            raise UserError(f"--tree: {spec!r} needs one or two positive numbers")
         n_nodes = (nums[0] ** (nums[1] if len(nums) > 1 else num_streams) if kind == "cartesian" and nums
                    else nums[0] if nums else num_streams)
         if n_nodes > MAX_TREE_NODES:
-            raise ValueError(f"--tree: {spec!r} asks for about {n_nodes} nodes; at most {MAX_TREE_NODES}")
+            raise UserError(f"--tree: {spec!r} asks for about {n_nodes} nodes; at most {MAX_TREE_NODES}")
         if kind == "chain":
             paths = chain(nums[0] if nums else num_streams)
         elif kind == "cartesian" and nums:
@@ -198,7 +199,7 @@ def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
         elif kind == "sparse" and nums:
             paths = sparse(num_streams, nums[0])
         else:
-            raise ValueError(f"--tree: unknown spec {spec!r} (chain[:D], cartesian:K[:D], sparse:N, or JSON)")
+            raise UserError(f"--tree: unknown spec {spec!r} (chain[:D], cartesian:K[:D], sparse:N, or JSON)")
     if paths and max(len(p) for p in paths) > num_streams:
-        raise ValueError(f"--tree: depth exceeds the {num_streams} streams of this adapter")
+        raise UserError(f"--tree: depth exceeds the {num_streams} streams of this adapter")
     return paths

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from mlx_specstream.errors import UserError
 from mlx_specstream.generate import generate
 from mlx_specstream.server import ModelServer, make_server
 from mlx_specstream.drafters import StreamDrafter
@@ -217,6 +218,10 @@ def small_server(served):
         def _run(self, job):
             if job.req["prompt"] and job.req.get("max_tokens") == 13:
                 raise RuntimeError("boom")  # a generation that fails after the request was accepted
+            if job.req["prompt"] and job.req.get("max_tokens") == 14:
+                raise ValueError("[matmul] Last dimension of first input with shape (1,8) must match")  # MLX's
+            if job.req["prompt"] and job.req.get("max_tokens") == 15:
+                raise UserError("the request names something wrong")
             out = super()._run(job)
             self.finishes.append(out[1])
             return out
@@ -231,6 +236,20 @@ def _plain(port, method, path, body=None):
     c.request(method, path, body=body, headers={"Content-Length": str(len(body or b""))})
     r = c.getresponse()
     return r.status, r.read()
+
+
+def test_a_bug_is_a_500_with_a_request_id_and_bad_input_a_400(small_server, capsys):
+    """MLX raises ValueError for its own shape errors: that is a bug (500, traceback logged under
+    the request id), never the client's invalid_request_error."""
+    port, _, _ = small_server
+    st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 14}).encode())
+    err = json.loads(data)["error"]
+    assert st == 500 and err["code"] == "server_error"
+    rid = err["message"].split("request ")[1].split(";")[0]
+    log = capsys.readouterr().err
+    assert f"[request {rid}: bug]" in log and "[matmul] Last dimension" in log and "Traceback" in log
+    st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 15}).encode())
+    assert st == 400 and json.loads(data)["error"]["message"] == "the request names something wrong"
 
 
 def test_an_error_after_the_headers_is_an_sse_error_event_then_done(small_server):

@@ -22,6 +22,7 @@ from ..drafters import DEFAULT_NUM_DRAFT
 from .report import compare, markdown, plots, table, write_csv
 from .runners import run_bench
 from .tune import tune
+from ..errors import UserError
 
 
 def setup_arg_parser(parser=None):
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         if len(argv) != 3:
-            raise ValueError("usage: specstream bench compare A.json B.json")
+            raise UserError("usage: specstream bench compare A.json B.json")
         print(compare(json.loads(Path(argv[1]).read_text()), json.loads(Path(argv[2]).read_text())))
         return 0
     if argv and argv[0] == "show":  # a stored run again: its table, or the README's Markdown table

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..distill import instructions
 from ..stdlib_data import eval_prompts, split_files
+from ..errors import UserError
 
 CHAT_SETS = ("chat", "code")
 
@@ -41,7 +42,7 @@ def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
     if name == "code":
         return ["Continue this Python code:\n\n```python\n" + c.strip("\n") + "\n```"
                 for c in builtin_prompts("sitepackages", n, max_chars=400)]
-    raise ValueError(f"unknown prompt set {name!r} (heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)")
+    raise UserError(f"unknown prompt set {name!r} (heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)")
 
 
 def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
@@ -57,12 +58,12 @@ def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
             rec = json.loads(line)
             if isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"]:
                 if not getattr(tokenizer, "has_chat_template", False):
-                    raise ValueError(f"{spec}:{ln}: 'messages' records need a tokenizer with a chat template")
+                    raise UserError(f"{spec}:{ln}: 'messages' records need a tokenizer with a chat template")
                 out.append(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True))
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
                 out.append(tokenizer.encode(rec["prompt"]))
             else:
-                raise ValueError(f"{spec}:{ln}: records need a 'prompt' string or a 'messages' list")
+                raise UserError(f"{spec}:{ln}: records need a 'prompt' string or a 'messages' list")
         return out[:n]
     texts = builtin_prompts(spec, n)
     if spec in CHAT_SETS and getattr(tokenizer, "has_chat_template", False):

@@ -33,6 +33,7 @@ from ..sample import SamplingParams
 from ..streams import find_stream_file, load_streams
 from ..tree import parse_tree_spec
 from .prompts import load_prompts
+from ..errors import UserError
 
 METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "step_latency_ms", "inter_token_latency_ms", "mean_accepted", "acceptance_by_depth",
                  "speedup", "peak_memory_gb", "peak_process_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
@@ -156,10 +157,10 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     baselines at the same temperature)."""
     sets = [prompts] if isinstance(prompts, str) else list(prompts)
     if not sets:
-        raise ValueError("no prompt set given")
+        raise UserError("no prompt set given")
     for t in temps:
         if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperatures must be finite and > 0 (greedy rows always run), got {t}")
+            raise UserError(f"temperatures must be finite and > 0 (greedy rows always run), got {t}")
     mx.random.seed(seed)
     path = default_model_path() if model_path is None else resolve_model(model_path)
     model, tok = load(str(path), dtype=dtype, streams=streams_name)
@@ -172,7 +173,7 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         # A shared-mode adapter changes the model: the AR baselines decode that model, i.e. the
         # base with the LoRA fused in (ours and mlx-lm's alike).
         if streams.config.main_sees_streams:
-            raise ValueError("main_sees_streams adapters have no plain-AR equivalent to benchmark against")
+            raise UserError("main_sees_streams adapters have no plain-AR equivalent to benchmark against")
         file = find_stream_file(folder, streams_name)
         base = load(str(path), dtype=dtype, streams=False)[0]
         for m in (base, lm_model):

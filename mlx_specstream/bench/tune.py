@@ -26,6 +26,7 @@ from ..sample import SamplingParams
 from ..streams import forward_with_streams
 from ..tree import chain, sparse
 from .prompts import load_prompts
+from ..errors import UserError
 
 
 def expected_tokens(paths, rank_accept) -> float:
@@ -140,21 +141,21 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     sampled decoding at that temperature (the same seeds for every setting) and writes the result
     as the config's ``sampled`` setting, leaving the greedy one as it was."""
     if temp < 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
+        raise UserError(f"temp must be >= 0, got {temp}")
     if streams is not None and write_to is not None and Path(str(streams)).resolve() != Path(write_to).resolve():
-        raise ValueError(f"tune measures one adapter and writes its settings into it: --streams {streams} and "
+        raise UserError(f"tune measures one adapter and writes its settings into it: --streams {streams} and "
                          f"--write-to {write_to} name different files")
     write = write or write_to is not None
     model, tok = load(model_path, streams=streams if streams is not None else write_to)
     drafter = getattr(model, "drafter", None)
     if not isinstance(drafter, StreamDrafter):
-        raise ValueError(f"{model_path or 'the embedded model'} has no stream adapter to tune")
+        raise UserError(f"{model_path or 'the embedded model'} has no stream adapter to tune")
     cfg_file = Path(write_to) if write_to else drafter.streams.source
     if write and not write_to and inside(cfg_file, ASSETS):
-        raise ValueError(f"{cfg_file} is one of the package's own adapters: it is not overwritten by default; "
+        raise UserError(f"{cfg_file} is one of the package's own adapters: it is not overwritten by default; "
                          "name it with --write-to to do so")
     if write and (cfg_file is None or not cfg_file.exists()):
-        raise ValueError(f"no stream config to write the tuned settings into ({cfg_file})")
+        raise UserError(f"no stream config to write the tuned settings into ({cfg_file})")
     base, streams = model.base, drafter.streams
     sizes = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64, 128)
     cost = measure_cost_curve(base, streams, sizes=sizes, trials=3 if quick else 7)

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..plan import TreePlan
+from ..errors import UserError
 
 Paths = Tuple[Tuple[int, ...], ...]
 
@@ -121,6 +122,6 @@ class DraftedModel(nn.Module):
         """The target's logits. Exactly the base model's unless the drafter changes them (a
         shared-mode stream adapter): then decode with ``stream_generate``."""
         if self.drafter.changes_main:
-            raise ValueError("this model's main stream depends on its stream adapter: decode it with "
+            raise UserError("this model's main stream depends on its stream adapter: decode it with "
                              "stream_generate (speculative or not), not a plain forward")
         return self.base(inputs, cache, mask=mask, positions=positions)

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from ..cache import DEFAULT_PREFILL_STEP, PromptCache, prefill
 from ..tree import chain
 from .base import Drafter, DraftState, Verified, top_candidates, verify_tree
+from ..errors import UserError
 
 DEFAULT_NUM_DRAFT = 3  # as mlx-lm's --num-draft-tokens
 
@@ -26,7 +27,7 @@ class DraftModelDrafter(Drafter):
     def __init__(self, draft_model: nn.Module, num_draft: int = DEFAULT_NUM_DRAFT, *,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP):
         if num_draft < 1:
-            raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+            raise UserError(f"num_draft must be >= 1, got {num_draft}")
         self.model, self.levels = draft_model, num_draft
         self.default_paths = chain(num_draft)
         self.num_params = sum(v.size for _, v in tree_flatten(draft_model.parameters()))

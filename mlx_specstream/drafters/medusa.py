@@ -15,6 +15,7 @@ from ..checkpoint import CheckpointError, load_adapter_weights, model_dtype, rea
 from ..streams.loss import sample_positions
 from ..tree import TreeSetting
 from .base import Drafter, DraftState, Verified, verify_tree
+from ..errors import UserError
 
 MEDUSA_STEM = "medusa_heads"
 
@@ -25,7 +26,7 @@ class MedusaConfig(TreeSetting):
 
     def __post_init__(self):
         if self.num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+            raise UserError(f"num_heads must be >= 1, got {self.num_heads}")
         self.check_tree()
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .base import normalize_rope_config
+from ..errors import UserError
 
 # model_type -> module under mlx_specstream.models
 MODEL_TYPES = {
@@ -17,7 +18,7 @@ MODEL_TYPES = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     pass
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
+from ..errors import UserError
 
 
 @dataclass
@@ -29,7 +30,7 @@ class BaseModelArgs:
             n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in params
         ]
         if missing:
-            raise ValueError(f"config.json is missing required keys for {cls.__module__}: {missing}")
+            raise UserError(f"config.json is missing required keys for {cls.__module__}: {missing}")
         args = {k: v for k, v in params.items() if k in names}
         for k, v in args.items():
             _check(k, v, str(names[k].annotation))
@@ -50,18 +51,18 @@ def _check(key: str, v, annotation: str) -> None:
     kind = annotation.removeprefix("Optional[").removesuffix("]")
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{key} must be an integer, got {v!r}")
+            raise UserError(f"{key} must be an integer, got {v!r}")
         if key in _SIZE_LIMITS and not 1 <= v <= _SIZE_LIMITS[key]:
-            raise ValueError(f"{key} = {v} is out of range (1..{_SIZE_LIMITS[key]})")
+            raise UserError(f"{key} = {v} is out of range (1..{_SIZE_LIMITS[key]})")
     elif kind == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{key} must be a positive finite number, got {v!r}")
+            raise UserError(f"{key} must be a positive finite number, got {v!r}")
     elif kind == "bool" and not isinstance(v, bool):
-        raise ValueError(f"{key} must be true or false, got {v!r}")
+        raise UserError(f"{key} must be true or false, got {v!r}")
     elif kind == "str" and not isinstance(v, str):
-        raise ValueError(f"{key} must be a string, got {v!r}")
+        raise UserError(f"{key} must be a string, got {v!r}")
     elif kind.startswith("Dict") and v is not None and not isinstance(v, dict):
-        raise ValueError(f"{key} must be an object, got {v!r}")
+        raise UserError(f"{key} must be an object, got {v!r}")
 
 
 def normalize_rope_config(config: dict) -> dict:

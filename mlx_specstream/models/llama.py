@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .base import BaseModelArgs, CausalLM, apply_rope, attention
+from ..errors import UserError
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ModelArgs(BaseModelArgs):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.hidden_act != "silu":
-            raise ValueError(f"{self.model_type}: hidden_act {self.hidden_act!r} is not supported (silu only)")
+            raise UserError(f"{self.model_type}: hidden_act {self.hidden_act!r} is not supported (silu only)")
 
     @property
     def qkv_bias(self) -> bool:

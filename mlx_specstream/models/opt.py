@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelArgs, CausalLM, attention, cache_offset
+from ..errors import UserError
 
 _POS_OFFSET = 2  # OPT reserves the first two position rows (padding convention)
 
@@ -35,9 +36,9 @@ class ModelArgs(BaseModelArgs):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
         if self.activation_function not in _ACTS:
-            raise ValueError(f"opt: activation_function {self.activation_function!r} is not supported")
+            raise UserError(f"opt: activation_function {self.activation_function!r} is not supported")
         if not self.layer_norm_elementwise_affine:
-            raise ValueError("opt: layer_norm_elementwise_affine=False is not supported")
+            raise UserError("opt: layer_norm_elementwise_affine=False is not supported")
 
 
 _ACTS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx}

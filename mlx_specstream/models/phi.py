@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .base import BaseModelArgs, CausalLM, apply_rope, attention
+from ..errors import UserError
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ModelArgs(BaseModelArgs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.hidden_act not in _ACTS:
-            raise ValueError(f"phi: hidden_act {self.hidden_act!r} is not supported ({sorted(_ACTS)})")
+            raise UserError(f"phi: hidden_act {self.hidden_act!r} is not supported ({sorted(_ACTS)})")
 
 
 _ACTS = {

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import List, Optional
 
 from ..tree import MAX_LOOKUP, MAX_TREE_NODES, TreeSetting, normalize_paths
+from ..errors import UserError
 
 MODES = ("lossless", "shared")
 POSITION_POLICIES = ("parent", "parent_plus_j")
@@ -14,9 +15,9 @@ POSITION_POLICIES = ("parent", "parent_plus_j")
 def check_setting(where: str, lookup, tau) -> None:
     """The bounds of a decode setting's context drafts and τ (greedy's fields and `sampled`'s)."""
     if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= MAX_LOOKUP:
-        raise ValueError(f"{where}lookup must be in [0, {MAX_LOOKUP}], got {lookup!r}")
+        raise UserError(f"{where}lookup must be in [0, {MAX_LOOKUP}], got {lookup!r}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
-        raise ValueError(f"{where}prune_threshold must be in [0, 1), got {tau!r}")
+        raise UserError(f"{where}prune_threshold must be in [0, 1), got {tau!r}")
 
 
 @dataclass
@@ -44,25 +45,25 @@ class StreamConfig(TreeSetting):
             v = getattr(self, f.name)
             want = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type))
             if want is not None and (not isinstance(v, want) or (want is not bool and isinstance(v, bool))):
-                raise ValueError(f"{f.name} must be {str(f.type)}, got {v!r}")
+                raise UserError(f"{f.name} must be {str(f.type)}, got {v!r}")
         for name in ("tuned_on", "base", "sampled"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be an object, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be an object, got {getattr(self, name)!r}")
         if self.num_streams < 1:
-            raise ValueError(f"num_streams must be >= 1, got {self.num_streams}")
+            raise UserError(f"num_streams must be >= 1, got {self.num_streams}")
         if self.num_msa_layers < 1:
-            raise ValueError(f"num_msa_layers must be >= 1, got {self.num_msa_layers}")
+            raise UserError(f"num_msa_layers must be >= 1, got {self.num_msa_layers}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise UserError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.main_sees_streams and self.mode != "shared":
-            raise ValueError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
+            raise UserError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
         if self.stream_positions not in POSITION_POLICIES:
-            raise ValueError(f"stream_positions must be one of {POSITION_POLICIES}")
+            raise UserError(f"stream_positions must be one of {POSITION_POLICIES}")
         check_setting("", self.lookup, self.prune_threshold)
         for name, hi in (("num_streams", 64), ("num_msa_layers", 1024), ("tree_budget", MAX_TREE_NODES),
                          ("pruning_rank", 4096), ("lora_rank", 4096)):
             if getattr(self, name) > hi:
-                raise ValueError(f"{name} {getattr(self, name)} is beyond any model (at most {hi})")
+                raise UserError(f"{name} {getattr(self, name)} is beyond any model (at most {hi})")
         self.check_tree()
         if self.sampled is not None:
             self.sampled = self.check_sampled(self.sampled)
@@ -70,17 +71,17 @@ class StreamConfig(TreeSetting):
     def check_sampled(self, s: dict) -> dict:
         keys = {"temp", "tree", "lookup", "prune_threshold", "tuned_on"}
         if set(s) - keys or not {"tree", "lookup"} <= set(s):
-            raise ValueError(f"sampled: needs tree and lookup, may hold {sorted(keys)}; got {sorted(s)}")
+            raise UserError(f"sampled: needs tree and lookup, may hold {sorted(keys)}; got {sorted(s)}")
         try:
             paths = normalize_paths(s["tree"])[1:]
         except (TypeError, ValueError) as e:
-            raise ValueError(f"sampled.tree: not a list of rank paths: {e}") from None
+            raise UserError(f"sampled.tree: not a list of rank paths: {e}") from None
         if max((len(p) for p in paths), default=0) > self.num_streams:
-            raise ValueError(f"sampled.tree is deeper than the {self.num_streams} levels the streams draft")
+            raise UserError(f"sampled.tree is deeper than the {self.num_streams} levels the streams draft")
         lookup, tau, temp = s["lookup"], s.get("prune_threshold", 0.0), s.get("temp", 1.0)
         check_setting("sampled.", lookup, tau)
         if not isinstance(temp, (int, float)) or temp <= 0:
-            raise ValueError(f"sampled.temp must be > 0 (it is the temperature tuned for), got {temp!r}")
+            raise UserError(f"sampled.temp must be > 0 (it is the temperature tuned for), got {temp!r}")
         return {**s, "tree": [list(p) for p in paths], "prune_threshold": float(tau)}
 
     @property
@@ -104,7 +105,7 @@ class StreamConfig(TreeSetting):
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown stream config keys {unknown}")
+            raise UserError(f"unknown stream config keys {unknown}")
         return cls(**d)
 
     def to_dict(self) -> dict:

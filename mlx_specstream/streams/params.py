@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import StreamConfig
+from ..errors import UserError
 
 
 class LoRAAdapter(nn.Module):
@@ -51,7 +52,7 @@ def _linears(layer: nn.Module, targets: Optional[Sequence[str]]) -> Dict[str, nn
         return found
     missing = [t for t in targets if t not in found]
     if missing:
-        raise ValueError(f"lora_targets {missing} are not linear layers of this model ({sorted(found)})")
+        raise UserError(f"lora_targets {missing} are not linear layers of this model ({sorted(found)})")
     return {t: found[t] for t in targets}
 
 
@@ -75,7 +76,7 @@ class SpeculativeStreams(nn.Module):
         super().__init__()
         n_layers = len(model.layers)
         if config.num_msa_layers > n_layers:
-            raise ValueError(f"num_msa_layers {config.num_msa_layers} exceeds the model's {n_layers} layers")
+            raise UserError(f"num_msa_layers {config.num_msa_layers} exceeds the model's {n_layers} layers")
         self.config = config
         self.source = None  # the stream config file it was loaded from, if any
         h = model.args.hidden_size
@@ -113,7 +114,7 @@ class SpeculativeStreams(nn.Module):
         """Shared mode: merge the LoRA into the base model's MSA-layer weights (in place) and drop
         it from the streams. Float weights only."""
         if self.config.mode != "shared" or not self.config.lora_rank:
-            raise ValueError("only shared-mode LoRA can be fused into the base")
+            raise UserError("only shared-mode LoRA can be fused into the base")
         n = len(model.layers)
         for i, layer in enumerate(model.layers[n - self.config.num_msa_layers :]):
             for key, ad in self.lora[i].items():
@@ -123,7 +124,7 @@ class SpeculativeStreams(nn.Module):
                     node = getattr(node, p)
                 lin = getattr(node, leaf)
                 if not isinstance(lin, nn.Linear):
-                    raise ValueError("cannot fuse LoRA into a quantized layer; fuse before quantizing")
+                    raise UserError("cannot fuse LoRA into a quantized layer; fuse before quantizing")
                 delta = (self.config.lora_scale * (ad.lora_a @ ad.lora_b)).T
                 lin.weight = (lin.weight + delta.astype(lin.weight.dtype))
         self.config.lora_rank = 0

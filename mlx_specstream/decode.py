@@ -112,13 +112,16 @@ def tree_generate_step(
     n = 0
     while True:
         result, cand = finish_step(pending, drafter, cache)
+        step_plan = plan
         if ctx is not None:
             ctx.extend(result.tokens)
-            cand = plan.with_context(cand, ctx.propose())
+            drafts = ctx.propose()
+            cand = plan.with_context(cand, drafts)
+            step_plan = plan.with_lookup(len(drafts))  # context rows only for drafts found, never padding
         state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
         n += len(result.tokens)
         near_end = max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context
-        step_plan = plan.root_only if near_end else plan
+        step_plan = plan.root_only if near_end else step_plan
         if n < max_tokens and overlap:
             # Queue the next step before handing this one over: the device runs it while the
             # caller detokenizes, matches stops, writes (as mlx-lm's generate_step does).

@@ -81,6 +81,19 @@ class TreePlan:
             self._root = self._derived(build_tree(()))
         return self._root
 
+    def with_lookup(self, k: int) -> "TreePlan":
+        """This plan with only the first ``k`` context-draft nodes (``k``: the drafts prompt lookup
+        found this step; 0 when nothing matched): rows that cannot be accepted are never verified.
+        Built once per ``k`` and kept (a bounded sub-plan). Example: drafter ``[(0,)]``, lookup 2,
+        k 0 → nodes ``(), (0,)``; with no drafter nodes either, the root alone (a plain step)."""
+        if k >= self.lookup:
+            return self
+        if k <= 0 and self.draft_levels == 0:
+            return self.root_only
+        w = self.width
+        keep = [i for i, path in enumerate(self.tree.paths) if not (path and path[0] == w and len(path) > k)]
+        return self.subplan(np.array(keep))
+
     def _derived(self, tree: Tree) -> "TreePlan":
         p = object.__new__(TreePlan)
         p.width, p.lookup, p.levels, p.draft_levels = self.width, self.lookup, self.levels, self.draft_levels
@@ -138,8 +151,8 @@ class TreePlan:
 
     def with_context(self, candidates: mx.array, drafts: List[int]) -> mx.array:
         """(g, width) drafter candidates → (levels, width + 1): rows padded with 0 to ``levels``,
-        then the context drafts as the last column (0 where there are none; a wrong draft only
-        costs a node)."""
+        then the context drafts as the last column (0 where there are none: the step's plan,
+        :meth:`with_lookup`, then has no node that reads them)."""
         g = candidates.shape[0]
         cand = candidates[:, : self.width]
         if g < self.levels:

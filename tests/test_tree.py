@@ -1,3 +1,4 @@
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -95,3 +96,19 @@ def test_sizes_from_flags_and_files_are_bounded():
         StreamConfig(lookup=1_000_000)
     with pytest.raises(ValueError, match="beyond any model"):
         StreamConfig(num_streams=10_000)
+
+
+def test_a_step_verifies_only_the_context_drafts_found():
+    from mlx_specstream.plan import TreePlan
+
+    plan = TreePlan([(0,)], lookup=2)  # (), (0,), (1,), (1, 1)
+    assert [p for p in plan.tree.paths] == [(), (0,), (1,), (1, 1)]
+    assert plan.with_lookup(2) is plan
+    assert plan.with_lookup(1).tree.paths == ((), (0,), (1,))
+    assert plan.with_lookup(0).tree.paths == ((), (0,))  # no match: the drafter's node alone, no padding
+    assert plan.with_lookup(0) is plan.with_lookup(0)  # built once
+    alone = TreePlan([], lookup=3)  # context drafts alone: no match is a plain one-node step
+    assert alone.with_lookup(0).size == 1 and alone.with_lookup(2).tree.paths == ((), (1,), (1, 1))
+    # the candidate layout is shared: a sub-plan reads the same (levels, width + 1) matrix
+    cand = plan.with_context(mx.zeros((1, 1), mx.int32) + 7, [5])
+    np.testing.assert_array_equal(np.array(plan.with_lookup(1).tokens(mx.array(3), cand)), [3, 7, 5])

@@ -1,7 +1,10 @@
-"""Prompt sets: ``heldout`` (stdlib modules the default model never saw), ``sitepackages`` (real
-code from installed third-party packages), ``chat`` and ``code`` (user messages, in the
-tokenizer's chat template: questions about held-out stdlib functions; code from installed
-third-party packages to continue), ``random:LEN`` and ``.jsonl`` files."""
+"""Prompt sets: ``humaneval``, ``everyday`` and ``code-edit`` (held out from every training and
+tuning generator: :mod:`.heldout`; what speed claims are reported on), ``heldout`` (stdlib modules
+the default model never saw), ``sitepackages`` (real code from installed third-party packages),
+``chat`` and ``code`` (user messages in the tokenizer's chat template, made by the same generator
+as the SmolLM2 adapter's first training prompts — in-distribution: questions about held-out stdlib
+functions; code from installed third-party packages to continue), ``random:LEN`` and ``.jsonl``
+files."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
     """``heldout``: functions from the stdlib modules the default model never saw;
     ``sitepackages``: real code from installed third-party packages (not the stdlib at all)."""
     rng = random.Random(0)
+    if name in HELDOUT_SETS:
+        return heldout_prompts(name, n)
     if name == "heldout":
         return [p["prompt"][-max_chars:] for p in eval_prompts(n)]
     if name == "sitepackages":
@@ -42,7 +47,7 @@ def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
     if name == "code":
         return ["Continue this Python code:\n\n```python\n" + c.strip("\n") + "\n```"
                 for c in builtin_prompts("sitepackages", n, max_chars=400)]
-    raise UserError(f"unknown prompt set {name!r} (heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)")
+    raise UserError(f"unknown prompt set {name!r} (humaneval, everyday, code-edit, heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)")
 
 
 def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:

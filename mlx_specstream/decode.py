@@ -14,6 +14,7 @@ from .acceptance import GreedyAcceptance
 from .cache import DEFAULT_PREFILL_STEP, KVCache, prefill, prepared_cache
 from .drafters import ContextDrafts, Drafter, DraftState, Verified, Verifier, top_candidates
 from .plan import TreePlan
+from .sizing import AutoTree
 from .errors import UserError
 
 DEFAULT_MAX_TOKENS = 256
@@ -24,6 +25,7 @@ class StepResult:
     tokens: List[int]  # accepted drafts, then the correction token
     depth: int  # depth of the last accepted node (= accepted drafts)
     tree_size: int  # nodes verified (after pruning)
+    path: Tuple[int, ...] = ()  # rank path of the last accepted node
 
 
 def generate_step(
@@ -82,6 +84,7 @@ def tree_generate_step(
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     max_context: Optional[int] = None,
     overlap: bool = True,
+    sizer: Optional[AutoTree] = None,
 ) -> Generator[StepResult, None, None]:
     """Tree decoding with any drafter; yields one :class:`StepResult` per forward pass.
 
@@ -92,45 +95,61 @@ def tree_generate_step(
     ``cached_tokens`` (what ``prompt_cache`` already holds, e.g. earlier chat turns), the prompt
     and the output. ``max_context``: near it, steps verify the root alone. ``overlap=False``
     queues each step only after the caller took the previous one (for measuring what the
-    overlap buys: ``benchmarks/async_overlap.py``).
+    overlap buys: ``benchmarks/async_overlap.py``). ``sizer``: every step's tree chosen from the
+    drafts' confidence and the cost curve (:class:`mlx_specstream.sizing.AutoTree`; ``tree`` and
+    ``lookup`` are then its layout's).
     """
     drafter = drafter or Verifier()
     accept = accept or GreedyAcceptance()
     lookup = drafter.default_lookup if lookup is None else lookup
     if lookup < 0:
         raise UserError(f"lookup must be >= 0, got {lookup}")
-    plan = TreePlan(drafter.default_paths if tree is None else tree, lookup=lookup)
-    if plan.draft_levels == 0 and not drafter.changes_main:
+    if sizer is not None:
+        plan = sizer.layout  # every step's plan reads this candidate layout
+        lookup = plan.lookup
+    else:
+        plan = TreePlan(drafter.default_paths if tree is None else tree, lookup=lookup)
+    if plan.drafts == 0 and not drafter.changes_main:
         drafter = Verifier()  # no drafter nodes in the tree: its drafts would be computed for nothing
     context = list(cached_tokens) + np.array(prompt).tolist()
     ctx = ContextDrafts(context, lookup) if lookup else None
     drafter.reset(context)
-    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + plan.size + 1)
+    largest = max(plan.size, sizer.max_nodes if sizer is not None else 0)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + largest + 1)
     prefill(lambda t, c: drafter.prefill(model, t, c), prompt[:-1], cache, prefill_step_size)
     state = DraftState(prompt[-1].astype(mx.int32), plan.empty_candidates())
-    pending = launch_step(model, drafter, plan.root_only, state, cache, accept)
+    confidence = sizer is not None
+    step_plan, match = plan.root_only, 0
+    pending = launch_step(model, drafter, step_plan, state, cache, accept, confidence)
     n = 0
     while True:
-        result, cand = finish_step(pending, drafter, cache)
-        step_plan = plan
+        result, cand, conf = finish_step(pending, drafter, cache)
+        if sizer is not None:
+            sizer.observe(step_plan, match, result.path)
+        drafts = []
         if ctx is not None:
             ctx.extend(result.tokens)
-            drafts = ctx.propose()
+            drafts, match = ctx.propose(), ctx.match
             cand = plan.with_context(cand, drafts)
+        if sizer is not None:
+            step_plan = sizer.next_plan(conf, drafts, match)
+        elif ctx is not None:
             step_plan = plan.with_lookup(len(drafts))  # context rows only for drafts found, never padding
+        else:
+            step_plan = plan
         state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
         n += len(result.tokens)
-        near_end = max_context is not None and cache[0].offset + plan.max_depth + 1 > max_context
-        step_plan = plan.root_only if near_end else step_plan
+        if max_context is not None and cache[0].offset + max(plan.max_depth, step_plan.max_depth) + 1 > max_context:
+            step_plan = plan.root_only  # near the end of the context: the root alone
         if n < max_tokens and overlap:
             # Queue the next step before handing this one over: the device runs it while the
             # caller detokenizes, matches stops, writes (as mlx-lm's generate_step does).
-            pending = launch_step(model, drafter, step_plan, state, cache, accept)
+            pending = launch_step(model, drafter, step_plan, state, cache, accept, confidence)
         yield result
         if n >= max_tokens:
             return
         if not overlap:
-            pending = launch_step(model, drafter, step_plan, state, cache, accept)
+            pending = launch_step(model, drafter, step_plan, state, cache, accept, confidence)
 
 
 @dataclass
@@ -140,26 +159,35 @@ class _Pending:
     correction: mx.array
     cand: mx.array
     prefix: int
+    conf: Optional[mx.array] = None
 
 
 def launch_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
-                accept: Callable) -> _Pending:
-    """Build one forward pass (verify ``plan``'s tree, accept, draft) and start it on the device."""
+                accept: Callable, confidence: bool = False) -> _Pending:
+    """Build one forward pass (verify ``plan``'s tree, accept, draft) and start it on the device.
+    ``confidence``: also the drafts' softmax probabilities (g, width), in the same graph (read at
+    the step's one sync: what sizes the next tree)."""
     prefix = cache[0].offset
     v = drafter.forward(model, plan, state, cache)
     best, correction = accept(v.plan, v.tokens, v.logits)
+    conf = None
     if v.draft is not None:
-        cand = top_candidates(v.draft(best), plan.width)
+        logits = v.draft(best)
+        cand = top_candidates(logits, plan.width)
+        if confidence:
+            lp = logits.astype(mx.float32)
+            conf = mx.exp(mx.take_along_axis(lp, cand, axis=-1) - mx.logsumexp(lp, axis=-1, keepdims=True))
     else:
         cand = mx.zeros((0, plan.width), mx.int32)
     correction = correction.astype(mx.int32)
-    mx.async_eval(best, correction, v.tokens, cand)
-    return _Pending(v, best, correction, cand, prefix)
+    mx.async_eval(best, correction, v.tokens, cand, *(() if conf is None else (conf,)))
+    return _Pending(v, best, correction, cand, prefix, conf)
 
 
-def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]) -> Tuple[StepResult, mx.array]:
-    """Wait for a launched step, commit the accepted path's K/V; returns the step and the
-    drafter's candidates for the next tree."""
+def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]
+                ) -> Tuple[StepResult, mx.array, Optional[np.ndarray]]:
+    """Wait for a launched step, commit the accepted path's K/V; returns the step, the
+    drafter's candidates for the next tree and their probabilities (when asked for)."""
     v = p.verified
     path = v.plan.tree.path_to(p.best.item())  # the one host sync of the step
     toks = np.array(v.tokens)
@@ -168,15 +196,16 @@ def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]) -> Tuple[St
     keep_bottom = keep if v.bottom_rows is None else v.bottom_rows[path].astype(np.int32)
     for i, kv in enumerate(cache):
         kv.compact(p.prefix, keep_bottom if i < v.n_bottom else keep)
-    result = StepResult(accepted + [int(p.correction.item())], len(path) - 1, v.plan.size)
+    result = StepResult(accepted + [int(p.correction.item())], len(path) - 1, v.plan.size, v.plan.tree.paths[path[-1]])
     late = drafter.after_commit(accepted, result.tokens[-1])
-    return result, late if late is not None else p.cand
+    conf = None if p.conf is None or late is not None else np.array(p.conf)  # computed with ``best``: a read
+    return result, late if late is not None else p.cand, conf
 
 
 def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
               accept: Callable) -> Tuple[StepResult, mx.array]:
     """One forward pass, launched and finished (for measurements)."""
-    return finish_step(launch_step(model, drafter, plan, state, cache, accept), drafter, cache)
+    return finish_step(launch_step(model, drafter, plan, state, cache, accept), drafter, cache)[:2]
 
 
 def levels_reached(depth_counts: Sequence[int]) -> List[float]:

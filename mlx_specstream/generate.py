@@ -16,7 +16,9 @@ from mlx_lm.sample_utils import greedy_sampler
 from .cache import DEFAULT_PREFILL_STEP, KVCache, PromptCache
 from .cli import add_model_args, add_sampling_args, check_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
-from .drafters import Drafter, StreamDrafter
+from .calibrate import cost_curve
+from .drafters import DraftModelDrafter, Drafter, StreamDrafter, Verifier
+from .sizing import AUTO, AUTO_LOOKUP, AUTO_WIDTH, AutoTree
 from .loading import say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
@@ -98,7 +100,10 @@ def stream_generate(
     if speculative and drafter is None and not lookup:
         raise UserError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
                          "or context drafts (lookup > 0); this model has none")
-    if tree is not None and drafter is None:
+    auto = isinstance(tree, str)
+    if auto and tree != AUTO:
+        raise UserError(f"tree must be rank paths or {AUTO!r}, got {tree!r}")
+    if tree is not None and not auto and drafter is None:
         raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
     if sampling is not None:
         sampler = sampler or sampling.sampler()
@@ -124,16 +129,30 @@ def stream_generate(
         if logits_processors:
             raise UserError("logits_processors are not supported with speculative decoding")
         if not speculative:
-            tree, lookup = (), 0
+            tree, lookup, auto = (), 0, False
+        sizer = auto_tree(base, drafter, lookup) if auto else None
         steps = ((r.tokens, r.depth, r.tree_size) for r in tree_generate_step(
-            prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=tree, lookup=lookup,
-            prompt_cache=prompt_cache, cached_tokens=cached_tokens, prefill_step_size=prefill_step_size,
-            max_context=context_limit(base)))
+            prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=None if auto else tree,
+            lookup=lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
+            prefill_step_size=prefill_step_size, max_context=context_limit(base), sizer=sizer))
     else:
         steps = (([tok], 0, 1) for tok, _ in generate_step(
             prompt, base, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
             prefill_step_size=prefill_step_size, logits_processors=logits_processors))
     yield from responses(steps, tokenizer, prompt.size, max_tokens, stop or ())
+
+
+def auto_tree(base: nn.Module, drafter: Optional[Drafter], lookup: Optional[int]) -> AutoTree:
+    """Per-step tree sizing for ``drafter`` (None: context drafts alone) on this device: up to
+    ``lookup`` context drafts (default :data:`AUTO_LOOKUP`) beside the drafter's candidates."""
+    if isinstance(drafter, DraftModelDrafter):
+        raise UserError("tree 'auto' sizes trees from drafts computed in the verify pass (streams, Medusa "
+                        "heads, context drafts); a draft model drafts after the commit: give it a tree")
+    levels = drafter.levels if drafter is not None else 0
+    lookup = AUTO_LOOKUP if lookup is None else lookup
+    width = AUTO_WIDTH if levels else 1
+    cost = cost_curve(base, drafter if drafter is not None else Verifier(), width=width, levels=levels)
+    return AutoTree(cost, width=width, levels=levels, lookup=lookup)
 
 
 def generate(model: nn.Module, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
@@ -184,7 +203,8 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--no-speculate", action="store_true",
                         help="decode autoregressively (same model, its drafter unused)")
     parser.add_argument("--tree", default=None,
-                        help="draft tree: chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
+                        help="draft tree: auto (sized every step from the drafts' confidence and this device's "
+                             "cost) | chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
     parser.add_argument("--prune-threshold", type=float, default=None, help="τ for tree pruning (0 = off)")
     parser.add_argument("--lookup", type=int, default=None,
                         help="context drafts (prompt lookup) per step, verified with the drafter's (default: its own)")
@@ -209,7 +229,9 @@ def main(argv=None) -> int:
                                       q_group_size=args.q_group_size, prune_threshold=args.prune_threshold)
     drafter = getattr(model, "drafter", None)
     tree = None
-    if args.tree:
+    if args.tree and args.tree.strip() == AUTO:
+        tree = AUTO  # sized every step; with no drafter, over context drafts alone
+    elif args.tree:
         if drafter is None:
             raise UserError("--tree needs a drafter (a stream adapter, --medusa or --draft-model)")
         tree = parse_tree_spec(args.tree, drafter.levels)

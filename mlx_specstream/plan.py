@@ -37,14 +37,17 @@ class TreePlan:
     top-1 and a 2-token context chain beside it; width 1, levels 2.
     """
 
-    def __init__(self, paths: Sequence[Sequence[int]], *, lookup: int = 0):
+    def __init__(self, paths: Sequence[Sequence[int]], *, lookup: int = 0, width: int = 0, levels: int = 0):
         if not 0 <= lookup <= MAX_LOOKUP:
             raise UserError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
         drafter_tree = build_tree(paths)
-        self.width = max(drafter_tree.max_rank, 1)
+        # ``width``/``levels`` floors: per-step plans of one decode share one candidate layout
+        # (:class:`mlx_specstream.sizing.AutoTree`) and draft ``levels`` levels for the next step
+        self.width = max(drafter_tree.max_rank, 1, width)
         self.lookup = lookup
         self.draft_levels = drafter_tree.max_depth  # levels the drafter's own nodes reach
-        self.levels = max(self.draft_levels, lookup)
+        self.drafts = max(self.draft_levels, levels)  # levels of drafts a step computes
+        self.levels = max(self.drafts, lookup)
         tree = build_tree(drafter_tree.paths[1:] + lookup_paths(self.width, lookup)) if lookup else drafter_tree
         self._set_device(tree)
         self._masks: Dict[tuple, mx.array] = {}
@@ -97,6 +100,7 @@ class TreePlan:
     def _derived(self, tree: Tree) -> "TreePlan":
         p = object.__new__(TreePlan)
         p.width, p.lookup, p.levels, p.draft_levels = self.width, self.lookup, self.levels, self.draft_levels
+        p.drafts = self.drafts
         p._set_device(tree)
         p._masks, p._subplans, p._root = {}, OrderedDict(), None
         return p

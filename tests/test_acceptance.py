@@ -297,3 +297,43 @@ def test_law_by_hand():
     kept = np.array([0.5, 0.3, 0.15]) ** (1 / 0.7)
     np.testing.assert_allclose(got, np.append(kept / kept.sum(), 0), atol=1e-6)
     np.testing.assert_allclose(got[:3], [0.60, 0.29, 0.11], atol=0.01)
+
+
+def shape_per_step(temp, rule, trees, rng_seed, **filters):
+    """A step function whose tree shape changes every step, chosen from the drafts alone (here a
+    draw independent of the target, as per-step sizing chooses from the drafts' confidence)."""
+    shapes = [(build_tree(p), p, t) for p, t in trees]
+    pick = np.random.RandomState(rng_seed)
+
+    def step(_tree, _seqs, rng, _tokens):
+        tree, paths, tokens = shapes[pick.randint(len(shapes))]
+        dt = TreePlan(tree.paths)
+        seqs = node_seqs(tree, tokens)
+        logits = mx.array(np.stack([target_logits(s) for s in seqs]).astype(np.float32))
+        best, corr = rule(dt, mx.array(tokens), logits, key=mx.random.key(int(rng.randint(2**31))))
+        return [tokens[i] for i in tree.path_to(int(best.item()))[1:]] + [int(corr.item())]
+
+    return step
+
+
+PER_STEP_TREES = [TREES["plain"], TREES["duplicate siblings"], TREES["three levels"], ((), [0]),
+                  (((0,),), [0, 2])]
+
+
+@pytest.mark.parametrize("temp,filt", [(0.7, "mix"), (1.5, "top-p"), (1.0, None)])
+def test_tree_shapes_chosen_per_step_keep_the_law(temp, filt):
+    filters = FILTERS.get(filt, {})
+    step = shape_per_step(temp, SamplingParams(temp=temp, **filters).acceptance(), PER_STEP_TREES, 5)
+    spec = tree_pairs(step, 2000, temp, seed=3, paths=PATHS, tokens=TOKENS, **filters)
+    plain = plain_pairs(2000, temp, seed=4, root=[0], **filters)
+    stat, df = two_sample_chi2(spec, plain)
+    assert stat < CHI2_CRIT_P001[df], (stat, df)
+
+
+def test_per_step_shapes_do_not_hide_a_broken_rule():
+    trees = [TREES["duplicate siblings"], TREES["context column"]]
+    step = shape_per_step(0.7, NoDedupAcceptance(SamplingParams(temp=0.7).law), trees, 5)
+    spec = tree_pairs(step, 2000, 0.7, seed=3, paths=PATHS, tokens=TOKENS)
+    plain = plain_pairs(2000, 0.7, seed=4, root=[0])
+    stat, df = two_sample_chi2(spec, plain)
+    assert stat > CHI2_CRIT_P001[df], (stat, df)

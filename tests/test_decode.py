@@ -369,3 +369,54 @@ def test_non_finite_stream_values_never_reach_main_rows_in_lossless_mode(hf_mode
     np.testing.assert_array_equal(np.array(main), np.array(model(ids)))
     prompt = _prompt(9)
     assert spec_tokens(model, s, prompt, 16, tree=cartesian(2, 2))[0] == ar_tokens(model, prompt, 16)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi"])
+@pytest.mark.parametrize("drafter_kind", ["streams", "medusa", "context"])
+@pytest.mark.parametrize("curve", ["cheap", "dear"])
+def test_trees_sized_every_step_keep_greedy_output(hf_model, name, drafter_kind, curve):
+    """Every step's shape chosen from the drafts' confidence (cheap steps: big trees; dear steps:
+    mostly plain steps) gives exactly plain greedy decoding, for every drafter."""
+    from mlx_specstream.sizing import AutoTree, CostCurve
+
+    model, tok = _ss_model(hf_model, name, num_streams=3, num_msa_layers=2)
+    cost = CostCurve((1, 16), (1.0, 1.05)) if curve == "cheap" else CostCurve((1, 2, 16), (1.0, 1.9, 20.0))
+    if drafter_kind == "streams":
+        drafter, levels = model.drafter, 3
+    elif drafter_kind == "medusa":
+        drafter, levels = MedusaDrafter(MedusaHeads(MedusaConfig(num_heads=2), model.base)), 2
+    else:
+        drafter, levels = None, 0
+    prompt = mx.array([5, 6, 7, 8] * 5 + [9, 3])
+    ref = ar_tokens(model.base, prompt, 40)
+    sizer = AutoTree(cost, width=2 if levels else 1, levels=levels, lookup=4)
+    out, sizes = [], []
+    for r in tree_generate_step(prompt, model.base, drafter, max_tokens=40, sizer=sizer):
+        out += r.tokens
+        sizes.append(r.tree_size)
+    assert out[:40] == ref
+    if curve == "cheap":
+        assert max(sizes) > 2  # trees grew
+    else:
+        assert sizes.count(1) > len(sizes) / 2  # mostly plain steps
+    assert sum(sizer.sizes.values()) == len(sizes)  # after every step, the next one was sized
+
+
+def test_tree_auto_through_stream_generate_and_the_cli(hf_model, tmp_path, monkeypatch, capsys):
+    from mlx_specstream import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, tok = _ss_model(hf_model, "llama", num_streams=2, num_msa_layers=1)
+    prompt = [5, 6, 7, 8] * 5
+    ar = [t for r in stream_generate(model, tok, prompt, max_tokens=24, speculative=False) for t in r.tokens]
+    for m, kw in ((model, {}), (model, {"lookup": 0}), (model.base, {"lookup": 4})):
+        assert [t for r in stream_generate(m, tok, prompt, max_tokens=24, tree="auto", **kw) for t in r.tokens] == ar
+    assert len(list((tmp_path / "mlx-specstream").glob("cost-*.json"))) == 2  # once per drafter shape
+    with pytest.raises(ValueError, match="rank paths or 'auto'"):
+        list(stream_generate(model, tok, prompt, max_tokens=4, tree="big"))
+    capsys.readouterr()
+    path = str(hf_model("llama")[0])
+    assert cli.main(["generate", "--model", path, "--tree", "auto", "--lookup", "3", "-m", "8", "--prompt", "a b a b a",
+                     "--json"]) == 0
+    assert '"speculative"' in capsys.readouterr().out
+    assert "measuring" not in capsys.readouterr().err  # the curve was kept: measured once

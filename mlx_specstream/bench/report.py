@@ -28,6 +28,13 @@ def _rows(methods: dict) -> List[str]:
             f"{_fmt_equal(m.get('equal_to_ar')):>7}{m['extra_params']:>13}{m['peak_memory_gb']:>8.3f}")
         if m["acceptance_by_depth"]:
             lines.append(f"{'':<24}levels reached: " + " ".join(f"{a:.2f}" for a in m["acceptance_by_depth"]))
+        worst = (m.get("worst_prompt") or {}).get("mlx_lm_ar")
+        if worst and name != "mlx_lm_ar":
+            lines.append(f"{'':<24}worst prompt: {worst['speedup']:.2f}x mlx-lm (prompt {worst['prompt']})")
+        if m.get("tree_sizes") and len(m["tree_sizes"]) > 1:
+            total = sum(m["tree_sizes"].values())
+            lines.append(f"{'':<24}tree sizes: " + " ".join(f"{t}:{c / total:.0%}" for t, c in sorted(
+                m["tree_sizes"].items(), key=lambda kv: int(kv[0]))) + f" (plain steps {m['plain_step_share']:.0%})")
     return lines
 
 

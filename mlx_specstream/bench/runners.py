@@ -31,12 +31,13 @@ from ..generate import stream_generate
 from ..loading import load, load_draft_model, resolve_model
 from ..sample import SamplingParams
 from ..streams import find_stream_file, load_streams
+from ..sizing import AUTO
 from ..tree import parse_tree_spec
 from .prompts import load_prompts
 from ..errors import UserError
 
 METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "step_latency_ms", "inter_token_latency_ms", "mean_accepted", "acceptance_by_depth",
-                 "speedup", "peak_memory_gb", "peak_process_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
+                 "speedup", "worst_prompt", "plain_step_share", "tree_sizes", "peak_memory_gb", "peak_process_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
                  "generated_tokens")
 # Sampled rows (``temps``): what a chat user gets — the AR baselines and the stream config's own
 # tree, alone and with its context drafts.
@@ -50,18 +51,27 @@ class Run:
     depths: List[int] = field(default_factory=list)
     tree_size: int = 1
     produced: Optional[float] = None  # tokens the forward passes produced (a cut last step counts whole)
+    sizes: List[int] = field(default_factory=list)  # nodes verified per step
+
+    @property
+    def decode_tps(self) -> float:
+        """This run's decode tokens/s (the first step, which holds the prefill, excluded)."""
+        if len(self.arrivals) < 2:
+            return 0.0
+        return sum(n for _, n in self.arrivals[1:]) / max(self.arrivals[-1][0] - self.arrivals[0][0], 1e-9)
 
 
 def _ours(model, tok, prompt, max_tokens, temp=0.0, **kw) -> Run:
     tic = time.perf_counter()
-    toks, arr, depths, size, last = [], [], [], 1, None
+    toks, arr, depths, sizes, last = [], [], [], [], None
     for last in stream_generate(model, tok, prompt, max_tokens=max_tokens, sampling=SamplingParams(temp=temp), **kw):
         arr.append((time.perf_counter() - tic, len(last.tokens)))
         toks += last.tokens
-        size = max(size, last.tree_size)
+        sizes.append(last.tree_size)
     # depth of each step's last accepted node: accepted drafts = tokens - 1 (correction)
     depths = [max(n - 1, 0) for _, n in arr[1:]]
-    return Run(toks, arr, depths, size, last.mean_accepted * last.steps if last is not None else 0.0)
+    return Run(toks, arr, depths, max(sizes, default=1), last.mean_accepted * last.steps if last is not None else 0.0,
+               sizes[1:])
 
 
 def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DRAFT, temp=0.0) -> Run:
@@ -136,7 +146,10 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     def spread(xs):
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else None
 
+    sizes = [t for r in runs for t in r.sizes]
     return {
+        "tree_sizes": {int(t): int(c) for t, c in zip(*np.unique(sizes, return_counts=True))} if sizes else None,
+        "plain_step_share": sum(t == 1 for t in sizes) / len(sizes) if sizes else None,
         "decode_tps": spread(decode), "decode_tps_by_trial": decode, "prompt_tps": spread(prefill_tps),
         "ttft_s": spread(ttft),
         "step_latency_ms": pct(step_ms), "inter_token_latency_ms": pct(itl_ms),
@@ -197,7 +210,8 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
             if spec == "config":  # the adapter as a user gets it: its own setting, greedy or sampled
                 plan.append(("ss[config]", lambda p, t: _ours(model, tok, p, max_tokens, t), streams.num_params))
                 continue
-            paths = None if spec == "default" else parse_tree_spec(spec, streams.config.num_streams)
+            paths = None if spec == "default" else AUTO if spec == AUTO else parse_tree_spec(
+                spec, streams.config.num_streams)
             # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
             # stream config's own number joins the default tree — what a user of it gets — and
             # runs alone below, so the shipped setting always has its two components beside it)
@@ -209,10 +223,12 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
                              streams.num_params))
     for n in list(lookups) + own:  # context drafts alone (prompt lookup decoding): no trained parameters
         plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
+    if AUTO in trees:  # context drafts alone, each step's chain sized from their running acceptance
+        plan.append((f"lookup[{AUTO}]", lambda p, t: _ours(base, tok, p, max_tokens, t, tree=AUTO), 0))
     if medusa:
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
         for spec in (t for t in trees if t != "config"):  # the streams' trees: tokens per step compare like for like
-            paths = None if spec == "default" else parse_tree_spec(spec, md.levels)
+            paths = None if spec == "default" else AUTO if spec == AUTO else parse_tree_spec(spec, md.levels)
             plan.append(("medusa" if spec == "default" else f"medusa[{spec}]",
                          lambda p, t, paths=paths: _ours(base, tok, p, max_tokens, t, drafter=md, tree=paths),
                          md.num_params))
@@ -292,6 +308,12 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
             res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
                                                                           out[b + suffix]["decode_tps_by_trial"]))
                               for b in ("ours_ar", "mlx_lm_ar") if b + suffix in out}
+            # per prompt: the median over trials of this prompt's paired ratio; the worst one named
+            res["speedup_by_prompt"] = {b: [statistics.median(
+                trial_runs[name][k][i].decode_tps / max(trial_runs[b + suffix][k][i].decode_tps, 1e-9)
+                for k in range(trials)) for i in idx] for b in ("ours_ar", "mlx_lm_ar") if b + suffix in out}
+            res["worst_prompt"] = {b: {"speedup": min(v), "prompt": idx[int(np.argmin(v))]}
+                                   for b, v in res["speedup_by_prompt"].items() if v}
             res["temperature"] = t
         return out
 

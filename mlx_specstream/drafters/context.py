@@ -18,6 +18,7 @@ class ContextDrafts:
 
     def __init__(self, tokens: Sequence[int], n: int, max_ngram: int = 3):
         self.n, self.max_ngram = n, max_ngram
+        self.match = 0  # n-gram length of the last proposal's match (0: none)
         self.hist: List[int] = []
         self.next_at: List[dict] = [{} for _ in range(max_ngram + 1)]
         self.extend(tokens)
@@ -32,9 +33,11 @@ class ContextDrafts:
 
     def propose(self) -> List[int]:
         h = self.hist
+        self.match = 0
         for m in range(min(self.max_ngram, len(h)), 0, -1):
             pos = self.next_at[m].get(tuple(h[-m:]))
             if pos is not None:
+                self.match = m
                 out: List[int] = []
                 for j in range(self.n):
                     i = pos + j

@@ -32,7 +32,7 @@ class StreamDrafter(Drafter):
         """Streams a step computes: as deep as the tree's stream drafts go (stream j never sees
         streams > j, so the first g are exact), or all γ when main rows see them."""
         c = self.streams.config
-        return c.num_streams if c.main_sees_streams else max(plan.draft_levels, 1)
+        return c.num_streams if c.main_sees_streams else min(max(plan.drafts, 1), c.num_streams)
 
     def prefill(self, model, tokens, cache) -> None:
         main_forward(model, self.streams, tokens, cache)  # shared mode: the MSA layers' LoRA on prompt rows too

@@ -1,0 +1,205 @@
+"""Trees sized every step (host side, pure): from the drafts' own confidence and this device's
+cost curve, the nodes worth verifying this step — none at all (a plain step) when nothing is.
+
+Each node's estimated acceptance is the probability that every draft on its path is right: for a
+drafter's candidates the product of their calibrated probabilities (stream g's rank r), for the
+context-draft chain the running acceptance of matches of that n-gram length at that depth. Nodes
+join in order of that estimate (a node never before its parent: a child's estimate is at most
+its parent's) while the expected tokens per unit of step time, ``(1 + Σ a) / cost(T)``, still
+rise. The shape depends only on drafts, never on the target's logits, so acceptance stays exact.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import UserError
+
+Path = Tuple[int, ...]
+AUTO = "auto"  # the tree spec that sizes every step's tree
+AUTO_WIDTH = 3  # drafter ranks per level a step may verify
+AUTO_LOOKUP = 8  # context drafts a step may verify
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """A step's time per tree size ``T`` (nodes verified), relative to one plain AR step;
+    linear between measured sizes and proportional beyond the largest."""
+
+    sizes: Tuple[int, ...]
+    cost: Tuple[float, ...]  # step time / AR step time
+
+    def __post_init__(self):
+        if (not self.sizes or len(self.sizes) != len(self.cost) or list(self.sizes) != sorted(set(self.sizes))
+                or self.sizes[0] != 1 or not all(np.isfinite(c) and c > 0 for c in self.cost)):
+            raise UserError(f"a cost curve needs increasing sizes from 1 and positive finite costs, got "
+                            f"{self.sizes} / {self.cost}")
+
+    def __call__(self, t: int) -> float:
+        s, c = self.sizes, self.cost
+        if t >= s[-1]:
+            return c[-1] * t / s[-1]
+        return float(np.interp(t, s, c))
+
+    def to_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "cost": [round(x, 4) for x in self.cost]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostCurve":
+        try:
+            return cls(tuple(int(x) for x in d["sizes"]), tuple(float(x) for x in d["cost"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"malformed cost curve {d!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Raw draft probability → measured acceptance, per depth, binned (``bench tune`` fits it);
+    depths past the table use its last row; no table: the raw probability."""
+
+    edges: Tuple[float, ...] = ()
+    by_depth: Tuple[Tuple[float, ...], ...] = ()
+
+    def __call__(self, p: np.ndarray, depth: int) -> np.ndarray:
+        if not self.by_depth:
+            return p
+        row = np.asarray(self.by_depth[min(depth, len(self.by_depth) - 1)])
+        return row[np.clip(np.searchsorted(self.edges, p, side="right") - 1, 0, len(row) - 1)]
+
+
+@dataclass
+class ContextStats:
+    """Running acceptance of context drafts by the n-gram length ``m`` of their match: of steps
+    that verified a chain reaching depth ``d``, how many accepted ``d`` or more (a Beta prior
+    keeps an unseen depth worth trying; ``prior[m-1]`` per draft)."""
+
+    max_ngram: int = 3
+    prior: Tuple[float, ...] = (0.3, 0.45, 0.6)
+    weight: float = 2.0
+    tried: Dict[Tuple[int, int], float] = field(default_factory=dict)
+    hit: Dict[Tuple[int, int], float] = field(default_factory=dict)
+
+    def estimate(self, m: int, k: int) -> List[float]:
+        """P(at least d drafts accepted), d = 1..k, for a match of length ``m``."""
+        out, last = [], 1.0
+        p0 = self.prior[min(max(m, 1), len(self.prior)) - 1]
+        for d in range(1, k + 1):
+            n, h = self.tried.get((m, d), 0.0), self.hit.get((m, d), 0.0)
+            last = min(last, (h + self.weight * p0**d) / (n + self.weight))
+            out.append(last)
+        return out
+
+    def update(self, m: int, verified: int, accepted: int) -> None:
+        for d in range(1, verified + 1):
+            self.tried[(m, d)] = self.tried.get((m, d), 0.0) + 1
+            if accepted >= d:
+                self.hit[(m, d)] = self.hit.get((m, d), 0.0) + 1
+
+
+def choose_tree(conf: Optional[np.ndarray], context: Sequence[float], cost: CostCurve, *,
+                max_nodes: int = 16) -> Tuple[Tuple[Path, ...], int]:
+    """The nodes worth verifying: ``(drafter paths, context drafts)``.
+
+    ``conf`` (levels, K): calibrated probability that the drafter's rank-r candidate at level g is
+    right given the level before it was (None: no drafter nodes). ``context``: P(≥ d context drafts
+    accepted), d = 1.. (non-increasing). Nodes are added best first while the rate
+    ``(1 + Σ a) / cost(1 + n)`` rises; the best prefix wins (possibly none: a plain step).
+
+    Example: conf ``[[0.9, 0.05]]``, context ``[0.2]``, cost 1, 1.1, 1.2 for T = 1, 2, 3 → rates
+    1.0, 1.73, 1.75: both nodes, ``(((0,),), 1)``.
+    """
+    heap: List[Tuple[float, int, tuple]] = []  # (-a, depth, node); node: ("d", path) or ("c", depth)
+    if conf is not None and conf.size:
+        for r in range(conf.shape[1]):
+            heapq.heappush(heap, (-float(conf[0, r]), 1, ("d", (r,))))
+    for d, a in enumerate(context[:1], 1):
+        heapq.heappush(heap, (-float(a), d, ("c", d)))
+    total, best, picked = 1.0, (1.0 / cost(1), 0), []
+    while heap and len(picked) < max_nodes - 1:
+        neg_a, depth, node = heapq.heappop(heap)
+        a = -neg_a
+        if a <= 0:
+            break
+        picked.append(node)
+        total += a
+        rate = total / cost(len(picked) + 1)
+        if rate > best[0]:
+            best = (rate, len(picked))
+        kind, where = node
+        if kind == "d" and conf is not None and depth < conf.shape[0]:
+            for r in range(conf.shape[1]):
+                heapq.heappush(heap, (-(a * float(conf[depth, r])), depth + 1, ("d", where + (r,))))
+        elif kind == "c" and where < len(context):
+            heapq.heappush(heap, (-float(context[where]), where + 1, ("c", where + 1)))
+    chosen = picked[: best[1]]
+    paths = tuple(sorted((p for k, p in chosen if k == "d"), key=lambda p: (len(p), p)))
+    k = max((d for kind, d in chosen if kind == "c"), default=0)
+    return paths, k
+
+
+MAX_PLANS = 256  # tree shapes kept per decode (LRU): plans and their masks are built once each
+
+
+class AutoTree:
+    """Per-step tree sizing for one decode: the candidate layout every step's plan reads (the
+    drafter's ``width`` ranks over ``levels`` levels, ``lookup`` context drafts beside them), the
+    cost curve, the calibration and the running context-draft statistics.
+
+    ``next_plan`` picks the step's plan from the drafts; ``observe`` learns from what it accepted.
+    """
+
+    def __init__(self, cost: CostCurve, *, width: int = 3, levels: int = 0, lookup: int = 0,
+                 max_nodes: int = 16, calibration: Calibration = Calibration(),
+                 context: Optional[ContextStats] = None):
+        from .plan import TreePlan
+
+        if width < 1 or levels < 0 or max_nodes < 1:
+            raise UserError(f"auto tree: width {width}, levels {levels}, max_nodes {max_nodes} out of range")
+        self.cost, self.calibration, self.max_nodes = cost, calibration, max_nodes
+        self.context = context or ContextStats()
+        self.width, self.levels, self.lookup = width, levels, lookup
+        self.layout = TreePlan((), lookup=lookup, width=width, levels=levels)
+        self._plans: "OrderedDict[tuple, object]" = OrderedDict()
+        self.sizes: Dict[int, int] = {}  # tree size -> steps (the bench's distribution)
+
+    def plan(self, paths: Tuple[Path, ...], k: int):
+        from .plan import TreePlan
+
+        key = (paths, k)
+        p = self._plans.get(key)
+        if p is None:
+            p = TreePlan(paths, lookup=k, width=self.width, levels=self.levels) if paths or k else self.layout.root_only
+            self._plans[key] = p
+            if len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return p
+
+    def next_plan(self, conf: Optional[np.ndarray], drafts: Sequence[int], match: int):
+        """The step's plan: ``conf`` (levels, width) the drafter's raw candidate probabilities
+        (None: no drafter), ``drafts`` the context drafts found, ``match`` their n-gram length."""
+        cal = None
+        if conf is not None and self.levels:
+            cal = np.stack([self.calibration(conf[g], g) for g in range(min(self.levels, conf.shape[0]))])
+        ctx = self.context.estimate(match, min(len(drafts), self.lookup)) if drafts else []
+        paths, k = choose_tree(cal, ctx, self.cost, max_nodes=self.max_nodes)
+        plan = self.plan(paths, k)
+        self.sizes[plan.size] = self.sizes.get(plan.size, 0) + 1
+        return plan
+
+    def observe(self, plan, match: int, best_path: Path) -> None:
+        """After a step: how many of the ``plan``'s context drafts were accepted (the accepted
+        path's leading run of the context rank)."""
+        if plan.lookup and match:
+            acc = 0
+            for r in best_path:
+                if r != self.width:
+                    break
+                acc += 1
+            self.context.update(match, plan.lookup, acc)

@@ -1,0 +1,72 @@
+"""Per-step tree sizing: the choice by hand, its invariants, the running context statistics."""
+
+import numpy as np
+import pytest
+
+from mlx_specstream.errors import UserError
+from mlx_specstream.sizing import AutoTree, Calibration, ContextStats, CostCurve, choose_tree
+
+
+def test_choose_tree_by_hand():
+    cost = CostCurve((1, 2, 3), (1.0, 1.1, 1.2))
+    # rates 1.0, 1.9 / 1.1 = 1.73, 2.1 / 1.2 = 1.75: both nodes
+    assert choose_tree(np.array([[0.9, 0.05]]), [0.2], cost) == (((0,),), 1)
+    # nothing worth a node: a plain step
+    assert choose_tree(np.array([[0.05, 0.01]]), [0.05], cost) == ((), 0)
+    assert choose_tree(None, [], cost) == ((), 0)
+    # context alone, a chain as long as it pays
+    assert choose_tree(None, [0.9, 0.8, 0.1], CostCurve((1, 4), (1.0, 1.3))) == ((), 2)
+
+
+def test_chosen_nodes_always_include_their_parents_and_stay_within_budget():
+    rng = np.random.RandomState(0)
+    for _ in range(200):
+        conf = rng.dirichlet(np.ones(5), size=3)[:, :3]
+        ctx = np.minimum.accumulate(rng.rand(rng.randint(0, 6)))
+        cost = CostCurve((1, 2, 4, 8, 16), tuple(np.cumsum([1.0] + list(rng.rand(4) * 0.5))))
+        paths, k = choose_tree(conf, list(ctx), cost, max_nodes=12)
+        assert len(paths) + k + 1 <= 12 and k <= len(ctx)
+        for p in paths:
+            assert len(p) <= 3 and all(r < 3 for r in p) and (len(p) == 1 or p[:-1] in paths)
+
+
+def test_cheaper_steps_grow_the_tree():
+    conf = np.array([[0.5, 0.2, 0.1], [0.5, 0.2, 0.1]])
+    flat, steep = CostCurve((1, 16), (1.0, 1.2)), CostCurve((1, 2, 16), (1.0, 1.6, 8.0))
+    assert len(choose_tree(conf, [], flat)[0]) > len(choose_tree(conf, [], steep)[0])
+    assert choose_tree(conf, [], steep) == ((), 0)
+
+
+def test_context_stats_learn_from_what_was_accepted():
+    st = ContextStats()
+    before = st.estimate(3, 4)
+    assert before == sorted(before, reverse=True) and before[0] == pytest.approx(0.6)
+    for _ in range(20):
+        st.update(3, verified=4, accepted=0)
+    assert st.estimate(3, 4)[0] < 0.1 and st.estimate(1, 1)[0] == pytest.approx(0.3)  # per match length
+    for _ in range(40):
+        st.update(2, verified=3, accepted=3)
+    assert st.estimate(2, 3)[2] > 0.9
+
+
+def test_cost_curve_and_calibration():
+    c = CostCurve((1, 2, 4), (1.0, 1.2, 1.6))
+    assert c(3) == pytest.approx(1.4) and c(8) == pytest.approx(3.2)
+    assert CostCurve.from_dict(c.to_dict()) == c
+    for bad in ({"sizes": [2, 4], "cost": [1, 2]}, {"sizes": [1, 2], "cost": [1, float("nan")]}, {"sizes": [1]}):
+        with pytest.raises(UserError):
+            CostCurve.from_dict(bad)
+    cal = Calibration(edges=(0.0, 0.5), by_depth=((0.1, 0.7), (0.05, 0.4)))
+    np.testing.assert_allclose(cal(np.array([0.2, 0.9]), 0), [0.1, 0.7])
+    np.testing.assert_allclose(cal(np.array([0.2, 0.9]), 5), [0.05, 0.4])  # past the table: its last row
+
+
+def test_auto_tree_plans_are_built_once_and_share_one_layout():
+    auto = AutoTree(CostCurve((1, 16), (1.0, 1.1)), width=2, levels=2, lookup=3)
+    conf = np.array([[0.9, 0.3], [0.8, 0.1]])
+    p1 = auto.next_plan(conf, [5, 6, 7], match=3)
+    assert auto.next_plan(conf, [5, 6, 7], match=3) is p1
+    assert p1.width == 2 and p1.drafts == 2 and p1.lookup == 3
+    assert all(path[0] == 2 for path in p1.tree.paths[1:] if path and path[0] >= 2)  # context at rank width
+    assert auto.next_plan(None, [], 0).size >= 1
+    assert sum(auto.sizes.values()) == 3

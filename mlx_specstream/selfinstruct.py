@@ -15,6 +15,7 @@ Validation records come from topics held out of training (every 20th by hash).""
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import hashlib
 import json
@@ -25,6 +26,16 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import batch_generate
+from mlx_lm.sample_utils import make_sampler
+from pydoc_data.topics import topics as help_topics
+
+from .bench.heldout import held_out_texts
+from .convert import mlx_lm_model
+from .loading import load, resolve_model
+from .stdlib_data import split_files
 
 VALID_EVERY = 20
 KINDS = (
@@ -85,11 +96,7 @@ def topics(tokenizer) -> List[str]:
             line = re.sub(r"\\f[BIRP]|\\-|\\\(em|\\", lambda x: "-" if "-" in x.group() else "", m.group(1)).strip()
             if 10 < len(line) < 160 and " - " in line:
                 found.add(line)
-    try:
-        from pydoc_data.topics import topics as help_topics
-        found.update(f"Python's {t}" for t in help_topics)
-    except ImportError:
-        pass
+    found.update(f"Python's {t}" for t in help_topics)
     words = set()
     for tok in tokenizer.vocab if hasattr(tokenizer, "vocab") else tokenizer.get_vocab():
         w = tok[1:] if tok.startswith("Ġ") else None
@@ -101,10 +108,6 @@ def topics(tokenizer) -> List[str]:
 
 def stdlib_functions(n: int, seed: int) -> List[str]:
     """Whole short functions (≤ 30 lines) from the stdlib modules used for training."""
-    import ast
-
-    from .stdlib_data import split_files
-
     rng = random.Random(seed)
     out = []
     for path in split_files()[0]:
@@ -196,10 +199,6 @@ def run(model, tokenizer, out: Path, jobs: List[dict], *, seed: int, batch_size:
     every kind of record, and a resumed one redoes nothing it wrote). ``shard=(k, m)`` takes the
     jobs whose id is k mod m, so m single-threaded processes share a machine (two of them here make
     ~1.5x the answers of one process on both cores: the BLAS threads spin)."""
-    import mlx.core as mx
-    from mlx_lm.generate import batch_generate
-    from mlx_lm.sample_utils import make_sampler
-
     out.mkdir(parents=True, exist_ok=True)
     sampler, one_line = make_sampler(temp=0.8, top_p=0.95), _StopAtNewline(tokenizer)
     files = {k: out / f"{k}.jsonl" for k in ("messages", "answers", "followups")}
@@ -311,13 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", default=None, metavar="DIR", help="write train/valid.jsonl from the stages and stop")
     args = ap.parse_args(argv)
     if args.pack:
-        from .bench.heldout import held_out_texts
-
         print(pack(Path(args.out), Path(args.pack), held_out_texts()))
         return 0
-    from .convert import mlx_lm_model
-    from .loading import load, resolve_model
-
     _, tok = load(args.model, streams=False)
     model = mlx_lm_model(resolve_model(args.model), "float32")
     k, m = (int(x) for x in args.shard.split("/"))

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
+from .plan import TreePlan
 
 Path = Tuple[int, ...]
 AUTO = "auto"  # the tree spec that sizes every step's tree
@@ -156,8 +157,6 @@ class AutoTree:
     def __init__(self, cost: CostCurve, *, width: int = 3, levels: int = 0, lookup: int = 0,
                  max_nodes: int = 16, calibration: Calibration = Calibration(),
                  context: Optional[ContextStats] = None):
-        from .plan import TreePlan
-
         if width < 1 or levels < 0 or max_nodes < 1:
             raise UserError(f"auto tree: width {width}, levels {levels}, max_nodes {max_nodes} out of range")
         self.cost, self.calibration, self.max_nodes = cost, calibration, max_nodes
@@ -168,8 +167,6 @@ class AutoTree:
         self.sizes: Dict[int, int] = {}  # tree size -> steps (the bench's distribution)
 
     def plan(self, paths: Tuple[Path, ...], k: int):
-        from .plan import TreePlan
-
         key = (paths, k)
         p = self._plans.get(key)
         if p is None:

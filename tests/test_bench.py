@@ -281,10 +281,12 @@ def test_chat_and_code_prompt_sets_use_the_chat_template():
         def encode(self, t):
             raise AssertionError("chat sets go through the template")
 
-    for spec in ("chat", "code"):
+    for spec in ("chat", "code", "everyday", "code-edit"):
         ids = load_prompts(spec, 8, Tok(), 100)
         assert len(ids) == 8 and all(p[0] == 7 for p in ids)
     from mlx_specstream.bench.prompts import builtin_prompts
+
+    assert builtin_prompts("humaneval", 3)[0].startswith("from typing import List")  # raw completions
 
     held = {p.relative_to(stdlib_root()).parts[0].removesuffix(".py") for p in split_files()[1]}
     named = [t.split("`")[1].split(".")[0] for t in builtin_prompts("chat", 40) if t.startswith("Explain")]

@@ -366,7 +366,9 @@ def test_non_finite_stream_values_never_reach_main_rows_in_lossless_mode(hf_mode
         setattr(ad, where, getattr(ad, where).at[0, 0].add(bad))
     ids = mx.array([[1, 9, 40, 7, 300, 12, 5, 80]])
     main, _ = forward_with_streams(model, s, ids)
-    np.testing.assert_array_equal(np.array(main), np.array(model(ids)))
+    # equal up to the summation order of a matmul over more rows (the joint call's)
+    assert np.isfinite(np.array(main)).all()
+    np.testing.assert_allclose(np.array(main), np.array(model(ids)), atol=1e-5)
     prompt = _prompt(9)
     assert spec_tokens(model, s, prompt, 16, tree=cartesian(2, 2))[0] == ar_tokens(model, prompt, 16)
 

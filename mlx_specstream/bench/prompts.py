@@ -19,8 +19,9 @@ import numpy as np
 from ..distill import instructions
 from ..stdlib_data import eval_prompts, split_files
 from ..errors import UserError
+from .heldout import CHAT_TEMPLATED, HELDOUT_SETS, heldout_prompts
 
-CHAT_SETS = ("chat", "code")
+CHAT_SETS = ("chat", "code") + CHAT_TEMPLATED
 
 
 def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:

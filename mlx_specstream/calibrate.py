@@ -49,7 +49,7 @@ def _shape_key(model: nn.Module, drafter: Drafter, width: int, levels: int) -> s
 
 
 def measure_cost(model: nn.Module, drafter: Drafter, *, width: int, levels: int,
-                 sizes: Sequence[int] = COST_SIZES, prefix: int = 128, trials: int = 5) -> CostCurve:
+                 sizes: Sequence[int] = COST_SIZES, prefix: int = 128, trials: int = 7) -> CostCurve:
     """Median time of one tree step (verify, accept, draft, commit, as the decode loop runs it)
     per size, over the median of AR steps timed between them, after ``prefix`` cached tokens."""
     prompt = mx.random.randint(3, model.args.vocab_size, (prefix,), key=mx.random.key(0)).astype(mx.int32)
@@ -64,26 +64,27 @@ def measure_cost(model: nn.Module, drafter: Drafter, *, width: int, levels: int,
         for c in cache:
             c.trim(c.offset - start)
 
-    step, ar = {}, []
+    plans = {}
     for T in sizes:
         if levels == 0:  # context drafts only: a chain of them
-            plan = TreePlan((), lookup=T - 1, width=width) if T > 1 else TreePlan((), width=width)
+            plans[T] = TreePlan((), lookup=T - 1, width=width) if T > 1 else TreePlan((), width=width)
         else:  # the drafter's nodes, best-first over ranks (the shapes sizing picks)
-            plan = TreePlan(_first_paths(T - 1, width, levels), width=width, levels=levels)
-        cand = mx.zeros((max(plan.levels, 1), plan.width + (1 if plan.lookup else 0)), mx.int32)
-        ts = []
-        for i in range(trials + 2):
+            plans[T] = TreePlan(_first_paths(T - 1, width, levels), width=width, levels=levels)
+    step, ar = {T: [] for T in sizes}, []
+    for i in range(trials + 2):  # sizes interleaved within each round: drift hits all alike
+        for T, plan in plans.items():
+            cand = mx.zeros((max(plan.levels, 1), plan.width + (1 if plan.lookup else 0)), mx.int32)
             tic = time.perf_counter()
             tree_step(model, drafter, plan, DraftState(prompt[-1], cand), cache, GreedyAcceptance())
-            if i >= 2:
-                ts.append(time.perf_counter() - tic)
+            dt = time.perf_counter() - tic
             trim()
             tic = time.perf_counter()
             mx.argmax(model(prompt[-1:][None], cache=cache)[0, -1]).item()
-            if i >= 2:
+            if i >= 2:  # the first rounds build each shape's masks and warm the allocator
+                step[T].append(dt)
                 ar.append(time.perf_counter() - tic)
             trim()
-        step[T] = statistics.median(ts)
+    step = {T: statistics.median(v) for T, v in step.items()}
     base = statistics.median(ar)
     costs = [step[T] / base for T in sizes]
     for i in range(1, len(costs)):  # a larger tree never costs less (timing noise aside)

@@ -22,6 +22,7 @@ from .sizing import AUTO, AUTO_LOOKUP, AUTO_WIDTH, AutoTree
 from .loading import say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
+from .tokenizer import chat_ids
 from .tree import MAX_LOOKUP, parse_tree_spec
 from .errors import UserError
 
@@ -93,11 +94,11 @@ def stream_generate(
             drafter.prune_threshold = tau
         tree, lookup = s_tree if tree is None else tree, s_lookup if lookup is None else lookup
     if speculative is None:
-        speculative = drafter is not None or bool(lookup)
+        speculative = drafter is not None or bool(lookup) or tree == AUTO
         if drafter is not None and not (tree if tree is not None else drafter.default_paths) and not (
                 drafter.default_lookup if lookup is None else lookup):
             speculative = False  # a tree with nothing drafted is plain decoding
-    if speculative and drafter is None and not lookup:
+    if speculative and drafter is None and not lookup and tree != AUTO:
         raise UserError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
                          "or context drafts (lookup > 0); this model has none")
     auto = isinstance(tree, str)
@@ -106,6 +107,8 @@ def stream_generate(
     if tree is not None and not auto and drafter is None:
         raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
     if sampling is not None:
+        if not 0 <= sampling.top_k < base.args.vocab_size:
+            raise UserError(f"top_k must be in [0, {base.args.vocab_size}) for this model's vocabulary, got {sampling.top_k}")
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
         if (speculative and sampling.temp > 0 and isinstance(drafter, StreamDrafter) and tree is None
@@ -237,8 +240,7 @@ def main(argv=None) -> int:
         tree = parse_tree_spec(args.tree, drafter.levels)
     if tokenizer.has_chat_template and not args.ignore_chat_template:  # as mlx-lm's generate does
         messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}],
-                                               add_generation_prompt=True)
+        prompt = chat_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
     sampling = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p)
     text, last, drafted = "", None, False
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,

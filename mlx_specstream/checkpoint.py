@@ -192,6 +192,10 @@ def load_weights(path: Path) -> Dict[str, mx.array]:
     return weights
 
 
+def _is_float(a) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
 def check_names(expected: Mapping[str, mx.array], weights: Mapping[str, mx.array], where, against: str) -> None:
     """Strict name and shape check of ``weights`` against a module's parameters, every problem
     named: ``weights in WHERE do not match AGAINST: missing ... | unexpected ... | wrong shapes``."""
@@ -199,7 +203,13 @@ def check_names(expected: Mapping[str, mx.array], weights: Mapping[str, mx.array
     extra = sorted(set(weights) - set(expected))
     wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    # a dtype the model cannot use: a float weight stored (or declared) as integers or booleans
+    # has the same byte count, so only its kind tells (packed quantized weights are integers in both)
+    kinds = [f"{k}: checkpoint {weights[k].dtype} where the model needs a {'float' if _is_float(v) else str(v.dtype)} tensor"
+             for k, v in expected.items() if k in weights and _is_float(weights[k]) != _is_float(v)]
     problems = []
+    if kinds:
+        problems.append("wrong dtypes: " + "; ".join(kinds[:8]))
     if missing:
         problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if extra:

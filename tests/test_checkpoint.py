@@ -68,6 +68,19 @@ def test_wrong_shapes_and_missing_tensors_are_named(hf_model, tmp_path):
     assert "model.layers.1.self_attn.k_proj.weight" in msg
 
 
+@pytest.mark.parametrize("name,dtype", [("model.embed_tokens.weight", mx.int32), ("model.norm.weight", mx.uint32),
+                                        ("model.layers.0.mlp.up_proj.weight", mx.bool_)])
+def test_a_weight_of_a_dtype_the_model_cannot_use_is_named(hf_model, tmp_path, name, dtype):
+    """A float weight declared as integers (same byte count: the header's dtype is all that says
+    so) or booleans loaded with exit 0 into an integer embedding before."""
+    d = _copy(hf_model("llama")[0], tmp_path / "m")
+    w = mx.load(str(d / "model.safetensors"))
+    w[name] = w[name].view(dtype) if dtype != mx.bool_ else w[name] > 0
+    mx.save_safetensors(str(d / "model.safetensors"), w)
+    with pytest.raises(CheckpointError, match=f"wrong dtypes: {name}: checkpoint"):
+        load_model(d)
+
+
 def test_bad_config_json(hf_model, tmp_path):
     d = _copy(hf_model("llama")[0], tmp_path / "m")
     (d / "config.json").write_text("{not json")

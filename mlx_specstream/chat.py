@@ -14,8 +14,19 @@ from dataclasses import replace
 from .cache import PromptCache
 from .cli import add_model_args, add_sampling_args, check_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
-from .generate import cached_stream_generate
+from .errors import UserError
+from .generate import cached_stream_generate, context_limit
 from .sample import SamplingParams
+from .tokenizer import chat_ids
+
+MIN_REPLY = 16  # tokens a reply keeps room for when old turns are dropped
+
+
+def _checked(v, lo, hi):
+    if not lo <= v <= hi:  # NaN fails this too
+        raise ValueError(v)
+    return v
+
 
 HELP = "commands: /reset /stats /temp T /top-p P /max-tokens N /speculate on|off /help /quit"
 
@@ -45,16 +56,36 @@ class Chat:
         self.transcript = (self.system_prompt + "\n") if self.system_prompt else ""
         self.pcache.reset()
 
-    def _prompt_tokens(self, user: str):
+    def _prompt_tokens(self, user: str, write=print):
+        """The turn's prompt; the oldest turns are dropped (said once per drop) while it leaves no
+        room for a reply in the model's context."""
+        limit = context_limit(getattr(self.model, "base", self.model))
+        while True:
+            if self.tokenizer.has_chat_template:
+                ids = chat_ids(self.tokenizer, self.messages + [{"role": "user", "content": user}])
+            else:
+                ids = self.tokenizer.encode(self.transcript + user)
+            first = 1 if self.system_prompt else 0
+            if limit is None or len(ids) < limit - MIN_REPLY or not self._drop_oldest(first):
+                return ids
+            write("[the conversation outgrew the context: its oldest turn was dropped]")
+
+    def _drop_oldest(self, first: int) -> bool:
         if self.tokenizer.has_chat_template:
-            msgs = self.messages + [{"role": "user", "content": user}]
-            return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-        return self.tokenizer.encode(self.transcript + user)
+            if len(self.messages) - first < 2:
+                return False
+            del self.messages[first : first + 2]  # one user turn and its reply
+        else:
+            if not self.transcript:
+                return False
+            self.transcript = self.transcript[len(self.transcript) // 2 :]
+        self.pcache.reset()  # the prefix changed: nothing cached is reusable
+        return True
 
     def reply(self, user: str, write=print):
         """Stream one reply; returns its text. Interrupting (Ctrl-C) keeps what was said."""
         text = ""
-        gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, self._prompt_tokens(user),
+        gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, self._prompt_tokens(user, write),
                                      max_tokens=self.max_tokens, sampling=self.sampling, speculative=self.speculative)
         try:
             for r in gen:
@@ -89,13 +120,13 @@ class Chat:
                     write(f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s, prompt {r.prompt_tps:.1f} tok/s, "
                           f"{r.mean_accepted:.2f} tokens/step over {r.steps} steps, peak {r.peak_memory:.3f} GB]")
             elif cmd == "temp":
-                self.sampling = replace(self.sampling, temp=float(arg))
+                self.sampling = replace(self.sampling, temp=_checked(float(arg), 0.0, 100.0))
                 write(f"[temp {self.sampling.temp}]")
             elif cmd == "top-p":
-                self.sampling = replace(self.sampling, top_p=float(arg))
+                self.sampling = replace(self.sampling, top_p=_checked(float(arg), 0.0, 1.0))
                 write(f"[top-p {self.sampling.top_p}]")
             elif cmd == "max-tokens":
-                self.max_tokens = int(arg)
+                self.max_tokens = int(_checked(int(arg), 1, 1 << 20))
                 write(f"[max-tokens {self.max_tokens}]")
             elif cmd == "speculate":
                 self.speculative = None if arg.strip() == "on" else False
@@ -122,8 +153,14 @@ def main(argv=None) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeDecodeError:
+            print("[that line is not UTF-8 text: nothing was sent]")
+            continue
         if line.startswith("/"):
             if not chat.command(line):
                 return 0
             continue
-        chat.reply(line)
+        try:
+            chat.reply(line)
+        except UserError as e:  # the chat goes on: say what was wrong
+            print(f"[{e}; the conversation is kept — /reset starts a new one]")

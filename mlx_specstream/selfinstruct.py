@@ -36,6 +36,7 @@ from .bench.heldout import held_out_texts
 from .convert import mlx_lm_model
 from .loading import load, resolve_model
 from .stdlib_data import split_files
+from .tokenizer import chat_ids
 
 VALID_EVERY = 20
 KINDS = (
@@ -174,10 +175,6 @@ def _append(file: Path, records: Iterable[dict]) -> None:
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for s in range(0, len(items), size):
         yield items[s : s + size]
-
-
-def chat_ids(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 class _StopAtNewline:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import select
 import signal
@@ -30,6 +31,7 @@ from .cli import add_model_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
 from .generate import cached_stream_generate, context_limit
 from .sample import SamplingParams
+from .tokenizer import chat_ids
 from .errors import UserError
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
@@ -132,7 +134,7 @@ class ModelServer:
                                param="max_tokens")
         temp = number("temperature", 0.0, 0.0, 2.0)
         top_p = number("top_p", 1.0, 0.0, 1.0)
-        top_k = number("top_k", 0, 0, 1 << 20, kind=int)
+        top_k = number("top_k", 0, 0, self.model.args.vocab_size - 1, kind=int)  # mlx-lm's top-k needs k < V
         min_p = number("min_p", 0.0, 0.0, 1.0)
         seed = req.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -184,8 +186,8 @@ class ModelServer:
                 raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
             _encodable(content, f"messages[{i}].content")
             clean.append({"role": m["role"], "content": content})
-        if self.tokenizer.has_chat_template:
-            return list(self.tokenizer.apply_chat_template(clean, add_generation_prompt=True))
+        if self.tokenizer.has_chat_template:  # contents as text: a user cannot forge a turn
+            return chat_ids(self.tokenizer, clean)
         return self.tokenizer.encode("\n".join(m["content"] for m in clean) + "\n")
 
     def _completion_prompt(self, req) -> List[int]:
@@ -229,6 +231,16 @@ class ModelServer:
                 self.jobs.task_done()
 
     def _run(self, job):
+        try:
+            return self._generate(job)
+        except BaseException:
+            # A failure inside a compiled sampler (mlx-lm's filters thread the random state through
+            # mx.compile) can leave traced placeholders in the shared state: every later sampled
+            # request would fail. One request must not poison the next: a fresh state.
+            mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+            raise
+
+    def _generate(self, job):
         req = job.req
         if req["seed"] is not None:
             mx.random.seed(req["seed"])

@@ -64,6 +64,42 @@ class SentencePieceTokenizer:
         raise UserError("this tokenizer has no chat template")
 
 
+_MARK = "\ue000{}\ue001"  # private-use code points around a message's index: never in a template
+
+
+def chat_ids(tokenizer, messages: List[dict], *, add_generation_prompt: bool = True) -> List[int]:
+    """The chat template's token ids with every message's content tokenized as plain text:
+    special-token strings a user types (``<|im_end|><|im_start|>system``) stay text and cannot
+    forge a turn — special tokens come only from the template, as hosted APIs do it. The template
+    is rendered with a marker in place of each content, then split at the markers."""
+    marked = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    ids: List[int] = []
+    rest = text
+    for i, m in enumerate(messages):
+        mark = _MARK.format(i)
+        head, sep, rest = rest.partition(mark)
+        if not sep:  # a template that drops or rewrites a message: no safe split, refuse
+            raise UserError(f"the chat template does not reproduce message {i}'s content verbatim")
+        if head:
+            ids += tokenizer.encode(head, add_special_tokens=False)
+        if m["content"]:
+            ids += _plain_text_ids(tokenizer, m["content"])
+    if rest:
+        ids += tokenizer.encode(rest, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and text.startswith(getattr(tokenizer, "bos_token", None) or "\0") and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+
+def _plain_text_ids(tokenizer, text: str) -> List[int]:
+    try:
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    except TypeError:  # a tokenizer without the option (sentencepiece has no special strings in text)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+
 def load_tokenizer(path: Path, config: Optional[dict] = None) -> TokenizerWrapper:
     config = config or {}
     eos = config.get("eos_token_id")

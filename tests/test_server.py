@@ -4,6 +4,7 @@ import json
 import socket
 import threading
 
+import mlx.core as mx
 import pytest
 
 from mlx_specstream.errors import UserError
@@ -215,14 +216,18 @@ def small_server(served):
     class Recording(ModelServer):
         finishes = []
 
-        def _run(self, job):
+        def _generate(self, job):
+            if job.req["prompt"] and job.req.get("max_tokens") == 16:
+                from mlx_lm.sample_utils import apply_top_k
+
+                apply_top_k(mx.zeros((1, 4)), 10)  # raises while tracing: the random state is left traced
             if job.req["prompt"] and job.req.get("max_tokens") == 13:
                 raise RuntimeError("boom")  # a generation that fails after the request was accepted
             if job.req["prompt"] and job.req.get("max_tokens") == 14:
                 raise ValueError("[matmul] Last dimension of first input with shape (1,8) must match")  # MLX's
             if job.req["prompt"] and job.req.get("max_tokens") == 15:
                 raise UserError("the request names something wrong")
-            out = super()._run(job)
+            out = super()._generate(job)
             self.finishes.append(out[1])
             return out
 
@@ -250,6 +255,18 @@ def test_a_bug_is_a_500_with_a_request_id_and_bad_input_a_400(small_server, caps
     assert f"[request {rid}: bug]" in log and "[matmul] Last dimension" in log and "Traceback" in log
     st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 15}).encode())
     assert st == 400 and json.loads(data)["error"]["message"] == "the request names something wrong"
+
+
+def test_a_failed_request_leaves_sampling_working_for_the_next(small_server, served):
+    port, _, _ = small_server
+    body = {"prompt": "x", "max_tokens": 16, "temperature": 0.8}
+    st, _ = _plain(port, "POST", "/v1/completions", json.dumps(body).encode())
+    assert st == 500
+    st, data = _plain(port, "POST", "/v1/completions", json.dumps(dict(body, max_tokens=5)).encode())
+    assert st == 200, data  # a 500 for every later sampled request before the fix
+    vocab = served[1].args.vocab_size  # top_k at the vocabulary: refused by name, not traced
+    st, data = _plain(port, "POST", "/v1/completions", json.dumps(dict(body, max_tokens=5, top_k=vocab)).encode())
+    assert st == 400 and "top_k" in json.loads(data)["error"]["message"]
 
 
 def test_an_error_after_the_headers_is_an_sse_error_event_then_done(small_server):

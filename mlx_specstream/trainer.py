@@ -150,6 +150,8 @@ def load_data(args, tokenizer) -> Tuple[Tuple[np.ndarray, np.ndarray], Optional[
             raise DataError(f"{data} has no train.jsonl")
     else:
         train, valid = data, Path(args.valid) if args.valid else None
+        if valid is not None and not valid.is_file():
+            raise DataError(f"--valid {valid}: no such file")
     tr = read_jsonl(train, tokenizer, args.seq_len)
     va = read_jsonl(valid, tokenizer, args.seq_len) if valid is not None and valid.exists() else None
     return tr, va
@@ -258,6 +260,23 @@ class TrainConfig:
     keep_states: bool = False  # keep those outputs in the output folder for a resumed run
     medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
     time_limit: float = 0.0  # seconds (0 = none): the schedule runs on whichever of iters / time ends first
+
+    def __post_init__(self):
+        ints = {"iters": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "segment": 1, "warmup": 0, "seed": 0,
+                "val_every": 1, "val_batches": 1, "save_every": 1, "max_stream_positions": 0, "medusa": 0}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise DataError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        floats = {"lr": (0.0, False), "min_lr_ratio": (0.0, True), "weight_decay": (0.0, True), "alpha": (0.0, True),
+                  "time_limit": (0.0, True)}
+        for name, (lo, closed) in floats.items():
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= lo if closed else v > lo)):
+                raise DataError(f"--{name.replace('_', '-')} must be a finite number {'>=' if closed else '>'} {lo}, "
+                                f"got {v!r}")
+        if self.alpha0 is not None and not (math.isfinite(self.alpha0) and self.alpha0 >= 0):
+            raise DataError(f"--alpha0 must be a finite number >= 0, got {self.alpha0!r}")
 
 
 class _Trainable(nn.Module):

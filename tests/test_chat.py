@@ -78,3 +78,29 @@ def test_serve_cli_sigterm_is_graceful(hf_model):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_chat_refuses_nonsense_settings_and_goes_on(hf_model):
+    model, tok = load(str(hf_model("llama")[0]))
+    chat = Chat(model, tok, max_tokens=4)
+    said = []
+    for cmd in ("/temp -5", "/temp nan", "/temp inf", "/top-p 5", "/max-tokens -1", "/max-tokens 0", "/temp x"):
+        assert chat.command(cmd, write=said.append)
+        assert said[-1].startswith("[bad value"), (cmd, said[-1])
+    assert chat.sampling.temp == 0 and chat.max_tokens == 4  # unchanged
+    assert chat.reply("def f():", write=lambda *a, **k: None) is not None
+
+
+def test_a_chat_that_outgrows_the_context_drops_its_oldest_turns(hf_model, monkeypatch):
+    model, tok = load(str(hf_model("llama")[0]))
+    monkeypatch.setattr(model.args, "max_position_embeddings", 120)
+    chat = Chat(model, tok, max_tokens=6)
+    notes = []
+
+    def write(*a, **k):
+        notes.append(" ".join(map(str, a)))
+
+    for i in range(12):  # ~40 tokens a turn: the context holds three
+        chat.reply(f"def function_number_{i}(a, b, c):\n    return a + b * c - {i}\n", write=write)
+    assert any("oldest turn was dropped" in n for n in notes)
+    assert len(tok.encode(chat.transcript)) < 120

@@ -224,7 +224,8 @@ def test_kept_states_are_read_back_by_a_resumed_run(tiny, medusa):
 
 def test_a_diverged_run_stops_with_an_error_and_saves_nothing(tiny):
     model, tok, data, tmp = tiny
-    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=float("nan"), warmup=1, val_every=6, save_every=2)
+    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=1e-3, warmup=1, val_every=6, save_every=2)
+    cfg.lr = float("nan")  # as a diverged run ends up (a NaN learning rate is refused by name up front)
     with pytest.raises(DataError, match="diverged at iteration 1"):
         train(model, tok, data, data, cfg, tmp / "out", log=lambda *_: None)
     assert not (tmp / "out" / "speculative_streams.safetensors").exists()
@@ -244,3 +245,23 @@ def test_an_adapter_with_non_finite_values_is_refused_at_load(hf_model, tmp_path
     save_streams(folder, s)
     with pytest.raises(CheckpointError, match=r"lora\.0\.mlp__up_proj\.lora_b hold NaN"):
         load_streams(folder / "speculative_streams.json", model)
+
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", -1), ("batch_size", 0), ("val_every", 0), ("save_every", 0),
+                                         ("grad_accum", 0), ("iters", 0), ("lr", float("nan")), ("lr", 0.0),
+                                         ("warmup", -1), ("seq_len", 1), ("time_limit", float("inf"))])
+def test_nonsense_training_settings_are_named(field, value):
+    """--batch-size -1 looped forever; --val-every 0, --save-every 0, --grad-accum 0 were tracebacks."""
+    with pytest.raises(DataError, match=f"--{field.replace('_', '-')} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_a_missing_validation_file_is_named(tiny, tmp_path):
+    from argparse import Namespace
+
+    from mlx_specstream.trainer import load_data
+
+    _, tok, _, tmp = tiny
+    with pytest.raises(DataError, match="--valid .*no such file"):
+        load_data(Namespace(data=str(tmp / "train.jsonl"), valid=str(tmp / "nope.jsonl"), seq_len=48), tok)

@@ -70,3 +70,21 @@ def test_auto_tree_plans_are_built_once_and_share_one_layout():
     assert all(path[0] == 2 for path in p1.tree.paths[1:] if path and path[0] >= 2)  # context at rank width
     assert auto.next_plan(None, [], 0).size >= 1
     assert sum(auto.sizes.values()) == 3
+
+
+def test_draft_confidence_is_calibrated_online_from_what_was_accepted():
+    from mlx_specstream.sizing import DraftStats
+
+    st = DraftStats()
+    assert st(np.array([0.5]), 0)[0] == pytest.approx(0.5)  # unseen: the raw value
+    for _ in range(40):
+        st.update(0, 0.5, accepted=False)
+    assert st(np.array([0.5]), 0)[0] < 0.1 and st(np.array([0.5]), 1)[0] == pytest.approx(0.5)  # per depth
+    # through AutoTree: overconfident drafts stop being verified
+    auto = AutoTree(CostCurve((1, 2, 16), (1.0, 1.1, 2.0)), width=1, levels=1, lookup=0)
+    conf = np.array([[0.8]])
+    assert auto.next_plan(conf, [], 0).size == 2
+    for _ in range(30):
+        plan = auto.next_plan(conf, [], 0)
+        auto.observe(plan, 0, ())  # the draft was never accepted
+    assert auto.next_plan(conf, [], 0).size == 1

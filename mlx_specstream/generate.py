@@ -18,7 +18,7 @@ from .cli import add_model_args, add_sampling_args, check_args, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
 from .calibrate import cost_curve
 from .drafters import DraftModelDrafter, Drafter, StreamDrafter, Verifier
-from .sizing import AUTO, AUTO_LOOKUP, AUTO_WIDTH, AutoTree
+from .sizing import AUTO_CONTEXT, AUTO_LOOKUP, AUTO_SPECS, AUTO_WIDTH, AutoTree
 from .loading import say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
@@ -93,17 +93,19 @@ def stream_generate(
             drafter = copy.copy(drafter)
             drafter.prune_threshold = tau
         tree, lookup = s_tree if tree is None else tree, s_lookup if lookup is None else lookup
+    if tree is None and getattr(drafter, "auto", None):
+        tree = drafter.auto  # the adapter's setting: every step's tree sized
     if speculative is None:
-        speculative = drafter is not None or bool(lookup) or tree == AUTO
+        speculative = drafter is not None or bool(lookup) or tree in AUTO_SPECS
         if drafter is not None and not (tree if tree is not None else drafter.default_paths) and not (
                 drafter.default_lookup if lookup is None else lookup):
             speculative = False  # a tree with nothing drafted is plain decoding
-    if speculative and drafter is None and not lookup and tree != AUTO:
+    if speculative and drafter is None and not lookup and tree not in AUTO_SPECS:
         raise UserError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
                          "or context drafts (lookup > 0); this model has none")
     auto = isinstance(tree, str)
-    if auto and tree != AUTO:
-        raise UserError(f"tree must be rank paths or {AUTO!r}, got {tree!r}")
+    if auto and tree not in AUTO_SPECS:
+        raise UserError(f"tree must be rank paths or one of {AUTO_SPECS}, got {tree!r}")
     if tree is not None and not auto and drafter is None:
         raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
     if sampling is not None:
@@ -133,7 +135,7 @@ def stream_generate(
             raise UserError("logits_processors are not supported with speculative decoding")
         if not speculative:
             tree, lookup, auto = (), 0, False
-        sizer = auto_tree(base, drafter, lookup) if auto else None
+        sizer = auto_tree(base, None if tree == AUTO_CONTEXT else drafter, lookup) if auto else None
         steps = ((r.tokens, r.depth, r.tree_size) for r in tree_generate_step(
             prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=None if auto else tree,
             lookup=lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
@@ -207,7 +209,7 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
                         help="decode autoregressively (same model, its drafter unused)")
     parser.add_argument("--tree", default=None,
                         help="draft tree: auto (sized every step from the drafts' confidence and this device's "
-                             "cost) | chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
+                             "cost) | auto:context (the same over context drafts alone) | chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
     parser.add_argument("--prune-threshold", type=float, default=None, help="τ for tree pruning (0 = off)")
     parser.add_argument("--lookup", type=int, default=None,
                         help="context drafts (prompt lookup) per step, verified with the drafter's (default: its own)")
@@ -232,8 +234,8 @@ def main(argv=None) -> int:
                                       q_group_size=args.q_group_size, prune_threshold=args.prune_threshold)
     drafter = getattr(model, "drafter", None)
     tree = None
-    if args.tree and args.tree.strip() == AUTO:
-        tree = AUTO  # sized every step; with no drafter, over context drafts alone
+    if args.tree and args.tree.strip() in AUTO_SPECS:
+        tree = args.tree.strip()  # sized every step; with no drafter, over context drafts alone
     elif args.tree:
         if drafter is None:
             raise UserError("--tree needs a drafter (a stream adapter, --medusa or --draft-model)")

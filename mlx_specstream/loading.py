@@ -182,7 +182,7 @@ def load(
         if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
             # Every extra verified row costs full compute with the reference BLAS: settings tuned
             # with an optimised one decode slower than plain decoding here (0.55x measured).
-            drafter.default_paths, drafter.default_lookup, drafter.sampled = (), 0, None
+            drafter.default_paths, drafter.default_lookup, drafter.sampled, drafter.auto = (), 0, None, None
             say_once(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
                       "default (--tree/--lookup still apply)]")
     else:

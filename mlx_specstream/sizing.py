@@ -20,9 +20,9 @@ import numpy as np
 
 from .errors import UserError
 from .plan import TreePlan
+from .tree import AUTO, AUTO_CONTEXT, AUTO_SPECS  # noqa: F401 - the tree specs sizing serves
 
 Path = Tuple[int, ...]
-AUTO = "auto"  # the tree spec that sizes every step's tree
 AUTO_WIDTH = 3  # drafter ranks per level a step may verify
 AUTO_LOOKUP = 8  # context drafts a step may verify
 

@@ -146,6 +146,11 @@ def prune(tree: Tree, child_prob: np.ndarray, threshold: float) -> np.ndarray:
     return ~((tree.ancestors & ~keep[None, :]).any(axis=1))
 
 
+AUTO = "auto"  # a tree sized every step from the drafter's and the context drafts' confidence
+AUTO_CONTEXT = "auto:context"  # the same over context drafts alone (the drafter's own drafts unused)
+AUTO_SPECS = (AUTO, AUTO_CONTEXT)
+
+
 @dataclass
 class TreeSetting:
     """The tree fields every drafter config shares (declared once): explicit rank paths, or the
@@ -157,6 +162,10 @@ class TreeSetting:
     draft_depth = 0  # levels the drafter can fill (overridden by a property)
 
     def check_tree(self) -> None:
+        if isinstance(self.tree, str):
+            if self.tree not in AUTO_SPECS:
+                raise UserError(f"tree must be rank paths or one of {AUTO_SPECS}, got {self.tree!r}")
+            return
         if self.tree is not None:
             paths = normalize_paths(self.tree)
             deepest = max((len(p) for p in paths), default=0)
@@ -165,7 +174,14 @@ class TreeSetting:
             self.tree = [list(p) for p in paths[1:]]
 
     @property
+    def tree_auto(self) -> Optional[str]:
+        """``auto`` or ``auto:context`` when every step's tree is sized, else None."""
+        return self.tree if isinstance(self.tree, str) else None
+
+    @property
     def tree_paths(self) -> Tuple[Path, ...]:
+        if self.tree_auto:
+            return ()  # no fixed tree: sized per step
         if self.tree is not None:
             return tuple(tuple(p) for p in self.tree)
         return sparse(self.draft_depth, self.tree_budget)

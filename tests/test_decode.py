@@ -414,7 +414,7 @@ def test_tree_auto_through_stream_generate_and_the_cli(hf_model, tmp_path, monke
     for m, kw in ((model, {}), (model, {"lookup": 0}), (model.base, {"lookup": 4})):
         assert [t for r in stream_generate(m, tok, prompt, max_tokens=24, tree="auto", **kw) for t in r.tokens] == ar
     assert len(list((tmp_path / "mlx-specstream").glob("cost-*.json"))) == 2  # once per drafter shape
-    with pytest.raises(ValueError, match="rank paths or 'auto'"):
+    with pytest.raises(ValueError, match="rank paths or one of"):
         list(stream_generate(model, tok, prompt, max_tokens=4, tree="big"))
     capsys.readouterr()
     path = str(hf_model("llama")[0])
@@ -422,3 +422,28 @@ def test_tree_auto_through_stream_generate_and_the_cli(hf_model, tmp_path, monke
                      "--json"]) == 0
     assert '"speculative"' in capsys.readouterr().out
     assert "measuring" not in capsys.readouterr().err  # the curve was kept: measured once
+
+
+@pytest.mark.parametrize("setting", ["auto", "auto:context"])
+def test_a_stream_config_can_size_every_step(hf_model, tmp_path, monkeypatch, setting):
+    """The adapter's own setting: ``tree: "auto"`` (streams and context drafts) or ``"auto:context"``
+    (context drafts alone), used by stream_generate when the caller gives no tree."""
+    import shutil
+
+    from mlx_specstream.streams import load_streams
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    shutil.copytree(hf_model("llama")[0], folder)
+    model, tok = load(str(folder), streams=False)
+    s = randomize(SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=1, tree=setting, lookup=4), model))
+    save_streams(folder, s)
+    assert load_streams(folder / "speculative_streams.json", model).config.tree == setting
+    m, tok = load(str(folder))
+    assert m.drafter.auto == setting
+    prompt = [5, 6, 7, 8] * 5
+    ar = [t for r in stream_generate(m, tok, prompt, max_tokens=24, speculative=False) for t in r.tokens]
+    rs = list(stream_generate(m, tok, prompt, max_tokens=24))
+    assert [t for r in rs for t in r.tokens] == ar and max(r.tree_size for r in rs) > 1
+    with pytest.raises(ValueError, match="tree must be rank paths or one of"):
+        StreamConfig(tree="big")

@@ -25,6 +25,7 @@ class StreamDrafter(Drafter):
         c = streams.config
         self.levels, self.default_paths, self.default_lookup = c.num_streams, c.tree_paths, c.lookup
         self.sampled = c.sampled_setting  # (paths, lookup, τ) tuned for temp > 0, or None
+        self.auto = c.tree_auto  # the tree is sized every step (``auto`` or ``auto:context``), or None
         self.changes_main = c.changes_main
         self.num_params = streams.num_params
         self.prune_threshold = c.prune_threshold if prune_threshold is None else prune_threshold

@@ -21,7 +21,7 @@ from mlx_lm.generate import batch_generate
 from .cli import progress_bar
 from .convert import mlx_lm_model
 from .loading import load, resolve_model
-from .stdlib_data import split_files, stdlib_root
+from .stdlib_data import parse_source, split_files, stdlib_root
 
 DOC_CHARS = 360  # prompts stay short: prefill of long prompts dominated the generation time
 TEMPLATES = (
@@ -34,11 +34,9 @@ TEMPLATES = (
 
 
 def _functions(path: Path) -> Iterator[Dict[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-        tree = ast.parse(text)
-    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+    if (parsed := parse_source(path)) is None:
         return
+    text, tree = parsed
     lines = text.splitlines()
     rel = path.relative_to(stdlib_root()).with_suffix("").parts if path.is_relative_to(stdlib_root()) else (path.stem,)
     module = ".".join(p for p in rel if p != "__init__")

@@ -35,7 +35,7 @@ from pydoc_data.topics import topics as help_topics
 from .bench.heldout import held_out_texts
 from .convert import mlx_lm_model
 from .loading import load, resolve_model
-from .stdlib_data import split_files
+from .stdlib_data import parse_source, split_files
 from .tokenizer import chat_ids
 
 VALID_EVERY = 20
@@ -112,11 +112,9 @@ def stdlib_functions(n: int, seed: int) -> List[str]:
     rng = random.Random(seed)
     out = []
     for path in split_files()[0]:
-        try:
-            text = path.read_text(encoding="utf-8")
-            tree = ast.parse(text)
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        if (parsed := parse_source(path)) is None:
             continue
+        text, tree = parsed
         lines = text.splitlines()
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and 4 <= node.end_lineno - node.lineno < 30:

@@ -6,10 +6,11 @@ evaluation prompts come from code the model never saw.
 
 from __future__ import annotations
 
+import ast
 import random
 import sysconfig
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 HOLDOUT_EVERY = 10
 
@@ -31,6 +32,15 @@ def split_files(root: Path | None = None) -> Tuple[List[Path], List[Path]]:
     train = [p for p in files if _top_level(root, p) not in held]
     valid = [p for p in files if _top_level(root, p) in held]
     return train, valid
+
+
+def parse_source(path: Path) -> Optional[Tuple[str, ast.Module]]:
+    """``(text, syntax tree)`` of a Python file, or None for one that does not read or parse."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return text, ast.parse(text)
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return None
 
 
 def read(files: List[Path]) -> List[str]:

@@ -24,6 +24,19 @@ def lookup_paths(width: int, n: int) -> Tuple[Path, ...]:
     return tuple((width,) * d for d in range(1, n + 1))
 
 
+def lru_get(cache: "OrderedDict", key, build: Callable, bound: int):
+    """``cache[key]``, built by ``build()`` on a miss; the least recently used entry past ``bound``
+    is dropped (plans per tree shape are built once, their number bounded)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > bound:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
 class TreePlan:
     """A tree with its device arrays; the acceptance rules read ``depth``, ``parent_or_self``,
     ``ancestors``, ``children`` and ``max_depth``.
@@ -109,15 +122,8 @@ class TreePlan:
         """The plan of the surviving nodes ``keep`` (sorted indices, root first), e.g. after
         pruning. Node order is preserved, so survivors keep their relative rows."""
         key = tuple(int(i) for i in keep)
-        sub = self._subplans.get(key)
-        if sub is None:
-            sub = self._derived(build_tree(tuple(self.tree.paths[i] for i in key[1:])))
-            self._subplans[key] = sub
-            if len(self._subplans) > MAX_SUBPLANS:
-                self._subplans.popitem(last=False)
-        else:
-            self._subplans.move_to_end(key)
-        return sub
+        return lru_get(self._subplans, key,
+                       lambda: self._derived(build_tree(tuple(self.tree.paths[i] for i in key[1:]))), MAX_SUBPLANS)
 
     def cached(self, key: tuple, build: Callable[[], mx.array]) -> mx.array:
         """A mask or array derived from this plan's shape, built once (e.g. the MSA mask)."""

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
-from .plan import TreePlan
+from .plan import TreePlan, lru_get
 from .tree import AUTO, AUTO_CONTEXT, AUTO_SPECS  # noqa: F401 - the tree specs sizing serves
 
 Path = Tuple[int, ...]
@@ -198,16 +198,8 @@ class AutoTree:
         self.sizes: Dict[int, int] = {}  # tree size -> steps (the bench's distribution)
 
     def plan(self, paths: Tuple[Path, ...], k: int):
-        key = (paths, k)
-        p = self._plans.get(key)
-        if p is None:
-            p = TreePlan(paths, lookup=k, width=self.width, levels=self.levels) if paths or k else self.layout.root_only
-            self._plans[key] = p
-            if len(self._plans) > MAX_PLANS:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return p
+        return lru_get(self._plans, (paths, k), lambda: TreePlan(paths, lookup=k, width=self.width, levels=self.levels)
+                       if paths or k else self.layout.root_only, MAX_PLANS)
 
     def next_plan(self, conf: Optional[np.ndarray], drafts: Sequence[int], match: int):
         """The step's plan: ``conf`` (levels, width) the drafter's raw candidate probabilities

@@ -4,8 +4,8 @@
 #   bash recipes/smollm2/selfinstruct/save.sh runs/selfinstruct --restore
 set -euo pipefail
 RUN=${1:?run folder}; HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$RUN"; RUN=$(cd "$RUN" && pwd)  # absolute: the copies below run inside $HERE
 if [ "${2:-}" = "--restore" ]; then
-  mkdir -p "$RUN"
   (cd "$HERE" && find . -name '*.jsonl.gz' | while read -r f; do
      mkdir -p "$RUN/$(dirname "$f")"; gunzip -c "$f" > "$RUN/${f%.gz}"; done)
   exit 0

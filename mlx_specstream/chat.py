@@ -12,7 +12,7 @@ import argparse
 from dataclasses import replace
 
 from .cache import PromptCache
-from .cli import add_model_args, add_sampling_args, check_args, load_from_args
+from .cli import add_cache_args, add_model_args, add_sampling_args, check_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
 from .errors import UserError
 from .generate import cached_stream_generate, context_limit
@@ -38,13 +38,14 @@ def setup_arg_parser(parser=None):
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--no-speculate", action="store_true")
     add_sampling_args(p)
+    add_cache_args(p)
     return p
 
 
 class Chat:
     def __init__(self, model, tokenizer, *, system_prompt=None, sampling=SamplingParams(),
-                 max_tokens=DEFAULT_MAX_TOKENS, speculative=None):
-        self.model, self.tokenizer = model, tokenizer
+                 max_tokens=DEFAULT_MAX_TOKENS, speculative=None, kv=None):
+        self.model, self.tokenizer, self.kv = model, tokenizer, kv
         self.system_prompt, self.sampling, self.max_tokens = system_prompt, sampling, max_tokens
         self.speculative = speculative
         self.pcache = PromptCache(model)
@@ -86,7 +87,8 @@ class Chat:
         """Stream one reply; returns its text. Interrupting (Ctrl-C) keeps what was said."""
         text = ""
         gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, self._prompt_tokens(user, write),
-                                     max_tokens=self.max_tokens, sampling=self.sampling, speculative=self.speculative)
+                                     max_tokens=self.max_tokens, sampling=self.sampling, speculative=self.speculative,
+                                     kv=self.kv)
         try:
             for r in gen:
                 text += r.text
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_from_args(args)
     chat = Chat(model, tokenizer, system_prompt=args.system_prompt,
                 sampling=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p),
-                max_tokens=args.max_tokens, speculative=False if args.no_speculate else None)
+                max_tokens=args.max_tokens, speculative=False if args.no_speculate else None, kv=kv_settings(args))
     mode = "chat template" if tokenizer.has_chat_template else "plain completion (no chat template)"
     print(f"[{mode}; {HELP}]", flush=True)
     while True:

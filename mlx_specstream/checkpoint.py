@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -89,7 +90,7 @@ def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
             missing = [n for n in names if not (path / n).exists()]
             if missing:
                 raise CheckpointError(f"{index} lists shards that are missing: {missing}")
-            return [path / n for n in names]
+            return _regular([path / n for n in names], index)
     files = sorted(path.glob("model*.safetensors"))
     if not files and torch_files:
         files = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pt"))
@@ -97,6 +98,16 @@ def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
         hint = ("no model*.safetensors, pytorch_model*.bin or *.pt" if torch_files else
                 "no model*.safetensors (PyTorch .bin/.pt checkpoints: run `specstream convert`)")
         raise CheckpointError(f"{hint} in {path}")
+    return _regular(files, path)
+
+
+def _regular(files: List[Path], where: Path) -> List[Path]:
+    """Weight files must be regular files: a FIFO would block a read forever, a directory (or a
+    shard index naming ".") is no weight file."""
+    bad = [f for f in files if not f.is_file()]
+    if bad:
+        kinds = ", ".join(f"{f.name or f} ({'a directory' if f.is_dir() else 'not a regular file'})" for f in bad[:3])
+        raise CheckpointError(f"weight files of {where} must be regular files: {kinds}")
     return files
 
 
@@ -104,10 +115,14 @@ def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
 
 
 def read_json(file: Path) -> Any:
+    if Path(file).exists() and not Path(file).is_file():  # a FIFO would block the read forever
+        raise CheckpointError(f"{file} is not a regular file")
     try:
         return json.loads(Path(file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    except ValueError as e:  # e.g. an integer past Python's 4,300-digit limit
+        raise CheckpointError(f"{file}: {e}") from None
     except RecursionError:
         raise CheckpointError(f"{file}: JSON nested too deeply") from None
 
@@ -234,18 +249,31 @@ def build_checked(config: dict, weights: Dict[str, mx.array], where: Path) -> Tu
     if "tie_word_embeddings" not in config:
         config["tie_word_embeddings"] = "lm_head.weight" not in weights
     eos = config.get("eos_token_id")
-    if eos is not None and not (isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos))):
-        raise CheckpointError(f"{where / 'config.json'}: eos_token_id must be an integer or a list of them, got {eos!r}")
+    vocab = config.get("vocab_size")
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not (ids and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < (vocab if isinstance(vocab, int) else 1 << 22)
+                                            for e in ids)):
+        raise CheckpointError(f"{where / 'config.json'}: eos_token_id must be a token id (0..vocab_size-1) or a "
+                              f"non-empty list of them, got {eos!r}")
+    td = config.get("torch_dtype", config.get("dtype"))
+    if td is not None and td not in DTYPES:
+        raise CheckpointError(f"{where / 'config.json'}: torch_dtype {td!r} is not a float type ({', '.join(DTYPES)})")
     try:
         model = build_model(config)
     except UnsupportedModelError:
         raise
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{where / 'config.json'}: {e}") from e
-    weights = model.sanitize(weights)
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}  # recomputed, never loaded
+    if hasattr(model, "sanitize"):  # the family's own renames and drops (mlx-lm's, where it has one)
+        weights = model.sanitize(weights)
     if (q := config.get("quantization")) is not None:
-        if not isinstance(q, dict) or q.get("bits") not in QUANT_BITS + (2, 3, 5, 6) or not isinstance(q.get("group_size"), int):
-            raise CheckpointError(f"{where / 'config.json'}: quantization {q!r} is not {{bits, group_size}}")
+        if not isinstance(q, dict) or q.get("bits") not in QUANT_BITS + (2, 3, 5, 6) or q.get("group_size") not in QUANT_GROUP_SIZES:
+            raise CheckpointError(f"{where / 'config.json'}: quantization {q!r} is not {{bits: 2..8, group_size: "
+                                  f"{'/'.join(map(str, QUANT_GROUP_SIZES))}}}")
+        if not any(k.endswith(".scales") for k in weights):
+            raise CheckpointError(f"{where / 'config.json'} declares quantization {q!r} but the weights are not "
+                                  "quantized (no .scales): remove the key")
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=_quant_predicate(q, weights))
     check_names(dict(tree_flatten(model.parameters())), weights, where, "config.json")
     return model, weights
@@ -353,9 +381,22 @@ def save_adapter(folder: Path, stem: str, weights: Mapping[str, mx.array], confi
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     half = {k: v.astype(mx.float16) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    mx.save_safetensors(str(folder / f"{stem}.safetensors"), half, metadata={"format": "mlx"})
-    (folder / f"{stem}.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_safetensors_atomically(folder / f"{stem}.safetensors", half, {"format": "mlx"})
+    write_atomically(folder / f"{stem}.json", json.dumps(config, indent=2) + "\n")
     return folder / f"{stem}.json"
+
+
+def write_atomically(file: Path, text: str) -> None:
+    """A file written whole or not at all: a temporary file beside it, renamed over it."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def save_safetensors_atomically(file: Path, arrays: Mapping[str, mx.array], metadata: Optional[dict] = None) -> None:
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.safetensors")  # MLX appends .safetensors otherwise
+    mx.save_safetensors(str(tmp), dict(arrays), metadata=metadata or {})
+    os.replace(tmp, file)
 
 
 def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dtype: mx.Dtype) -> None:

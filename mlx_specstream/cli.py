@@ -7,9 +7,11 @@ import argparse
 import importlib
 import sys
 import traceback
+from typing import Optional
 
 import mlx.core as mx
 
+from .cache import KVSettings
 from .checkpoint import DTYPES
 from .drafters import DEFAULT_NUM_DRAFT
 from .loading import load
@@ -51,6 +53,24 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=d.top_k)
     parser.add_argument("--min-p", type=float, default=d.min_p)
     parser.add_argument("--seed", type=int, default=None)
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    d = KVSettings()
+    parser.add_argument("--kv-bits", type=int, default=d.bits,
+                        help="quantize the KV cache to this many bits (as mlx-lm; default: not quantized)")
+    parser.add_argument("--kv-group-size", type=int, default=d.group_size, help="group size of the quantized KV cache")
+    parser.add_argument("--quantized-kv-start", type=int, default=d.quantized_start,
+                        help="tokens a layer's cache holds before it is quantized (with --kv-bits)")
+    parser.add_argument("--max-kv-size", type=int, default=d.max_size,
+                        help=f"keep at most this many tokens in the KV cache: the {d.keep} first and the latest "
+                             "(as mlx-lm's rotating cache; default: all)")
+
+
+def kv_settings(args: argparse.Namespace) -> Optional[KVSettings]:
+    """The cache settings the flags ask for (None: the default full-precision cache)."""
+    kv = KVSettings(args.kv_bits, args.kv_group_size, args.quantized_kv_start, args.max_kv_size)
+    return None if kv == KVSettings() else kv
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .acceptance import GreedyAcceptance
-from .cache import DEFAULT_PREFILL_STEP, KVCache, prefill, prepared_cache
+from .cache import DEFAULT_PREFILL_STEP, KVCache, KVSettings, prefill, prepared_cache
 from .drafters import ContextDrafts, Drafter, DraftState, Verified, Verifier, top_candidates
 from .plan import TreePlan
 from .sizing import AutoTree
@@ -37,15 +37,19 @@ def generate_step(
     logits_processors: Optional[List[Callable]] = None,
     prompt_cache: Optional[List[KVCache]] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    kv: Optional[KVSettings] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield ``(token, logprobs)`` autoregressively. One host sync per token; the next token's
-    graph is queued with ``mx.async_eval`` before the current one is read back."""
+    graph is queued with ``mx.async_eval`` before the current one is read back. ``kv``: how the
+    cache is kept (quantized from some length on)."""
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + 1)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + 1, kv)
     tokens = prompt if logits_processors else None
 
     def _step(y):
         nonlocal tokens
+        if kv is not None:
+            kv.apply(cache)
         logits = model(y[None], cache=cache)[:, -1, :]
         if logits_processors:
             for p in logits_processors:
@@ -56,7 +60,7 @@ def generate_step(
             tokens = mx.concatenate([tokens, tok])
         return tok, logprobs.squeeze(0)
 
-    prefill(lambda t, c: model(t, cache=c), prompt[:-1], cache, prefill_step_size)
+    prefill(lambda t, c: model(t, cache=c), prompt[:-1], cache, prefill_step_size, kv)
     y, logprobs = _step(prompt[-1:])
     mx.async_eval(y, logprobs)
     n = 0
@@ -85,6 +89,7 @@ def tree_generate_step(
     max_context: Optional[int] = None,
     overlap: bool = True,
     sizer: Optional[AutoTree] = None,
+    kv: Optional[KVSettings] = None,
 ) -> Generator[StepResult, None, None]:
     """Tree decoding with any drafter; yields one :class:`StepResult` per forward pass.
 
@@ -99,8 +104,11 @@ def tree_generate_step(
     drafts' confidence and the cost curve (:class:`mlx_specstream.sizing.AutoTree`; ``tree`` and
     ``lookup`` are then its layout's).
     """
+    if (problem := getattr(model, "tree_problem", None)) is not None:  # found at load (models.mlxlm)
+        raise UserError(f"{problem}: speculative decoding is not available for this model; decode with --no-speculate")
     drafter = drafter or Verifier()
     accept = accept or GreedyAcceptance()
+    launch = launch_step if kv is None else _kept(launch_step, kv)
     lookup = drafter.default_lookup if lookup is None else lookup
     if lookup < 0:
         raise UserError(f"lookup must be >= 0, got {lookup}")
@@ -115,12 +123,12 @@ def tree_generate_step(
     ctx = ContextDrafts(context, lookup) if lookup else None
     drafter.reset(context)
     largest = max(plan.size, sizer.max_nodes if sizer is not None else 0)
-    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + largest + 1)
-    prefill(lambda t, c: drafter.prefill(model, t, c), prompt[:-1], cache, prefill_step_size)
+    cache = prepared_cache(model, prompt_cache, prompt.size + max_tokens + largest + 1, kv, largest + 1)
+    prefill(lambda t, c: drafter.prefill(model, t, c), prompt[:-1], cache, prefill_step_size, kv)
     state = DraftState(prompt[-1].astype(mx.int32), plan.empty_candidates())
     confidence = sizer is not None
     step_plan, match = plan.root_only, 0
-    pending = launch_step(model, drafter, step_plan, state, cache, accept, confidence)
+    pending = launch(model, drafter, step_plan, state, cache, accept, confidence)
     n = 0
     while True:
         result, cand, conf = finish_step(pending, drafter, cache)
@@ -144,12 +152,21 @@ def tree_generate_step(
         if n < max_tokens and overlap:
             # Queue the next step before handing this one over: the device runs it while the
             # caller detokenizes, matches stops, writes (as mlx-lm's generate_step does).
-            pending = launch_step(model, drafter, step_plan, state, cache, accept, confidence)
+            pending = launch(model, drafter, step_plan, state, cache, accept, confidence)
         yield result
         if n >= max_tokens:
             return
         if not overlap:
-            pending = launch_step(model, drafter, step_plan, state, cache, accept, confidence)
+            pending = launch(model, drafter, step_plan, state, cache, accept, confidence)
+
+
+def _kept(launch: Callable, kv: KVSettings) -> Callable:
+    """``launch`` with the cache kept per ``kv`` first (evicted past its window, quantized once
+    long enough): after the previous step's commit, so no draft ever needs an evicted row."""
+    def run(model, drafter, plan, state, cache, *a):
+        kv.apply(cache)
+        return launch(model, drafter, plan, state, cache, *a)
+    return run
 
 
 @dataclass

@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import greedy_sampler
 
-from .cache import DEFAULT_PREFILL_STEP, KVCache, PromptCache
-from .cli import add_model_args, add_sampling_args, check_args, load_from_args
+from .cache import DEFAULT_PREFILL_STEP, KVCache, KVSettings, PromptCache
+from .cli import add_cache_args, add_model_args, add_sampling_args, check_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
 from .calibrate import cost_curve
 from .drafters import DraftModelDrafter, Drafter, StreamDrafter, Verifier
@@ -69,6 +69,7 @@ def stream_generate(
     cached_tokens: Sequence[int] = (),
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     logits_processors: Optional[List[Callable]] = None,
+    kv: Optional[KVSettings] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion, one :class:`GenerationResponse` per decode step.
 
@@ -139,11 +140,11 @@ def stream_generate(
         steps = ((r.tokens, r.depth, r.tree_size) for r in tree_generate_step(
             prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=None if auto else tree,
             lookup=lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
-            prefill_step_size=prefill_step_size, max_context=context_limit(base), sizer=sizer))
+            prefill_step_size=prefill_step_size, max_context=context_limit(base), sizer=sizer, kv=kv))
     else:
         steps = (([tok], 0, 1) for tok, _ in generate_step(
             prompt, base, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
-            prefill_step_size=prefill_step_size, logits_processors=logits_processors))
+            prefill_step_size=prefill_step_size, logits_processors=logits_processors, kv=kv))
     yield from responses(steps, tokenizer, prompt.size, max_tokens, stop or ())
 
 
@@ -197,6 +198,7 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     parser.add_argument("--prompt", "-p", default="-", help="prompt text ('-' reads stdin)")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     add_sampling_args(parser)
+    add_cache_args(parser)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="use the prompt as raw text (default: a user message in the tokenizer's chat template, when it has one)")
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     text, last, drafted = "", None, False
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
                                 sampling=sampling, stop=args.stop, tree=tree, lookup=args.lookup,
-                                speculative=False if args.no_speculate else None):
+                                speculative=False if args.no_speculate else None, kv=kv_settings(args)):
         text += last.text
         drafted = drafted or last.tree_size > 1
         if not args.json:

@@ -17,6 +17,7 @@ from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_pat
 from .device import blas_kind, tuned_on
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
 from .gguf import load_gguf
+from .models.mlxlm import protocol_problem
 from .streams import find_stream_file, load_streams, shipped_stream_file
 from .tokenizer import load_tokenizer
 from .errors import UserError
@@ -99,6 +100,9 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
         return model, config, path, tok_folder
     dtype = default_dtype(path, dtype)
     model, config = load_model(path, lazy=lazy, dtype=DTYPES[dtype] if dtype else None)
+    if (problem := protocol_problem(model)) is not None:
+        model.tree_problem = problem  # plain decoding (mlx-lm's own forward) still runs
+        say_once(f"[{problem}: speculative decoding is off for it, plain decoding runs mlx-lm's own forward]")
     return model, config, path, path
 
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 
 from .cache import PromptCache
-from .cli import add_model_args, load_from_args
+from .cli import add_cache_args, add_model_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
 from .generate import cached_stream_generate, context_limit
 from .sample import SamplingParams
@@ -84,8 +84,8 @@ class _Job:
 class ModelServer:
     def __init__(self, model, tokenizer, model_id: str, *, api_key: Optional[str] = None,
                  max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                 speculative: Optional[bool] = None, timeout: float = DEFAULT_TIMEOUT):
-        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+                 speculative: Optional[bool] = None, timeout: float = DEFAULT_TIMEOUT, kv=None):
+        self.model, self.tokenizer, self.model_id, self.kv = model, tokenizer, model_id, kv
         self.timeout = timeout
         self.api_key, self.max_body, self.max_tokens_limit = api_key, max_body, max_tokens_limit
         self.speculative = speculative
@@ -247,7 +247,7 @@ class ModelServer:
         text, emitted, last, finish = "", [], None, None
         gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, req["prompt"],
                                      max_tokens=req["max_tokens"], sampling=req["sampling"], stop=req["stop"],
-                                     speculative=self.speculative)
+                                     speculative=self.speculative, kv=self.kv)
         try:
             for r in gen:
                 text += r.text
@@ -453,6 +453,7 @@ def setup_arg_parser(parser=None):
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="request size limit (bytes)")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT)
     p.add_argument("--no-speculate", action="store_true")
+    add_cache_args(p)
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a socket read or write may wait before the connection is dropped")
     return p
@@ -468,6 +469,7 @@ def main(argv=None) -> int:
     model_id = args.model or "specstream-default"
     ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,
                      max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None,
+                     kv=kv_settings(args),
                      timeout=args.timeout)
     httpd = make_server(ms, args.host, args.port)
 

@@ -43,12 +43,10 @@ CONFIGS = {
                                     do_layer_norm_before=False)),
     "phi": ("phi", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=4, partial_rotary_factor=0.5)),
-    "phi_qkln": ("phi", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, partial_rotary_factor=0.75, qk_layernorm=True)),
 }
 
 
-def hf_config(name: str):
+def hf_config(name: str, **overrides):
     import transformers
 
     family, kw = CONFIGS[name]
@@ -57,7 +55,7 @@ def hf_config(name: str):
         "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
         "opt": transformers.OPTConfig, "phi": transformers.PhiConfig,
     }[family]
-    kw = dict(kw)
+    kw = dict(kw, **overrides)
     kw.setdefault("vocab_size", VOCAB)
     if family != "opt":
         kw.setdefault("max_position_embeddings", 512)
@@ -68,12 +66,12 @@ def hf_config(name: str):
     return cls(**kw)
 
 
-def make_hf_model(name: str, path: Path, seed: int = 0, dtype=None, safe_serialization: bool = True):
+def make_hf_model(name: str, path: Path, seed: int = 0, dtype=None, safe_serialization: bool = True, **overrides):
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = hf_config(name)
+    config = hf_config(name, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config)
     # Random init is small; widen it so logits differ clearly between tokens.
     with torch.no_grad():

@@ -51,7 +51,7 @@ def test_unknown_family(hf_model, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "mamba9"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="mamba9.*supported: llama"):
+    with pytest.raises(UnsupportedModelError, match="mamba9.*mlx-lm.*does not implement"):
         load_model(d)
 
 
@@ -244,3 +244,78 @@ def test_safetensors_headers_are_checked_before_any_byte_is_viewed(tmp_path, hea
     f.write_bytes((10**12).to_bytes(8, "little") + raw)
     with pytest.raises(CheckpointError, match="a header of"):
         read_safetensors(f)
+
+
+def test_weight_and_config_files_must_be_regular_files(hf_model, tmp_path):
+    """A FIFO named model.safetensors (or config.json) would block a read forever; a directory of
+    that name, or a shard index naming ".", is no weight file: each refused by name, no hang."""
+    import os
+    import shutil
+
+    from mlx_specstream.checkpoint import CheckpointError, load_model
+
+    src, _ = hf_model("llama")
+    for case in ("fifo", "dir", "index_dot", "config_fifo"):
+        d = tmp_path / case
+        shutil.copytree(src, d)
+        if case in ("fifo", "dir"):
+            (d / "model.safetensors").unlink()
+            os.mkfifo(d / "model.safetensors") if case == "fifo" else (d / "model.safetensors").mkdir()
+        elif case == "index_dot":
+            (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "."}}))
+        else:
+            (d / "config.json").unlink()
+            os.mkfifo(d / "config.json")
+        with pytest.raises(CheckpointError, match="regular file"):
+            load_model(d)
+
+
+CONFIG_NONSENSE = [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}}, "factor"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": -2}}, "factor"),
+    ({"quantization": {"bits": 3, "group_size": 7}}, "quantization"),
+    ({"quantization": {"bits": 4, "group_size": 0}}, "quantization"),
+    ({"quantization": {"bits": 4, "group_size": -64}}, "quantization"),
+    ({"quantization": {"bits": 4, "group_size": 10**9}}, "quantization"),
+    ({"quantization": {"bits": 4, "group_size": 64}}, "not quantized"),  # on a float checkpoint
+    ({"eos_token_id": -1}, "eos_token_id"),
+    ({"eos_token_id": 10**30}, "eos_token_id"),
+    ({"eos_token_id": []}, "eos_token_id"),
+    ({"torch_dtype": "int8"}, "torch_dtype"),
+    ({"hidden_size": True}, "hidden_size"),
+]
+
+
+@pytest.mark.parametrize("change,named", CONFIG_NONSENSE)
+def test_config_nonsense_is_refused_by_name(hf_model, tmp_path, change, named):
+    src, _ = hf_model("llama")
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError if "quantiz" in named or named in ("eos_token_id", "torch_dtype") else Exception,
+                       match=named):
+        load_model(d)
+
+
+def test_json_with_a_huge_integer_names_the_file(hf_model, tmp_path):
+    src, _ = hf_model("llama")
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    text = (d / "config.json").read_text()
+    (d / "config.json").write_text(text.replace("{", '{"unused": ' + "9" * 5000 + ", ", 1))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("change", [{"pruning_rank": 0}, {"lora_targets": [["x"]]}, {"lora_targets": []},
+                                    {"lora_scale": float("inf")}])
+def test_stream_config_nonsense_is_refused_by_name(change):
+    from mlx_specstream.errors import UserError
+    from mlx_specstream.streams import StreamConfig
+
+    with pytest.raises(UserError, match=next(iter(change))):
+        StreamConfig(**change)

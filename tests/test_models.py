@@ -6,7 +6,7 @@ import pytest
 
 from hf_models import CONFIGS, VOCAB
 from mlx_specstream.cache import make_cache
-from mlx_specstream.models import MODEL_TYPES, UnsupportedModelError, build_model
+from mlx_specstream.models import LOCAL_TYPES, UnsupportedModelError, build_model
 from mlx_specstream.models.base import normalize_rope_config
 from mlx_specstream.checkpoint import load_model
 
@@ -92,8 +92,8 @@ def _prefilled(model, prefix):
 
 def test_unknown_model_type_lists_supported():
     with pytest.raises(UnsupportedModelError) as e:
-        build_model({"model_type": "gpt_neox", "hidden_size": 8})
-    for t in MODEL_TYPES:
+        build_model({"model_type": "no_such_family", "hidden_size": 8})
+    for t in LOCAL_TYPES:
         assert t in str(e.value)
 
 

@@ -73,9 +73,9 @@ class Drafter(ABC):
 
 def verify_tree(model: nn.Module, plan: TreePlan, state: DraftState, cache: list) -> Tuple[mx.array, mx.array]:
     """The plain target over the tree: (tokens (T,), final-normed hidden states (T, h))."""
-    prefix = cache[0].offset
     tokens = plan.tokens(state.root, state.candidates)
-    h = model.hidden(tokens[None], cache, mask=plan.attention_mask(prefix), positions=plan.positions(prefix))
+    # mask columns: the rows held; positions: tokens seen (they differ once a window evicted rows)
+    h = model.hidden(tokens[None], cache, mask=plan.attention_mask(cache[0].rows), positions=plan.positions(cache[0].offset))
     return tokens, h[0]
 
 
@@ -117,6 +117,9 @@ class DraftedModel(nn.Module):
 
     def hidden(self, *a, **kw):
         return self.base.hidden(*a, **kw)
+
+    def run_layer(self, *a, **kw):
+        return self.base.run_layer(*a, **kw)
 
     def __call__(self, inputs, cache=None, *, mask=None, positions=None):
         """The target's logits. Exactly the base model's unless the drafter changes them (a

@@ -45,11 +45,11 @@ class StreamDrafter(Drafter):
         streams, c = self.streams, self.streams.config
         g = self.streams_run(plan)
         n_bottom = len(model.layers) - c.num_msa_layers
-        prefix = cache[0].offset
+        prefix = cache[0].offset  # positions; the masks' columns are the rows held
         tokens = plan.tokens(state.root, state.candidates)
         positions = plan.depth + prefix
         bottom_pos = plan.positions(prefix) if n_bottom else positions  # None: contiguous from the bottom caches
-        h = bottom_forward(model, streams, tokens[None], mask=plan.attention_mask(prefix), positions=bottom_pos,
+        h = bottom_forward(model, streams, tokens[None], mask=plan.attention_mask(cache[0].rows), positions=bottom_pos,
                            caches=cache[:n_bottom] + [None] * c.num_msa_layers)
         sel = None
         if self.prune_threshold > 0 and plan.size > 1:

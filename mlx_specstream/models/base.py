@@ -8,6 +8,9 @@ Every layer is called as ``layer(x, mask, cache, positions)``:
 - ``cache``: a :class:`mlx_specstream.cache.KVCache` or ``None``.
 - ``positions``: ``None`` for contiguous positions starting at the cache offset (the AR fast
   path), or an int array (L,) / (B, L) with one position per query token (trees need it).
+
+Callers run blocks through ``model.run_layer(i, x, mask, cache, positions)``: local plugins'
+blocks take that signature, mlx-lm's are adapted (:mod:`.mlxlm`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,33 @@ def _check(key: str, v, annotation: str) -> None:
         raise UserError(f"{key} must be an object, got {v!r}")
 
 
+_FLOAT_KEYS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps",
+               "partial_rotary_factor")
+_SILU_ONLY = ("llama", "mistral", "qwen2", "qwen3")  # mlx-lm runs these with SiLU whatever the config says
+
+
+def check_config(config: dict) -> None:
+    """Types and ranges of the config keys every family reads, by name, before any family's own
+    arguments see them (mlx-lm's families take them as they come)."""
+    for key in _SIZE_LIMITS:
+        if config.get(key) is not None:
+            _check(key, config[key], "int")
+    for key in _FLOAT_KEYS:
+        if config.get(key) is not None:
+            _check(key, config[key], "float")
+    if (f := config.get("partial_rotary_factor")) is not None and f > 1:
+        raise UserError(f"partial_rotary_factor must be in (0, 1], got {f!r}")
+    rs = config.get("rope_scaling")
+    if rs is not None:
+        if not isinstance(rs, dict):
+            raise UserError(f"rope_scaling must be an object, got {rs!r}")
+        if "factor" in rs:
+            _check("rope_scaling.factor", rs["factor"], "float")
+    act = config.get("hidden_act")
+    if config.get("model_type") in _SILU_ONLY and act not in (None, "silu"):
+        raise UserError(f"{config['model_type']}: hidden_act {act!r} is not supported (silu only)")
+
+
 def normalize_rope_config(config: dict) -> dict:
     """Fold transformers-5 ``rope_parameters`` into the older ``rope_theta`` / ``rope_scaling`` /
     ``partial_rotary_factor`` keys (which mlx-lm also reads). Older configs pass through."""
@@ -83,22 +113,6 @@ def normalize_rope_config(config: dict) -> dict:
     if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default":
         config["rope_scaling"] = None
     return config
-
-
-def apply_rope(rope, x: mx.array, offset: int, positions: Optional[mx.array]) -> mx.array:
-    """RoPE on (B, L, H, D) projections at contiguous positions from ``offset`` or at explicit
-    ``positions``; returns the (B, H, L, D) attention layout.
-
-    ``mx.fast.rope`` takes one offset per batch row, so explicit positions lay the L tokens out
-    as B*L rows of length 1 — a free reshape of the projection's layout, before the transpose.
-    """
-    if positions is None:
-        return rope(x.transpose(0, 2, 1, 3), offset=offset)
-    B, L, H, D = x.shape
-    if not (B == 1 and positions.ndim == 1 and positions.dtype == mx.int32):  # else already one per row
-        positions = mx.broadcast_to(positions, (B, L)).reshape(-1).astype(mx.int32)
-    rows = rope(x.reshape(B * L, H, 1, D), offset=positions)
-    return rows.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 def attention(queries, keys, values, *, scale: float, mask: Any) -> mx.array:
@@ -127,9 +141,13 @@ class CausalLM:
         h = self.embed(inputs, cache=cache, positions=positions)
         if mask is None:
             mask = causal_mask_for(inputs.shape[1])
-        for i, layer in enumerate(self.layers):
-            h = layer(h, mask, cache[i] if cache else None, positions)
+        for i in range(len(self.layers)):
+            h = self.run_layer(i, h, mask, cache[i] if cache else None, positions)
         return self.final_norm(h)
+
+    def run_layer(self, i: int, x, mask, cache, positions, layer=None):
+        """Block ``i`` (or ``layer``, a view of it, e.g. with stream LoRA) over ``x``."""
+        return (self.layers[i] if layer is None else layer)(x, mask, cache, positions)
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None, *, mask: Any = None,
                  positions: Optional[mx.array] = None) -> mx.array:

@@ -77,7 +77,17 @@ class _MainRowsCache:
         ks, vs = k[:, :, self.n :], v[:, :, self.n :]
         if self.finite:
             ks, vs = mx.nan_to_num(ks), mx.nan_to_num(vs)
+        if isinstance(ck, tuple):  # a quantized cache: the stream rows quantized alike, for this call only
+            g, b = self.cache.group_size, self.cache.bits
+            qk, qv = mx.quantize(ks, group_size=g, bits=b), mx.quantize(vs, group_size=g, bits=b)
+            return (tuple(mx.concatenate([a, x], axis=2) for a, x in zip(ck, qk)),
+                    tuple(mx.concatenate([a, x], axis=2) for a, x in zip(cv, qv)))
         return mx.concatenate([ck, ks], axis=2), mx.concatenate([cv, vs], axis=2)
+
+    def __getattr__(self, name):  # ``bits``/``group_size`` of a quantized cache, for mlx-lm's attention
+        if name == "cache":
+            raise AttributeError(name)
+        return getattr(self.cache, name)
 
 
 def _with_prefix(mask: mx.array, prefix: int) -> mx.array:
@@ -111,7 +121,7 @@ def msa_forward(
     g = num_streams or c.num_streams
     layers = model.layers[len(model.layers) - c.num_msa_layers :]
     caches = caches if caches is not None else [KVCache() for _ in layers]
-    prefix = caches[0].offset
+    prefix = caches[0].rows  # mask columns before this call's rows
     T = h_main.shape[1]
     full = full_mask if full_mask is not None else msa_mask(anc, owners, g, c.main_sees_streams)
     pos_s = stream_positions(positions, owners, g, c.stream_positions)
@@ -125,8 +135,10 @@ def msa_forward(
     row_scale, lossless = None, not c.changes_main
     if c.mode == "lossless" and c.lora_rank:
         row_scale = (mx.arange(x.shape[1]) >= T).astype(x.dtype)[:, None] * c.lora_scale
+    n_bottom = len(model.layers) - c.num_msa_layers
     for i, (layer, cache) in enumerate(zip(layers, caches)):
-        x = streams.stream_layer(layer, i, row_scale)(x, joint_mask, _MainRowsCache(cache, T, lossless), pos_joint)
+        x = model.run_layer(n_bottom + i, x, joint_mask, _MainRowsCache(cache, T, lossless), pos_joint,
+                            layer=streams.stream_layer(layer, i, row_scale))
     h_main, h_str = x[:, :T], x[:, T:]
     return h_main, h_str
 
@@ -135,8 +147,8 @@ def bottom_forward(model, streams, tokens, *, mask, positions, caches=None) -> m
     """Embeddings and the bottom N−Ns layers (main rows only)."""
     n_bottom = len(model.layers) - streams.config.num_msa_layers
     h = model.embed(tokens, cache=caches, positions=positions)
-    for i, layer in enumerate(model.layers[:n_bottom]):
-        h = layer(h, mask, caches[i] if caches else None, positions)
+    for i in range(n_bottom):
+        h = model.run_layer(i, h, mask, caches[i] if caches else None, positions)
     return h
 
 
@@ -148,7 +160,7 @@ def main_forward(model, streams, tokens, cache, *, mask="causal") -> mx.array:
     for i, layer in enumerate(model.layers):
         if i >= n_bottom and streams.config.mode == "shared":
             layer = streams.stream_layer(layer, i - n_bottom)
-        h = layer(h, mask if tokens.shape[1] > 1 else None, cache[i] if cache else None, None)
+        h = model.run_layer(i, h, mask if tokens.shape[1] > 1 else None, cache[i] if cache else None, None, layer=layer)
     return h
 
 

@@ -2,15 +2,18 @@
 offset checked against the file, the config from its metadata, the tensors under the HF names our
 families use (llama.cpp's rotary row permutation undone), and the tokenizer from its metadata.
 
-Q4_0, Q4_1 and Q8_0 tensors stay MLX affine quantization (group 32) exactly as MLX's own GGUF
-reader gives them — no re-quantization; F32, F16 and BF16 as they are. Anything else is refused
-before a byte of tensor data is read.
+Tensors are read with numpy from the checked spans (:mod:`mlx_specstream.ggml_types`): the types
+that are affine at group 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) stay MLX affine
+quantization exactly, no re-quantization; Q6_K, Q3_K, Q2_K and IQ4_NL are re-quantized to 8 bits
+when weights stay quantized (the measured error said once); F32, F16 and BF16 as they are. Any
+other type is refused before a byte of tensor data is read.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +23,9 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import CheckpointError, build_checked
+from .ggml_types import OTHER_TYPES, REQUANT_BITS, TYPES, bits_of, dequantize, read_tensor
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
-             2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34)}  # type: (name, block, bytes)
-QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
-OTHER_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-               15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-               22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-               34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi2": "phi"}
 MAX_COUNT = 1 << 20  # tensors, metadata keys
 MAX_ELEMENTS = 1 << 40
@@ -149,7 +146,8 @@ def _parse(buf, path: Path) -> GGUFFile:
             dims = [r.scalar("<Q") for _ in range(n_dims)]
             raw.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
         align = meta.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 16:
+        # (tensors are read by our own reader from these offsets, so the alignment used is this one)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 16:
             raise GGUFError(f"{path}: general.alignment {align!r} is not a power of two")
         data_start = (r.pos + align - 1) // align * align
     except struct.error as e:
@@ -160,11 +158,11 @@ def _parse(buf, path: Path) -> GGUFFile:
     for name, dims, tcode, off in raw:
         if name in tensors:
             raise GGUFError(f"{path}: tensor {name!r} appears twice")
-        if tcode not in SUPPORTED:
+        if tcode not in TYPES:
             kind = OTHER_TYPES.get(tcode, f"type {tcode}")
             raise GGUFError(f"{path}: tensor {name!r} is {kind}; supported: "
-                            f"{', '.join(v[0] for v in SUPPORTED.values())} (re-export the model with one of those)")
-        tname, block, bbytes = SUPPORTED[tcode]
+                            f"{', '.join(t.name for t in TYPES.values())} (re-export the model with one of those)")
+        tname, block, bbytes = TYPES[tcode].name, TYPES[tcode].block, TYPES[tcode].nbytes
         n = int(np.prod(dims, dtype=object))
         if any(d < 1 for d in dims) or n > MAX_ELEMENTS or dims[0] % block:
             raise GGUFError(f"{path}: tensor {name!r} has impossible dimensions {dims} for {tname}")
@@ -286,41 +284,54 @@ def _unpermute(w: mx.array, n_head: int) -> mx.array:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def weights_from_gguf(g: GGUFFile, config: dict) -> Tuple[Dict[str, mx.array], Dict[str, int]]:
-    """``(weights under HF names, bits of each quantized layer path)``. Reads the tensors with
-    MLX's GGUF reader once the header has been checked."""
-    arrays = mx.load(str(g.path))
+def weights_from_gguf(g: GGUFFile, config: dict, *, keep_quantized: bool = True
+                      ) -> Tuple[Dict[str, mx.array], Dict[str, int], Dict[str, float]]:
+    """``(weights under HF names, bits of each quantized layer path, per re-quantized type the
+    largest error relative to the tensor's largest value)``. The tensors are read from the spans
+    the header check validated."""
     model_type = config["model_type"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     hd = config.get("head_dim") or config["hidden_size"] // heads
+    types = {t.name: t for t in TYPES.values()}
     out: Dict[str, mx.array] = {}
     bits: Dict[str, int] = {}
+    errors: Dict[str, float] = {}
+    data = np.memmap(g.path, dtype=np.uint8, mode="r")
     for name, info in g.tensors.items():
+        t = types[info.type_name]
         stem, leaf = name.rsplit(".", 1)
-        pieces = {leaf: arrays.get(name)}
-        if info.type_name in QUANT_BITS:  # MLX gives weight (packed), scales, biases
-            pieces.update({k: arrays.get(f"{stem}.{k}") for k in ("scales", "biases")})
-        missing = [k for k, v in pieces.items() if v is None]
-        if missing:
-            raise GGUFError(f"{g.path}: MLX's reader returned no {stem}.{missing[0]}")
+        quantized = keep_quantized and leaf == "weight" and t.block > 1 and len(info.shape) == 2
+        raw = np.array(data[info.offset : info.offset + info.nbytes])  # a copy: the map closes with this call
+        pieces = read_tensor(t, raw, info.shape, keep_quantized=quantized)
+        if leaf != "weight":
+            pieces = {leaf: pieces.pop("weight")}
+        if quantized and t.affine_bits is None:
+            errors[t.name] = max(errors.get(t.name, 0.0), _requant_error(pieces, raw, t, info.shape))
         kind = stem.split(".")[-1]
         if kind == "attn_qkv":  # fused (phi2 exports): rows q, k, v — scales and biases split with them
             cut = np.cumsum([heads * hd, kv_heads * hd])
             parts = {k: mx.split(v, cut.tolist(), axis=0) for k, v in pieces.items()}
             targets = [stem[: -len("attn_qkv")] + t for t in ("attn_q", "attn_k", "attn_v")]
-            split = [(t, {k: parts[k][i] for k in parts}) for i, t in enumerate(targets)]
+            split = [(tg, {k: parts[k][i] for k in parts}) for i, tg in enumerate(targets)]
         else:
             split = [(stem, pieces)]
         for tstem, tp in split:
             path = hf_name(f"{tstem}.weight", model_type)[: -len(".weight")]
-            if info.type_name in QUANT_BITS:
-                bits[path] = QUANT_BITS[info.type_name]
+            if quantized:
+                bits[path] = bits_of(t)
             sub = tstem.split(".")[-1]
             for k, v in tp.items():
                 if model_type == "llama" and sub in ("attn_q", "attn_k"):
                     v = _unpermute(v, heads if sub == "attn_q" else kv_heads)
                 out[f"{path}.{k}"] = v
-    return out, bits
+    del data
+    return out, bits, errors
+
+
+def _requant_error(pieces: Dict[str, mx.array], raw: np.ndarray, t, shape) -> float:
+    w = mx.array(dequantize(t, raw.reshape(-1, t.nbytes)).reshape(shape))
+    back = mx.dequantize(pieces["weight"], pieces["scales"], pieces["biases"], group_size=32, bits=REQUANT_BITS)
+    return float(mx.max(mx.abs(back - w)).item()) / (float(mx.max(mx.abs(w)).item()) or 1.0)
 
 
 def quantization_config(bits: Dict[str, int]) -> Optional[dict]:
@@ -380,19 +391,24 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=fast, **tok_config, **extra).save_pretrained(str(folder))
 
 
-def load_gguf(path, *, dequantize: bool, dtype: Optional[mx.Dtype] = None):
+def load_gguf(path, *, dequantize: bool, dtype: Optional[mx.Dtype] = None, say=None):
     """``(model, config, tokenizer_folder)`` from a GGUF file: quantized layers kept (MLX affine,
-    group 32) or dequantized to ``dtype`` (default float32)."""
+    group 32) or dequantized to ``dtype`` (default float32). ``say``: where the re-quantization
+    error of types MLX's affine format cannot hold goes (default: stderr)."""
     g = read_gguf(path)
     config = config_from_gguf(g)
-    weights, bits = weights_from_gguf(g, config)
-    if dequantize and bits:
-        for layer, b in bits.items():
-            w, s, z = (weights.pop(f"{layer}.{k}") for k in ("weight", "scales", "biases"))
-            # in float32: q·d (+ m) is then exact, as llama.cpp and the gguf package compute it
-            weights[f"{layer}.weight"] = mx.dequantize(w, s.astype(mx.float32), z.astype(mx.float32),
-                                                       group_size=32, bits=b)  # cast below with the rest
-        bits = {}
+    weights, bits, errors = weights_from_gguf(g, config, keep_quantized=not dequantize)
+    for name, err in sorted(errors.items()):
+        (say or _stderr)(f"[{g.path.name}: {name} tensors re-quantized to {REQUANT_BITS}-bit affine (group 32): "
+                         f"largest error {err:.2e} of the tensor's largest weight]")
+    if bits:
+        # Scales in float32 where the model runs in float32 (exact for the K-quants' d·sc); in the
+        # half precision it runs in otherwise (float32 scales would promote every activation).
+        scale_dtype = mx.float32 if (dtype or (mx.float32 if mx.default_device() == mx.cpu else mx.float16)) == mx.float32 \
+            else (dtype or mx.float16)
+        for layer in bits:
+            for k in ("scales", "biases"):
+                weights[f"{layer}.{k}"] = weights[f"{layer}.{k}"].astype(scale_dtype)
     q = quantization_config(bits)
     if q is not None:
         config["quantization"] = config["quantization_config"] = q
@@ -406,6 +422,10 @@ def load_gguf(path, *, dequantize: bool, dtype: Optional[mx.Dtype] = None):
     folder = Path(tempfile.mkdtemp(prefix="specstream-gguf-tok-"))
     save_tokenizer(g, folder)
     return model, config, folder
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def tensor_types(g: GGUFFile) -> List[str]:

@@ -43,9 +43,30 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf, path: Path, qtype: str, vocab) -> Path:
+# byte offsets of each type's float16 scale fields in its block
+_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82), "IQ4_NL": (0,)}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, rng, scale: float = 1e-3) -> "np.ndarray":
+    """(rows, bytes per row) uint8 of a ``qtype`` tensor: random bytes (every bit pattern is a
+    valid block) with its float16 scale fields set to random values around ``scale``."""
+    import gguf
+
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.randint(0, 256, size=(rows * cols // block, nbytes)).astype(np.uint8)
+    for off in _F16_FIELDS[qtype]:
+        d = (scale * rng.uniform(0.5, 1.5, size=raw.shape[0])).astype(np.float16)
+        raw[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(hf, path: Path, qtype: str, vocab, per_tensor=None) -> Path:
     """``hf`` (a transformers model of ``ARCH``'s families) -> a GGUF file at ``path``; 2-D weights
-    in ``qtype`` (F32, F16, Q8_0, Q4_0, Q4_1), 1-D tensors in F32."""
+    in ``qtype`` (F32, F16, Q8_0, Q4_0, Q4_1), 1-D tensors in F32. ``per_tensor``: a type per
+    GGUF tensor kind (``ffn_down``; a list: one per layer); types the gguf package cannot quantize
+    (K-quants, IQ4_NL) get random valid blocks instead of the model's weights."""
     import gguf
 
     cfg = hf.config
@@ -99,12 +120,21 @@ def write_gguf(hf, path: Path, qtype: str, vocab) -> Path:
                 data = _permute(data, heads if sub.endswith("q_proj") else kv)
         else:
             gname = f"{TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}"
-        if data.ndim == 1 or qtype == "F32":
+        kind = gname.split(".")[-2]
+        this = (per_tensor or {}).get(kind, qtype)
+        if isinstance(this, list):
+            this = this[int(gname.split(".")[1])]
+        if data.ndim == 1 or this == "F32":
             w.add_tensor(gname, data.astype(np.float32))
-        elif qtype == "F16":
+        elif this == "F16":
             w.add_tensor(gname, data.astype(np.float16))
-        else:
-            w.add_tensor(gname, gguf.quants.quantize(data, qt), raw_dtype=qt)
+        elif this in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            t = getattr(gguf.GGMLQuantizationType, this)
+            w.add_tensor(gname, gguf.quants.quantize(data, t), raw_dtype=t)
+        else:  # no quantizer in the gguf package: random valid blocks of this shape
+            rng = np.random.RandomState(len(gname))
+            w.add_tensor(gname, random_blocks(this, data.shape[0], data.shape[1], rng, 2.0 / data.shape[1]),
+                         raw_dtype=getattr(gguf.GGMLQuantizationType, this))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -242,10 +242,10 @@ def _small_gguf(path: Path, arch="llama", qtensor=None, block_count=1):
 def test_unsupported_types_architectures_and_metadata(tmp_path):
     from mlx_specstream.gguf import config_from_gguf
 
-    p = _small_gguf(tmp_path / "k.gguf", qtensor=("blk.0.ffn_down.weight", gguf.GGMLQuantizationType.Q6_K, (32, 256)))
-    with pytest.raises(GGUFError, match=r"Q6_K; supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0"):
+    p = _small_gguf(tmp_path / "k.gguf", qtensor=("blk.0.ffn_down.weight", gguf.GGMLQuantizationType.IQ4_XS, (32, 256)))
+    with pytest.raises(GGUFError, match=r"IQ4_XS; supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K"):
         read_gguf(p)
-    with pytest.raises(GGUFError, match="Q6_K"):
+    with pytest.raises(GGUFError, match="IQ4_XS"):
         convert_gguf(p, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     g = read_gguf(_small_gguf(tmp_path / "arch.gguf", arch="gpt2"))
@@ -340,3 +340,78 @@ def test_a_transformers_without_the_converter_module_falls_back_to_its_public_gg
     _, tok = load(str(path), streams=False)
     for text in TEXTS:
         assert tok.encode(text) == ref.encode(text), text
+
+
+K_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL"]
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_every_type_decodes_as_the_gguf_package(qtype):
+    """Random valid blocks (any bytes, sane float16 scale fields): our values equal the gguf
+    package's dequantization bit for bit; an affine type's MLX form (packed, float32 scales)
+    dequantizes to the same bits through MLX's own kernel."""
+    from gguf_files import random_blocks
+    from mlx_specstream.ggml_types import TYPES, affine, dequantize, pack
+
+    t = next(t for t in TYPES.values() if t.name == qtype)
+    raw = random_blocks(qtype, 8, 512, np.random.RandomState(K_TYPES.index(qtype)))
+    want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype)).reshape(8, 512)
+    got = dequantize(t, raw.reshape(-1, t.nbytes)).reshape(8, 512)
+    np.testing.assert_array_equal(got, want)
+    if t.affine_bits is not None:
+        q, sc, b = affine(t, raw.reshape(-1, t.nbytes))
+        w = mx.dequantize(mx.array(pack(q.reshape(8, -1), t.affine_bits)), mx.array(sc.reshape(8, -1)),
+                          mx.array(b.reshape(8, -1)), group_size=32, bits=t.affine_bits)
+        np.testing.assert_array_equal(np.array(w), want)
+
+
+Q4_K_M = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q5_0", "ffn_gate": "Q5_0",
+          "ffn_up": "Q5_0", "ffn_down": ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_NL"], "token_embd": "Q8_0"}
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory, vocab):
+    """A llama layout mixing types as llama.cpp's Q4_K_M does where rows are not multiples of 256
+    (Q5_0/Q8_0), with K-quants where they are (the FFN down projections, input 256)."""
+    from hf_models import make_hf_model
+
+    d = tmp_path_factory.mktemp("gguf-mixed")
+    hf = make_hf_model("llama", d / "hf", intermediate_size=256)
+    return write_gguf(hf, d / "model-Q4_K_M.gguf", "Q8_0", vocab, per_tensor=Q4_K_M), hf
+
+
+def test_q4_k_m_style_file_decodes_like_transformers_gguf_loader(mixed_gguf, capsys):
+    path, _ = mixed_gguf
+    types = {t.name.split(".")[-2] + "." + t.name.split(".")[1]: t.tensor_type.name
+             for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.")}
+    assert {types[f"ffn_down.{i}"] for i in range(4)} == {"Q4_K", "Q6_K", "Q5_K", "Q3_K"}
+    ref = transformers_gguf(path)
+    with torch.no_grad():
+        want = ref(torch.tensor(IDS)).logits.numpy()
+    model, _ = load(str(path), dtype="float32", dequantize=True, streams=False)
+    assert np.abs(np.array(model(mx.array(IDS))) - want).max() < 1e-4
+    kept, _ = load(str(path), dequantize=False, streams=False)
+    said = capsys.readouterr().err
+    for name in ("Q6_K", "Q3_K"):
+        assert f"{name} tensors re-quantized to 8-bit" in said
+    downs = [layer.mlp.down_proj for layer in kept.model.layers]
+    assert [m.bits for m in downs] == [4, 8, 5, 8]  # Q4_K, Q5_K exact at 4 / 5 bits; the others re-quantized
+    assert np.abs(np.array(kept(mx.array(IDS))) - want).max() < 5e-2
+    ref_tokens = [t for t, _ in generate_step(mx.array(IDS[0]), model, max_tokens=12)]
+    from mlx_specstream.decode import tree_generate_step
+
+    got = [t for r in tree_generate_step(mx.array(IDS[0]), model, max_tokens=12, lookup=4) for t in r.tokens][:12]
+    assert got == ref_tokens
+
+
+def test_k_quant_tensors_kept_exact(mixed_gguf):
+    """Q4_K and Q5_K stay MLX affine quantization at 4 and 5 bits; dequantized, every weight
+    equals the gguf package's own dequantization."""
+    path, _ = mixed_gguf
+    reader = gguf.GGUFReader(str(path))
+    kept, _ = load(str(path), dequantize=False, streams=False)
+    for i in (0, 2):
+        t = next(t for t in reader.tensors if t.name == f"blk.{i}.ffn_down.weight")
+        m = kept.model.layers[i].mlp.down_proj
+        got = mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=32, bits=m.bits)
+        np.testing.assert_array_equal(np.array(got), gguf.quants.dequantize(t.data, t.tensor_type))

@@ -129,32 +129,76 @@ def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
 
 
 PARTIAL = ".specstream-partial-"  # temporary folders of conversions in progress (or killed)
+MARKER = ".specstream-converted"  # in every folder a conversion wrote: only such a folder is replaced
 
 
-def check_destination(src: Path, dst: Path) -> None:
-    """A destination that is, contains or lies inside the source would destroy it (``--force``)."""
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """Refuse, by name, a destination a conversion must not replace: one that is, contains or lies
+    inside the source (replacing it would delete the source), the current folder or one above it,
+    an existing file, or (with ``--force``) an existing folder this tool did not write."""
+    if dst.parent.is_dir():
+        _clean_stale(dst)  # first: a model a killed run left hidden is put back before any check
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise CheckpointError(f"--mlx-path {dst} is, contains or lies inside the source {src}: refused "
                               "(replacing it would delete the source)")
+    cwd = Path.cwd().resolve()
+    if d == cwd or d in cwd.parents:
+        raise CheckpointError(f"--mlx-path {dst} is the current folder or one above it: give a new folder's name")
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not force:
+        raise CheckpointError(f"{dst} exists (use --force to replace it)")
+    if not dst.is_dir() or dst.is_symlink():
+        raise CheckpointError(f"{dst} exists and is not a folder: refusing to replace it, even with --force")
+    if not (dst / MARKER).is_file():
+        raise CheckpointError(f"{dst} is not a folder a conversion wrote (no {MARKER}): refusing to replace it, "
+                              "even with --force — remove it yourself or choose another --mlx-path")
+
+
+def _owner_alive(folder: Path) -> bool:
+    try:
+        pid = int((folder / ".pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid()
+
+
+def _clean_stale(dst: Path) -> None:
+    """Temporary folders a killed conversion to ``dst`` left beside it (exact names, never another
+    destination's, never a running conversion's): a kill between the final renames left the old
+    model in an ``-old-`` folder with ``dst`` missing — it is put back; the rest is removed."""
+    prefix = f"{PARTIAL}{dst.name}-"
+    for stale in sorted(dst.parent.iterdir()):
+        rest = stale.name[len(prefix):] if stale.name.startswith(prefix) else None
+        if rest is None or "-" in rest.removeprefix("old-") or not stale.is_dir() or _owner_alive(stale):
+            continue
+        if rest.startswith("old-") and (stale / "x").is_dir() and not dst.exists():
+            (stale / "x").replace(dst)
+            print(f"restored {dst} (a conversion was killed while replacing it)", file=sys.stderr)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_atomically(dst: Path, write) -> None:
     """``write(folder)`` into a temporary folder beside ``dst``, then renamed into place: a
-    destination is never left half-written. Temporary folders a killed conversion left beside
-    it (``.specstream-partial-<name>-*``) are removed first."""
+    destination is never left half-written, and a kill at any point leaves the previous copy
+    (or its recovery by the next run: :func:`_clean_stale`)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dst.parent.glob(f"{PARTIAL}{dst.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _clean_stale(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{dst.name}-", dir=dst.parent))
     try:
+        (tmp / ".pid").write_text(str(os.getpid()))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a normal folder, not mkdtemp's private 0700
         print(f"writing {dst} ...", file=sys.stderr)
         write(tmp)
+        (tmp / ".pid").unlink()
+        (tmp / MARKER).write_text("written by specstream convert\n")
         if dst.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{dst.name}-old-", dir=dst.parent))
+            (old / ".pid").write_text(str(os.getpid()))
             dst.replace(old / "x")
             tmp.replace(dst)
             shutil.rmtree(old)
@@ -173,9 +217,7 @@ def convert_gguf(src, dst, *, dtype: Optional[str] = None, quantize=False, q_bit
     src, dst = resolve_model(src), Path(dst)  # a file, or a known name (smollm2)
     if src.suffix != ".gguf":
         raise CheckpointError(f"--gguf {src} is not a .gguf file")
-    check_destination(src, dst)
-    if dst.exists() and not force:
-        raise CheckpointError(f"{dst} exists (use --force to replace it)")
+    check_destination(src, dst, force)
     tic = time.perf_counter()
     g = read_gguf(src)
     dequantize = dtype is not None or quantize
@@ -218,9 +260,12 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
     if not src.is_dir():
         raise CheckpointError(f"--torch-path {src} is not a folder")
     if not streams_only:
-        check_destination(src, dst)
+        check_destination(src, dst, force)
     stream_jsons = sorted(src.glob("speculative_streams*.json"))
     if streams_only:
+        if src.resolve() == dst.resolve():
+            raise CheckpointError(f"--streams-only: the destination {dst} is the source: its stream files would be "
+                                  "rewritten from themselves")
         if not (dst / "config.json").exists():
             raise CheckpointError(f"--streams-only needs an already converted base at {dst}")
         if not stream_jsons:
@@ -234,8 +279,6 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
             for f in Path(tmp).iterdir():
                 f.replace(dst / f.name)
         return dst
-    if dst.exists() and not force:
-        raise CheckpointError(f"{dst} exists (use --force to replace it)")
     tic = time.perf_counter()
     config = load_config(src)
     weights = read_tensors(weight_files(src, torch_files=True), str(src))

@@ -233,8 +233,13 @@ def test_broken_inputs_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="exists"):
         convert(src, tmp_path / "exists")
     assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
-    convert(src, tmp_path / "exists", force=True)
-    assert not (tmp_path / "exists" / "keep.txt").exists() and (tmp_path / "exists" / "config.json").exists()
+    with pytest.raises(CheckpointError, match="not a folder a conversion wrote"):
+        convert(src, tmp_path / "exists", force=True)  # a folder this tool did not write is never replaced
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
+    convert(src, tmp_path / "ours")
+    (tmp_path / "ours" / "stale.txt").write_text("old")
+    convert(src, tmp_path / "ours", force=True)
+    assert not (tmp_path / "ours" / "stale.txt").exists() and (tmp_path / "ours" / "config.json").exists()
     for d in ("d1", "d2", "d3"):
         assert not (tmp_path / d).exists()
 
@@ -424,3 +429,50 @@ def _umask():
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_convert_destinations_that_would_lose_data_are_refused(tmp_path, monkeypatch):
+    """--force replaces only a folder a conversion wrote; a file, the current folder, the source of
+    --streams-only are refused by name; stale-folder clean-up matches exact names only and spares a
+    running conversion's folder; a model hidden by a kill between the final renames is put back."""
+    import os
+    import subprocess
+
+    src = tmp_path / "src"
+    make_hf_model("llama", src)
+    (tmp_path / "a_file").write_text("precious")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        convert(src, tmp_path / "a_file", force=True)
+    assert (tmp_path / "a_file").read_text() == "precious"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(CheckpointError, match="current folder"):
+        convert(src, Path("."), force=True)
+    with pytest.raises(CheckpointError, match="current folder|delete the source"):
+        convert(src, Path(".."), force=True)
+    monkeypatch.chdir(tmp_path)
+    out = convert(src, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="is the source"):
+        convert(out, out, streams_only=True, force=True)
+    # another destination's partial ("outX"), a glob-like name, and a running conversion's: kept
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        theirs = [tmp_path / ".specstream-partial-outX-abc", tmp_path / ".specstream-partial-out-x-abc",
+                  tmp_path / ".specstream-partial-out-running"]
+        for d in theirs:
+            d.mkdir()
+        (theirs[2] / ".pid").write_text(str(sleeper.pid))
+        (tmp_path / "out*").mkdir()
+        convert(src, tmp_path / "out", force=True)
+        assert all(d.exists() for d in theirs)
+    finally:
+        sleeper.kill()
+    # killed between the renames: the old copy hidden, the destination missing -> put back
+    hidden = tmp_path / ".specstream-partial-out-old-k1"
+    hidden.mkdir()
+    (tmp_path / "out").replace(hidden / "x")
+    with pytest.raises(CheckpointError, match="exists"):
+        convert(src, tmp_path / "out")  # restored first, then an existing destination
+    assert (tmp_path / "out" / "config.json").exists() and not hidden.exists()
+    assert os.path.isfile(tmp_path / "out" / ".specstream-converted")

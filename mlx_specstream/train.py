@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from .loading import load_base
+from .drafters.medusa import MEDUSA_STEM
 from .streams import StreamConfig, find_stream_file, load_streams
 from .streams.files import stream_stem
 from .tokenizer import load_tokenizer
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         raise UserError(f"{out} is inside the installed package: its shipped adapters are never overwritten; pass --out")
     name = args.name if args.name is not None else (
         args.streams if args.streams and not Path(args.streams).suffix and "/" not in args.streams else None)
-    target = out / f"{stream_stem(name)}.json"
+    target = out / (f"{MEDUSA_STEM}.json" if args.medusa else f"{stream_stem(name)}.json")
     if target.exists() and not (args.force or args.resume):
         raise UserError(f"{target} exists: pass --force to replace it, --name to write another, or --resume")
     train_data, valid_data = load_data(args, tokenizer)

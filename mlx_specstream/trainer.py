@@ -31,10 +31,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .checkpoint import base_fingerprint, read_safetensors
+from .checkpoint import base_fingerprint, read_json, read_safetensors, save_safetensors_atomically, write_atomically
 from .cli import progress_bar
-from .drafters.medusa import MedusaConfig, MedusaHeads, medusa_loss, save_medusa
+from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
+from .streams.files import stream_stem
 from .streams.loss import LossWeights, stream_loss
 from .errors import UserError
 
@@ -310,6 +311,8 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     if streams is None:
         streams = SpeculativeStreams(cfg.streams, model)
     streams.config.base = base_fingerprint(model)  # recorded in the stream file: it attaches to this base only
+    shape = {k: v for k, v in streams.config.to_dict().items() if k in _SHAPE_KEYS}
+    state = _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base)
     trainable = _Trainable(streams)
     if cfg.mode == "pruning":
         trainable.freeze()
@@ -318,10 +321,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     weights = LossWeights(ntp=a0, stream=cfg.alpha, pruning=1.0)
     train_streams = cfg.mode != "pruning"
     opt, sched = _optimizer(cfg)
-    start = 0
-    if resume and (out / "trainer_state.safetensors").exists():
-        start = _load_state(out, trainable, opt)
-        log(f"resumed at iteration {start}")
+    start = state.load(trainable, opt, log) if resume else 0
 
     def loss_fn(tr, toks, mask, bottom, seed):
         loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
@@ -337,7 +337,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         return evaluate(lambda t, m, b: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams,
                                                     bottom=b)[1], valid_data, cfg, valid_bottom)
 
-    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
                     on_save, on_eval, log, stop_at, f"{cfg.mode} streams", train_bottom)
     return streams, history
 
@@ -350,7 +350,8 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     heads.init_from_lm_head(model)
     trainable = _Trainable(medusa=heads)
     opt, sched = _optimizer(cfg)
-    start = _load_state(out, trainable, opt) if resume and (out / "trainer_state.safetensors").exists() else 0
+    state = _State(out, MEDUSA_STEM, {"medusa": cfg.medusa}, base_fingerprint(model))
+    start = state.load(trainable, opt, log) if resume else 0
 
     def loss_fn(tr, toks, mask, hidden, seed):
         return medusa_loss(model, tr.medusa, toks, mask, max_positions=cfg.max_stream_positions or None,
@@ -361,7 +362,7 @@ def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
     def on_eval():
         return evaluate(lambda t, m, b: medusa_loss(model, heads, t, m, hidden=b)[1], valid_data, cfg, valid_hidden)
 
-    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
                     lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads", train_hidden)
     return heads, history
 
@@ -388,7 +389,7 @@ def _optimizer(cfg: TrainConfig):
     return optim.AdamW(learning_rate=float(sched(0)), weight_decay=cfg.weight_decay), sched
 
 
-def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, start, rng,
+def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
           on_save, on_eval, log, stop_at, what, bottom=None):
     value_and_grad = nn.value_and_grad(trainable, loss_fn)
     it = batches(train_data, cfg.batch_size, rng, bottom)
@@ -396,10 +397,7 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         next(it)  # the data order continues where it stopped
     n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
     log(f"training {n_params} parameters ({what}), {cfg.iters} iterations")
-    hist_file = out / "train_history.json"
-    history = []  # a resumed run keeps the records of the iterations before it
-    if start and hist_file.exists():
-        history = [r for r in json.loads(hist_file.read_text()) if isinstance(r, dict) and r.get("iter", 0) <= start]
+    history = state.history(start)  # a resumed run keeps the records of the iterations before it
     tic, tokens_seen = time.perf_counter(), 0
     last = min(cfg.iters, stop_at or cfg.iters)
     for i in range(start, last):
@@ -435,12 +433,10 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, out, star
         history.append(rec)
         if (i + 1) % cfg.save_every == 0 or final:
             on_save()
-            _save_state(out, trainable, opt, i + 1)
-            hist_file.write_text(json.dumps(history, indent=1))  # with the state: a killed run keeps it
+            state.save(trainable, opt, i + 1, history)  # with the history: a killed run keeps it
         _progress(rec, cfg.iters, log)
         if final:
             break
-    hist_file.write_text(json.dumps(history, indent=1))
     return history
 
 
@@ -463,20 +459,73 @@ def _progress(rec, total, log):
     log(f"{progress_bar(rec['iter'], total)} {rec['iter']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tok_s']} target tok/s peak {rec['peak_gb']} GB{extra}")
 
 
-def _save_state(out: Path, trainable, opt, step: int):
-    flat = dict(tree_flatten(trainable.parameters()))
-    flat.update({f"__opt__.{k}": v for k, v in tree_flatten(opt.state)})
-    mx.save_safetensors(str(out / "trainer_state.safetensors"), flat)
-    # The data order is replayed from the seed on resume, so no RNG state is needed.
-    (out / "trainer_state.json").write_text(json.dumps({"step": step}))
+# What a resumed run must share with the run that saved the state (else its parameters do not fit)
+_SHAPE_KEYS = ("num_streams", "num_msa_layers", "lora_rank", "lora_targets", "mode", "main_sees_streams",
+               "pruning_rank", "stream_positions")
 
 
-def _load_state(out: Path, trainable, opt) -> int:
-    flat = read_safetensors(out / "trainer_state.safetensors")
-    params = [(k, v) for k, v in flat.items() if not k.startswith("__opt__.")]
-    trainable.load_weights(params, strict=False)
-    opt_state = tree_unflatten([(k[len("__opt__."):], v) for k, v in flat.items() if k.startswith("__opt__.")])
-    opt.init(trainable.trainable_parameters())
-    opt.state = opt_state
-    meta = json.loads((out / "trainer_state.json").read_text())
-    return int(meta["step"])
+class _State:
+    """An adapter's resumable trainer state in ``out``, per adapter stem (two adapters trained into
+    one folder never share it): the parameters and optimizer state at step k
+    (``STEM.trainer_state-k.safetensors``), the history (``STEM.train_history.json``), and last,
+    the manifest (``STEM.trainer_state.json``: step, file, run shape, base fingerprint). Every file
+    is written whole (temporary file, rename) and the manifest switches to a new step only once
+    its files are in place, so a kill at any point leaves the previous adapter and state whole
+    and a resumed run exact."""
+
+    def __init__(self, out: Path, stem: str, shape: dict, base: dict):
+        self.out, self.stem, self.shape, self.base = Path(out), stem, shape, base
+        self.manifest = self.out / f"{stem}.trainer_state.json"
+        self.history_file = self.out / f"{stem}.train_history.json"
+
+    def _weights(self, step: int) -> Path:
+        return self.out / f"{self.stem}.trainer_state-{step}.safetensors"
+
+    def save(self, trainable, opt, step: int, history: list) -> None:
+        flat = dict(tree_flatten(trainable.parameters()))
+        flat.update({f"__opt__.{k}": v for k, v in tree_flatten(opt.state)})
+        save_safetensors_atomically(self._weights(step), flat)
+        write_atomically(self.history_file, json.dumps(history, indent=1))
+        # The data order is replayed from the seed on resume, so no RNG state is needed.
+        write_atomically(self.manifest, json.dumps({"step": step, "state": self._weights(step).name,
+                                                    "shape": self.shape, "base": self.base}))
+        prefix = f"{self.stem}.trainer_state-"
+        for old in self.out.iterdir():  # exact names: another adapter's states are never touched
+            rest = old.name[len(prefix):] if old.name.startswith(prefix) else ""
+            if rest.removesuffix(".safetensors").isdigit() and old.name != self._weights(step).name:
+                old.unlink(missing_ok=True)
+
+    def load(self, trainable, opt, log) -> int:
+        """The step to resume from (0: nothing saved yet), the parameters and optimizer state
+        loaded strictly; a state of another run shape or base, or an adapter without its state,
+        refused by name."""
+        adapter = self.out / f"{self.stem}.json"
+        if not self.manifest.exists():
+            if adapter.exists():
+                raise UserError(f"--resume: {adapter} exists but its trainer state ({self.manifest.name}) does not: "
+                                "it cannot be resumed (--force trains it again from the start)")
+            log(f"--resume: no trainer state for {self.stem} in {self.out}: starting at iteration 0")
+            return 0
+        meta = read_json(self.manifest)
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("state"), str):
+            raise UserError(f"{self.manifest} is not a trainer state manifest")
+        if meta.get("shape") != self.shape:
+            diff = sorted(k for k in set(self.shape) | set(meta.get("shape") or {})
+                          if (meta.get("shape") or {}).get(k) != self.shape.get(k))
+            raise UserError(f"--resume: {self.manifest.name} was saved by a run with other settings ({', '.join(diff)}: "
+                            f"{[(meta.get('shape') or {}).get(k) for k in diff]} there, {[self.shape.get(k) for k in diff]} "
+                            "now): pass the same settings, or --force to start again")
+        if meta.get("base") != self.base:
+            raise UserError(f"--resume: {self.manifest.name} was trained on another base model")
+        flat = read_safetensors(self.out / Path(meta["state"]).name)
+        params = [(k, v) for k, v in flat.items() if not k.startswith("__opt__.")]
+        trainable.load_weights(params, strict=True)
+        opt.init(trainable.trainable_parameters())
+        opt.state = tree_unflatten([(k[len("__opt__."):], v) for k, v in flat.items() if k.startswith("__opt__.")])
+        log(f"resumed at iteration {meta['step']}")
+        return meta["step"]
+
+    def history(self, start: int) -> list:
+        if not start or not self.history_file.exists():
+            return []
+        return [r for r in read_json(self.history_file) if isinstance(r, dict) and r.get("iter", 0) <= start]

@@ -140,6 +140,11 @@ def test_train_verb_never_overwrites(hf_model, tmp_path, capsys):
     assert not (tmp_path / "o" / "speculative_streams.json").exists()
     assert main(base + ["--model", str(model), "--seed", "1", "--force"]) == 0
     assert (model / "speculative_streams.safetensors").read_bytes() != first
+    heads = base + ["--model", str(model), "--medusa", "2", "--out", str(tmp_path / "h")]
+    assert main(heads) == 0
+    kept = (tmp_path / "h" / "medusa_heads.safetensors").read_bytes()
+    assert main(heads + ["--seed", "3"]) == 1 and "medusa_heads.json exists" in capsys.readouterr().err
+    assert (tmp_path / "h" / "medusa_heads.safetensors").read_bytes() == kept  # Medusa heads too: --force to replace
 
 
 def test_a_training_set_without_targets_is_refused(tiny):
@@ -155,11 +160,11 @@ def test_a_resumed_run_keeps_the_whole_history(tiny):
     cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=3, val_every=100)
     train(model, tok, data, None, cfg, tmp / "r", log=lambda *_: None, stop_at=3)
     train(model, tok, data, None, cfg, tmp / "r", resume=True, log=lambda *_: None)
-    hist = json.loads((tmp / "r" / "train_history.json").read_text())
+    hist = json.loads((tmp / "r" / "speculative_streams.train_history.json").read_text())
     assert [h["iter"] for h in hist] == [1, 2, 3, 4, 5, 6]
     logged = []  # resuming a finished run (a rerun recipe) computes nothing and keeps everything
     s = train(model, tok, data, None, cfg, tmp / "r", resume=True, log=logged.append)[0]
-    assert not any("bottom states" in m for m in logged) and json.loads((tmp / "r" / "train_history.json").read_text()) == hist
+    assert not any("bottom states" in m for m in logged) and json.loads((tmp / "r" / "speculative_streams.train_history.json").read_text()) == hist
     assert s.config.base is not None
 
 
@@ -173,9 +178,9 @@ def test_a_killed_run_keeps_its_history_up_to_the_last_checkpoint(tiny):
 
     with pytest.raises(KeyboardInterrupt):
         train(model, tok, data, None, cfg, tmp / "k", log=killed)
-    assert [h["iter"] for h in json.loads((tmp / "k" / "train_history.json").read_text())] == [1, 2, 3]
+    assert [h["iter"] for h in json.loads((tmp / "k" / "speculative_streams.train_history.json").read_text())] == [1, 2, 3]
     train(model, tok, data, None, cfg, tmp / "k", resume=True, log=lambda *_: None)
-    assert [h["iter"] for h in json.loads((tmp / "k" / "train_history.json").read_text())] == [1, 2, 3, 4, 5, 6]
+    assert [h["iter"] for h in json.loads((tmp / "k" / "speculative_streams.train_history.json").read_text())] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_time_limit_ends_the_run_with_its_schedule_decayed_and_saved(tiny):
@@ -187,7 +192,7 @@ def test_a_time_limit_ends_the_run_with_its_schedule_decayed_and_saved(tiny):
     assert hist[-1]["lr"] == pytest.approx(5e-4, rel=0.05)  # the cosine's end, reached by the clock
     assert "valid" in hist[-1]  # the last iteration is evaluated and saved like a finished run
     assert (tmp / "t" / "speculative_streams.json").exists()
-    assert json.loads((tmp / "t" / "trainer_state.json").read_text())["step"] == len(hist)
+    assert json.loads((tmp / "t" / "speculative_streams.trainer_state.json").read_text())["step"] == len(hist)
 
 
 @pytest.mark.parametrize("medusa", [0, 2])
@@ -265,3 +270,65 @@ def test_a_missing_validation_file_is_named(tiny, tmp_path):
     _, tok, _, tmp = tiny
     with pytest.raises(DataError, match="--valid .*no such file"):
         load_data(Namespace(data=str(tmp / "train.jsonl"), valid=str(tmp / "nope.jsonl"), seq_len=48), tok)
+
+
+def _params(streams):
+    return {k: np.array(v) for k, v in tree_flatten(streams.parameters())}
+
+
+def test_trainer_state_is_per_adapter_and_refuses_mismatches(tiny):
+    """Two adapters trained into one folder keep their own states; --resume of an adapter without
+    its state, or with another run shape, is refused by name (never a silent fresh start)."""
+    from mlx_specstream.errors import UserError
+    from mlx_specstream.streams import StreamConfig
+
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=4, batch_size=4, seq_len=48, lr=5e-3, warmup=1, save_every=2, val_every=100)
+    out = tmp / "two"
+    train(model, tok, data, None, cfg, out, log=lambda *_: None, stop_at=2, name="a")
+    a_state = json.loads((out / "speculative_streams-a.trainer_state.json").read_text())
+    cfg_b = TrainConfig(iters=4, batch_size=4, seq_len=48, lr=1e-2, warmup=1, save_every=2, val_every=100, seed=7)
+    train(model, tok, data, None, cfg_b, out, log=lambda *_: None, name="b")
+    assert json.loads((out / "speculative_streams-a.trainer_state.json").read_text()) == a_state
+    resumed, _ = train(model, tok, data, None, cfg, out, resume=True, log=lambda *_: None, name="a")
+    full, _ = train(model, tok, data, None, cfg, tmp / "solo", log=lambda *_: None, name="a")
+    for k, v in _params(full).items():
+        np.testing.assert_array_equal(_params(resumed)[k], v)  # continued from a's own state, not b's
+    (out / "speculative_streams-b.trainer_state.json").unlink()
+    with pytest.raises(UserError, match="exists but its trainer state"):
+        train(model, tok, data, None, cfg, out, resume=True, log=lambda *_: None, name="b")
+    other = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=1, save_every=2, val_every=100,
+                        streams=StreamConfig(num_streams=2))
+    with pytest.raises(UserError, match="num_streams"):
+        train(model, tok, data, None, other, out, resume=True, log=lambda *_: None, name="a")
+
+
+@pytest.mark.parametrize("kill_at", range(6))
+def test_a_kill_at_any_point_of_a_save_leaves_adapter_and_state_whole(tiny, monkeypatch, kill_at):
+    """A SIGKILL-like stop at each point of the second save — inside a file's write (before its
+    rename) or between the files — leaves the previous adapter loadable and a resumed run ends
+    bit-identical to an uninterrupted one."""
+    import os
+
+    from mlx_specstream.streams import load_streams
+
+    model, tok, data, tmp = tiny
+    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=1, save_every=2, val_every=100)
+    full, _ = train(model, tok, data, None, cfg, tmp / "full", log=lambda *_: None)
+    out = tmp / f"killed{kill_at}"
+    real_replace, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        if len(calls) == 5 + kill_at + 1:  # the second save's (kill_at)-th file; 5 renames per save
+            raise KeyboardInterrupt  # the temporary file is written, not yet renamed
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tok, data, None, cfg, out, log=lambda *_: None)
+    monkeypatch.setattr(os, "replace", real_replace)
+    load_streams(out / "speculative_streams.json", model)  # the adapter on disk is whole
+    resumed, _ = train(model, tok, data, None, cfg, out, resume=True, log=lambda *_: None)
+    for k, v in _params(full).items():
+        np.testing.assert_array_equal(_params(resumed)[k], v)

@@ -47,6 +47,6 @@ if [ -n "${MEDUSA:-}" ]; then  # the baseline's heads (~170 MB) are too big to c
 fi
 for f in "$W"/runs/*.log; do echo "-- $f"; tr '\r' '\n' < "$f" | grep -v '^$' | tail -2; done
 date
-find "$W/runs" \( -name trainer_state.safetensors -o -name medusa_heads.safetensors \) -delete  # what fits back
+find "$W/runs" \( -name "*.trainer_state-*.safetensors" -o -name medusa_heads.safetensors \) -delete  # what fits back
 tar czf "$OUT/results.tgz" --ignore-failed-read -C "$W" data runs divergence.json divergence.log distill.log
 ls -la "$OUT"

@@ -476,3 +476,29 @@ def test_convert_destinations_that_would_lose_data_are_refused(tmp_path, monkeyp
         convert(src, tmp_path / "out")  # restored first, then an existing destination
     assert (tmp_path / "out" / "config.json").exists() and not hidden.exists()
     assert os.path.isfile(tmp_path / "out" / ".specstream-converted")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_every_convert_option_gives_a_folder_every_verb_loads(tmp_path, sp_model_file, keep):
+    """A PEFT LoRA (merged or kept) with a stream file beside it: the converted folder loads with
+    its streams attached and speculates to its own plain greedy output."""
+    import peft
+
+    from mlx_specstream.checkpoint import load_model as load_base_model
+    from mlx_specstream.decode import generate_step, tree_generate_step
+    from mlx_specstream.streams import SpeculativeStreams, StreamConfig, save_streams
+
+    src = tmp_path / "src"
+    hf = make_hf_model("llama", src)
+    shutil.copy(sp_model_file, src / "tokenizer.model")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    base, _ = load_base_model(src)
+    save_streams(src, SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=1, lora_rank=4), base))
+    dst = convert(src, tmp_path / "dst", adapter_path=tmp_path / "adapter", keep_lora=keep)
+    model, _ = load(str(dst))
+    assert hasattr(model, "drafter")
+    prompt = mx.array(IDS[0])
+    ref = [t for t, _ in generate_step(prompt, model.base, max_tokens=12)]
+    got = [t for r in tree_generate_step(prompt, model.base, model.drafter, max_tokens=12) for t in r.tokens]
+    assert got[:12] == ref

@@ -10,8 +10,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
+
 from .config import StreamConfig
 from ..errors import UserError
+
+
+_KEPT_LORA = (LoRALinear, DoRALinear)  # what mlx-lm's adapter loader wraps a base's linears in
 
 
 class LoRAAdapter(nn.Module):
@@ -41,13 +47,20 @@ class _LoRALinear(nn.Module):
 
 
 def _linear_shape(m) -> Tuple[int, int]:
+    if isinstance(m, _KEPT_LORA):
+        m = m.linear
     if isinstance(m, nn.QuantizedLinear):
         return m.weight.shape[1] * 32 // m.bits, m.weight.shape[0]
     return m.weight.shape[1], m.weight.shape[0]
 
 
 def _linears(layer: nn.Module, targets: Optional[Sequence[str]]) -> Dict[str, nn.Module]:
-    found = {n: m for n, m in layer.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    """The layer's linear maps by path; a kept (unfused) mlx-lm LoRA counts as the linear it wraps,
+    at that linear's path, so a stream adapter attaches to a base with or without a kept LoRA."""
+    modules = dict(layer.named_modules())
+    kept = {n for n, m in modules.items() if isinstance(m, _KEPT_LORA)}
+    found = {n: m for n, m in modules.items()
+             if n in kept or (isinstance(m, (nn.Linear, nn.QuantizedLinear)) and n.rsplit(".", 1)[0] not in kept)}
     if targets is None:
         return found
     missing = [t for t in targets if t not in found]
@@ -69,6 +82,22 @@ class PruningAdapter(nn.Module):
         return h + self.up(self.down(h))
 
 
+class TokenHead(nn.Module):
+    """Conditions a stream's state on the token before its target:
+    ``s + up(silu(from_state(s) + from_token(e)))``, ``e`` the base's (frozen) embedding of that
+    token. ``up`` starts at zero, so an untrained head leaves the paper's independent streams."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.from_state = nn.Linear(hidden, rank, bias=False)
+        self.from_token = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+        self.up.weight = mx.zeros_like(self.up.weight)
+
+    def __call__(self, s: mx.array, e: mx.array) -> mx.array:
+        return s + self.up(nn.silu(self.from_state(s) + self.from_token(e.astype(s.dtype))))
+
+
 class SpeculativeStreams(nn.Module):
     """The stream parameters: ``P`` (γ×h), the pruning adapter and (lossless) stream-only LoRA."""
 
@@ -82,6 +111,8 @@ class SpeculativeStreams(nn.Module):
         h = model.args.hidden_size
         self.stream_embeddings = mx.random.normal((config.num_streams, h)) * 0.02
         self.pruning = PruningAdapter(h, config.pruning_rank)
+        if config.token_head_rank:
+            self.token_head = TokenHead(h, config.token_head_rank)
         if config.lora_rank:
             self.lora = []
             for layer in model.layers[n_layers - config.num_msa_layers :]:
@@ -98,7 +129,7 @@ class SpeculativeStreams(nn.Module):
     def expected_num_params(self, model) -> int:
         """``γ·h + 2·r·h`` (r = pruning rank, 8 → 16·h) plus Σ rank·(in+out) of stream LoRA."""
         c, h = self.config, model.args.hidden_size
-        n = c.num_streams * h + 2 * c.pruning_rank * h
+        n = c.num_streams * h + 2 * c.pruning_rank * h + 3 * c.token_head_rank * h
         if c.lora_rank:
             for layer in model.layers[len(model.layers) - c.num_msa_layers :]:
                 for m in _linears(layer, c.lora_targets).values():

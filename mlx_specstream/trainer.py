@@ -158,15 +158,49 @@ def load_data(args, tokenizer) -> Tuple[Tuple[np.ndarray, np.ndarray], Optional[
     return tr, va
 
 
-def batches(data, batch_size: int, rng: random.Random, bottom: Optional[np.ndarray] = None) -> Iterator[tuple]:
-    """Shuffled batches ``(tokens, mask, bottom states or None)``, epoch after epoch."""
-    toks, mask = data
+def batch_indices(n: int, batch_size: int, rng: random.Random) -> Iterator[list]:
+    """The records of each shuffled batch, epoch after epoch (what :func:`batches` reads)."""
     while True:
-        order = list(range(len(toks)))
+        order = list(range(n))
         rng.shuffle(order)
         for s in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            idx = order[s : s + batch_size]
-            yield mx.array(toks[idx]), mx.array(mask[idx]), None if bottom is None else mx.array(bottom[idx])
+            yield order[s : s + batch_size]
+
+
+def batches(data, batch_size: int, rng: random.Random, bottom=None, skip: int = 0) -> Iterator[tuple]:
+    """Shuffled batches ``(tokens, mask, bottom states or None)``, epoch after epoch, after the
+    first ``skip`` (a resumed run's: only their order is replayed)."""
+    toks, mask = data
+    it = batch_indices(len(toks), batch_size, rng)
+    for _ in range(skip):
+        next(it)
+    for idx in it:
+        yield mx.array(toks[idx]), mx.array(mask[idx]), None if bottom is None else mx.array(bottom[idx])
+
+
+def visited(n: int, cfg: "TrainConfig", start: int = 0) -> np.ndarray:
+    """The records a run's iterations ``start..iters`` read (sorted): the frozen states of the
+    others are never needed."""
+    it = batch_indices(n, cfg.batch_size, random.Random(cfg.seed))
+    for _ in range(start * cfg.grad_accum):
+        next(it)
+    seen = set()
+    for _ in range((cfg.iters - start) * cfg.grad_accum):
+        seen.update(next(it))
+        if len(seen) == n:
+            break
+    return np.array(sorted(seen), np.int64)
+
+
+class Rows:
+    """Frozen states of some records: ``rows[idx]`` by record index (a stored row per record
+    in ``which``)."""
+
+    def __init__(self, states: np.ndarray, which: np.ndarray):
+        self.states, self.slot = states, {int(r): i for i, r in enumerate(which)}
+
+    def __getitem__(self, idx):
+        return self.states[[self.slot[int(i)] for i in idx]]
 
 
 def bottom_states(model, streams: Optional[SpeculativeStreams], data, batch_size: int = 8, log=print) -> np.ndarray:
@@ -373,7 +407,10 @@ def _frozen_states(model, streams, train_data, valid_data, cfg: TrainConfig, sta
     they are recomputed every iteration, or when a resumed run has no iteration left."""
     if not cfg.cache_bottom or start >= cfg.iters:
         return None, None
-    train = kept_states(model, streams, train_data, cfg.batch_size, log, out if cfg.keep_states else None)
+    # only the records the run reads (a kept file: those of the whole run, so a resumed run finds it)
+    which = visited(len(train_data[0]), cfg, 0 if cfg.keep_states else start)
+    part = (train_data[0][which], train_data[1][which])
+    train = Rows(kept_states(model, streams, part, cfg.batch_size, log, out if cfg.keep_states else None), which)
     if valid_data is None:
         return train, None
     n_val = min(len(valid_data[0]), cfg.val_batches * cfg.batch_size)
@@ -392,9 +429,7 @@ def _optimizer(cfg: TrainConfig):
 def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
           on_save, on_eval, log, stop_at, what, bottom=None):
     value_and_grad = nn.value_and_grad(trainable, loss_fn)
-    it = batches(train_data, cfg.batch_size, rng, bottom)
-    for _ in range(start * cfg.grad_accum):
-        next(it)  # the data order continues where it stopped
+    it = batches(train_data, cfg.batch_size, rng, bottom, skip=start * cfg.grad_accum)  # the order continues
     n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
     log(f"training {n_params} parameters ({what}), {cfg.iters} iterations")
     history = state.history(start)  # a resumed run keeps the records of the iterations before it

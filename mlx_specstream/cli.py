@@ -14,6 +14,9 @@ import mlx.core as mx
 from .cache import KVSettings
 from .checkpoint import DTYPES
 from .drafters import DEFAULT_NUM_DRAFT
+from .tree import MAX_TREE_NODES
+
+MAX_NUM_DRAFT = MAX_TREE_NODES  # a draft model's chain is a tree like any other
 from .loading import load
 from .sample import SamplingParams
 from .errors import UserError
@@ -77,7 +80,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Check the shared options (nonsense is an error, not ignored) and apply the seed."""
     for name, ok, want in (("max_tokens", lambda v: v >= 1, "at least 1"), ("temp", lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0"),
                            ("top_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("top_k", lambda v: v >= 0, ">= 0"),
-                           ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("num_draft", lambda v: v >= 1, "at least 1"),
+                           ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("num_draft", lambda v: 1 <= v <= MAX_NUM_DRAFT, f"in 1..{MAX_NUM_DRAFT}"),
                            ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)")):
         v = getattr(args, name, None)
         if v is not None and not ok(v):

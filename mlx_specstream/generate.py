@@ -27,6 +27,9 @@ from .tree import MAX_LOOKUP, parse_tree_spec
 from .errors import UserError
 
 
+MAX_CHARS_PER_TOKEN = 128  # beyond any tokenizer's longest token
+
+
 def context_limit(model) -> Optional[int]:
     return getattr(model.args, "max_position_embeddings", None)
 
@@ -123,6 +126,10 @@ def stream_generate(
                       "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
                       "than plain decoding (tune for sampling: specstream bench tune --temp T --write; "
                       "plain: --no-speculate)]")
+    limit = context_limit(base)
+    if isinstance(prompt, str) and limit is not None and len(prompt) > MAX_CHARS_PER_TOKEN * limit:
+        # refused before tokenizing: no token is this long, so it cannot fit the context
+        raise UserError(f"prompt is {len(prompt)} characters; the model's context is {limit} tokens: shorten the prompt")
     prompt = _encode_prompt(tokenizer, prompt)
     cached = prompt_cache[0].offset if prompt_cache else 0
     max_tokens = check_prompt_length(base, prompt.size + cached, max_tokens)
@@ -219,11 +226,24 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
 
 
 def _read_stdin() -> str:
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise UserError(f"the prompt on stdin is over {MAX_PROMPT_BYTES >> 20} MB: beyond any model's context")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"the prompt on stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
+MAX_PROMPT_BYTES = 64 << 20  # far past any context; what is read before the model's own limit is known
+
+
+def _checked_text(prompt: str) -> str:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UserError(f"--prompt is not UTF-8 text (at character {e.start})") from None
+    return prompt
 
 
 def main(argv=None) -> int:
@@ -231,7 +251,7 @@ def main(argv=None) -> int:
     check_args(args)
     if args.no_speculate and (args.tree or args.lookup or args.prune_threshold is not None):
         raise UserError("--tree, --lookup and --prune-threshold shape speculative decoding; --no-speculate turns it off")
-    prompt = _read_stdin() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else _checked_text(args.prompt)
     model, tokenizer = load_from_args(args, revision=args.revision, quantize=args.q_bits if args.quantize else None,
                                       q_group_size=args.q_group_size, prune_threshold=args.prune_threshold)
     drafter = getattr(model, "drafter", None)

@@ -19,6 +19,7 @@ from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, Medusa
 from .gguf import load_gguf
 from .models.mlxlm import protocol_problem
 from .streams import find_stream_file, load_streams, shipped_stream_file
+from .streams.config import check_setting
 from .tokenizer import load_tokenizer
 from .errors import UserError
 
@@ -177,6 +178,8 @@ def load(
     elif streams is not False and (file := find_stream_file(path, streams)
                                    or (shipped_stream_file(model) if streams is None else None)) is not None:
         tau = stream_overrides.pop("prune_threshold", None)
+        if tau is not None:
+            check_setting("--", 0, tau)  # the same bounds as a stream config's
         drafter = StreamDrafter(load_streams(file, model, force=force_streams, **stream_overrides), prune_threshold=tau)
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:

@@ -192,10 +192,14 @@ def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
     ``sparse:N`` (N nodes of the default prior), or a JSON list of rank paths."""
     spec = spec.strip()
     if spec.startswith("["):
+        if len(spec) > 64 * MAX_TREE_NODES:
+            raise UserError(f"--tree: {len(spec)} characters is beyond any tree of at most {MAX_TREE_NODES} nodes")
         try:
             paths = normalize_paths(json.loads(spec))[1:]
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise UserError(f"--tree: not a JSON list of rank paths: {e}") from e
+        except RecursionError:
+            raise UserError("--tree: nested too deeply to be a list of rank paths") from None
     else:
         kind, *nums = spec.split(":")
         try:

@@ -150,3 +150,26 @@ def test_a_non_utf8_prompt_on_stdin_is_a_named_error(hf_model, capsys, monkeypat
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait")))
     assert cli(["generate", "--model", str(path), "-m", "4"]) == 1
     assert "the prompt on stdin is not UTF-8 text (byte 3: b'\\xe9')" in capsys.readouterr().err
+
+
+def test_generate_flags_out_of_bounds_are_refused_before_work(hf_model, capsys, monkeypatch):
+    """--prune-threshold past the config's bounds, a huge --num-draft, a 50k-deep --tree, a
+    non-UTF-8 --prompt and a prompt far past the context: each a named error (exit 1), no
+    traceback, no giant allocation or tokenization first."""
+    import io
+    import sys as _sys
+
+    from mlx_specstream.cli import main
+
+    path = str(hf_model("llama")[0])
+    base = ["generate", "--model", path, "-m", "2"]
+    cases = [(["--prompt", "x", "--prune-threshold", "1.5", "--lookup", "2"], "prune_threshold"),
+             (["--prompt", "x", "--prune-threshold", "nan", "--lookup", "2"], "prune_threshold"),
+             (["--prompt", "x", "--num-draft", "1000000"], "num-draft"),
+             (["--prompt", "x", "--tree", "[" * 50000 + "]" * 50000], "--tree"),
+             (["--prompt", "caf\udce9"], "not UTF-8"),
+             (["--prompt", "a" * (128 * 512 + 1), "--ignore-chat-template"], "context")]
+    for extra, named in cases:
+        assert main(base + extra) == 1, extra[:3]
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, (extra[:3], err[-300:])

@@ -189,7 +189,7 @@ def launch_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: Draft
     best, correction = accept(v.plan, v.tokens, v.logits)
     conf = None
     if v.draft is not None:
-        logits = v.draft(best)
+        logits = v.draft(best, correction.reshape(()))
         cand = top_candidates(logits, plan.width)
         if confidence:
             lp = logits.astype(mx.float32)

@@ -39,6 +39,11 @@ def setup_arg_parser(parser=None):
     p.add_argument("--msa-layers", type=int, default=s.num_msa_layers)
     p.add_argument("--lora-rank", type=int, default=s.lora_rank)
     p.add_argument("--main-sees-streams", action="store_true")
+    p.add_argument("--token-head-rank", type=int, default=s.token_head_rank,
+                   help="token-conditioned streams: rank of the head that feeds each stream the token before its "
+                        "target (0: the paper's independent streams)")
+    p.add_argument("--token-head-topk", type=int, default=s.token_head_topk,
+                   help="decoding re-scores this many of each stream's unconditioned top tokens (0: the whole vocabulary)")
     for name in OPT_INT:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in OPT_FLOAT:
@@ -67,7 +72,8 @@ def main(argv=None) -> int:
             raise UserError("training on a GGUF file needs --out (where the stream file goes)")
     stream_cfg = StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank,
                               mode="shared" if args.mode == "shared" else "lossless",
-                              main_sees_streams=args.main_sees_streams)
+                              main_sees_streams=args.main_sees_streams, token_head_rank=args.token_head_rank,
+                              token_head_topk=args.token_head_topk)
     cfg = TrainConfig(mode=args.mode, streams=stream_cfg, alpha0=args.alpha0, medusa=args.medusa,
                       cache_bottom=not args.no_cache_bottom, keep_states=args.keep_states,
                       **{k: getattr(args, k) for k in OPT_INT + OPT_FLOAT})

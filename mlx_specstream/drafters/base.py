@@ -38,7 +38,8 @@ class Verified:
     plan: TreePlan  # the tree verified (a sub-plan when pruning dropped nodes)
     tokens: mx.array  # (T,) int32
     logits: mx.array  # (T, V) the target's logits at every node
-    draft: Optional[Callable[[mx.array], mx.array]] = None  # best node -> (g, V) logits of the next drafts
+    # (best node, its correction token) -> (g, V) logits of the next drafts
+    draft: Optional[Callable[[mx.array, mx.array], mx.array]] = None
     bottom_rows: Optional[np.ndarray] = None  # pruning: rows the first ``n_bottom`` layers wrote per node
     n_bottom: int = 0
 
@@ -120,6 +121,12 @@ class DraftedModel(nn.Module):
 
     def run_layer(self, *a, **kw):
         return self.base.run_layer(*a, **kw)
+
+    def token_embedding(self, ids):
+        return self.base.token_embedding(ids)
+
+    def head_module(self):
+        return self.base.head_module()
 
     def __call__(self, inputs, cache=None, *, mask=None, positions=None):
         """The target's logits. Exactly the base model's unless the drafter changes them (a

@@ -92,7 +92,7 @@ class MedusaDrafter(Drafter):
 
     def forward(self, model, plan, state: DraftState, cache) -> Verified:
         tokens, h = verify_tree(model, plan, state, cache)
-        return Verified(plan, tokens, model.head(h), lambda best: self.heads(h[best]))
+        return Verified(plan, tokens, model.head(h), lambda best, correction: self.heads(h[best]))
 
 
 def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array, max_positions: Optional[int] = None,

@@ -8,6 +8,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from ..models.base import head_scores
 from ..plan import TreePlan
 from ..streams import SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward, msa_mask
 from ..tree import prune
@@ -15,6 +16,32 @@ from .base import Drafter, DraftState, Verified
 
 
 JOINT_HEAD_ROWS = 24  # stream rows up to which main and stream logits share one head pass
+
+
+def conditioned_drafts(model, streams, states: mx.array, free: mx.array, correction: mx.array) -> mx.array:
+    """(g, V) draft logits of token-conditioned streams for one node: stream 1 conditioned on the
+    correction token, stream j on stream j-1's top draft, in the step's graph (no host sync).
+    ``states`` (g, h): the node's stream states before the final norm; ``free`` (g, V): their
+    unconditioned logits. With ``token_head_topk`` K the conditioned scores are those of the K
+    tokens each stream ranks first unconditioned (K gathered head rows, not a second head pass);
+    every other token keeps its unconditioned logit minus a margin, so ranks below K stay the
+    unconditioned order."""
+    c = streams.config
+    out, tok = [], correction.reshape(1)
+    for j in range(states.shape[0]):
+        s = streams.token_head(states[j : j + 1], model.token_embedding(tok[None])[0])
+        if c.token_head_topk:
+            ids = mx.argpartition(-free[j], kth=c.token_head_topk - 1)[: c.token_head_topk]
+            scores = head_scores(model, model.final_norm(s)[0], ids)
+            row = mx.put_along_axis(free[j] - _BELOW, ids, scores.astype(free.dtype), axis=0)
+        else:
+            row = model.head(model.final_norm(s))[0]
+        out.append(row)
+        tok = mx.argmax(row).reshape(1).astype(mx.int32)
+    return mx.stack(out)
+
+
+_BELOW = 1e4  # puts tokens outside the conditioned top-K below every conditioned one
 
 
 class StreamDrafter(Drafter):
@@ -69,18 +96,24 @@ class StreamDrafter(Drafter):
         h_main, h_str = msa_forward(model, streams, h, anc=plan.ancestors, owners=mx.arange(plan.size),
                                     positions=positions, caches=cache[n_bottom:], full_mask=mask, num_streams=g)
         T = plan.size
+        states = h_str[0].reshape(T, g, -1)
         if T * g <= JOINT_HEAD_ROWS:
             # Small trees: one pass of the LM head over main and stream rows. The head's weights
             # are read once (a step is memory-bound there); two passes cost ~20% of a step.
             out = model.head(model.final_norm(mx.concatenate([h_main, h_str], axis=1)))[0]
             logits, strm = out[:T], out[T:].reshape(T, g, -1)
 
-            def draft(best):
+            def independent(best):
                 return strm[best]
         else:
             logits = model.head(model.final_norm(h_main))[0]  # (T, V)
 
-            def draft(best):  # the next drafts: stream logits of the last accepted node only
-                return model.head(model.final_norm(h_str[0].reshape(T, g, -1)[best]))
+            def independent(best):  # the next drafts: stream logits of the last accepted node only
+                return model.head(model.final_norm(states[best]))
+
+        def draft(best, correction):
+            if "token_head" not in streams:
+                return independent(best)
+            return conditioned_drafts(model, streams, states[best], independent(best), correction)
 
         return Verified(plan, tokens, logits, draft, sel, n_bottom)

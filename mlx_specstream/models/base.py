@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
+
 from ..errors import UserError
 
 
@@ -158,6 +160,22 @@ class CausalLM:
         if getattr(self.args, "tie_word_embeddings", False):
             weights.pop("lm_head.weight", None)
         return weights
+
+
+def head_scores(model, h: mx.array, ids: mx.array) -> mx.array:
+    """The logits of tokens ``ids`` (…, K) alone for final-normed states ``h`` (…, d): the LM
+    head's rows gathered (dequantized when the head is quantized), its bias and the family's
+    logit transform applied — what a full head pass gives at those ids, at the cost of K rows."""
+    module, post = model.head_module()
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        w = mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
+                          group_size=module.group_size, bits=module.bits)
+    else:
+        w = module.weight[ids]
+    scores = (w.astype(h.dtype) @ h[..., None])[..., 0]
+    if "bias" in module:
+        scores = scores + module.bias[ids]
+    return scores if post is None else post(scores)
 
 
 def cache_offset(cache: Optional[list]) -> int:

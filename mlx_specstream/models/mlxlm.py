@@ -159,6 +159,13 @@ class TreeModel:
                 return self._inner[name](h)
         raise UserError(f"{self.model_type}: no final norm found ({', '.join(_FINAL_NORMS)})")
 
+    def token_embedding(self, ids):
+        return self.embed(ids)
+
+    def head_module(self):
+        post = None if self._family.logits is None else (lambda x: self._family.logits(self.args, x))
+        return (self.lm_head if "lm_head" in self else self._inner.embed_tokens), post
+
     def head(self, h):
         out = self.lm_head(h) if "lm_head" in self else self._inner.embed_tokens.as_linear(h)
         return out if self._family.logits is None else self._family.logits(self.args, out)

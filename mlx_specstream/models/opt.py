@@ -142,6 +142,14 @@ class Model(CausalLM, nn.Module):
             h = d.project_out(h)
         return h
 
+    def token_embedding(self, ids):
+        d = self.model.decoder
+        h = d.embed_tokens(ids)
+        return d.project_in(h) if "project_in" in d else h
+
+    def head_module(self):
+        return (self.model.decoder.embed_tokens if self.args.tie_word_embeddings else self.lm_head), None
+
     def head(self, h):
         if self.args.tie_word_embeddings:
             return self.model.decoder.embed_tokens.as_linear(h)

@@ -35,6 +35,13 @@ class StreamConfig(TreeSetting):
     lora_scale: float = 1.0
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
     lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
+    # Token-conditioned streams: stream j's state, before the final norm, gets a low-rank MLP of
+    # itself and the embedding of the token before its target (the correction token for stream 1,
+    # stream j-1's draft after). 0: the paper's independent streams.
+    token_head_rank: int = 0
+    # At decode, the conditioned scores of the tokens the unconditioned stream ranks first (this
+    # many; the LM head's rows gathered): no second full-vocabulary pass. 0: the whole vocabulary.
+    token_head_topk: int = 64
     tuned_on: Optional[dict] = None  # backend, device, BLAS that `bench tune` fitted tree/lookup/τ on
     # The setting `bench tune --temp T` fitted for sampled decoding, used whenever temp > 0 (sampled
     # drafts are accepted less often, so greedy's tree can lose to plain decoding there):
@@ -63,7 +70,8 @@ class StreamConfig(TreeSetting):
             raise UserError(f"stream_positions must be one of {POSITION_POLICIES}")
         check_setting("", self.lookup, self.prune_threshold)
         for name, lo, hi in (("num_streams", 1, 64), ("num_msa_layers", 1, 1024), ("tree_budget", 1, MAX_TREE_NODES),
-                             ("pruning_rank", 1, 4096), ("lora_rank", 0, 4096)):
+                             ("pruning_rank", 1, 4096), ("lora_rank", 0, 4096), ("token_head_rank", 0, 4096),
+                             ("token_head_topk", 0, 1 << 16)):
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"{name} {getattr(self, name)} is out of range ({lo}..{hi})")
         if not (isinstance(self.lora_scale, (int, float)) and math.isfinite(self.lora_scale)):

@@ -38,7 +38,12 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     (B, L, h): the bottom N−Ns layers' output for these inputs, when precomputed (the base is
     frozen, so it never changes during training).
 
-    Returns (loss, metrics dict of per-head mean CE, each an mx scalar).
+    Token-conditioned streams (``token_head``): each stream also conditioned on the true token
+    before its target (teacher forcing), its CE added to the unconditioned one (whose top-K are
+    the candidates decoding re-scores).
+
+    Returns (loss, metrics: per stream mean CE and top-1 accuracy — unconditioned, conditioned,
+    and as decoding reads it — each an mx scalar).
     """
     x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     B, L = x.shape
@@ -61,8 +66,16 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     if not train_streams:
         return total, metrics
     anc = mx.tril(mx.ones((L, L), dtype=mx.bool_))
-    sums = [mx.array(0.0) for _ in range(g)]
-    counts = [mx.array(0.0) for _ in range(g)]
+    conditioned = "token_head" in streams
+    topk = streams.config.token_head_topk if conditioned else 0
+    sums, hits, counts = {}, {}, [mx.array(0.0) for _ in range(g)]
+
+    def add(j, kind, ce, acc, w):
+        if ce is not None:
+            sums[j, kind] = sums.get((j, kind), 0.0) + ce.sum()
+        hits[j, kind] = hits.get((j, kind), 0.0) + mx.stop_gradient(acc).sum()
+        if kind == "":
+            counts[j] = counts[j] + w.sum()
     main_logits = None
     for s in range(0, max(len(owners_np), 1), segment):
         owners = mx.array(owners_np[s : s + segment])
@@ -72,6 +85,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         if main_logits is None and weights.ntp:
             main_logits = model.head(model.final_norm(h_main))
         logits = model.head(model.final_norm(h_str)).reshape(B, owners.size, g, -1)
+        states = h_str.reshape(B, owners.size, g, -1)
         for j in range(g):
             tgt_pos = owners + 1 + j  # stream j at owner t predicts y[t+1+j] = tokens[t+2+j]
             ok = tgt_pos < L
@@ -79,12 +93,27 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
             tgt = y[:, tp]
             w = m[:, tp] * ok
             ce = nn.losses.cross_entropy(logits[:, :, j], tgt) * w
-            sums[j] = sums[j] + ce.sum()
-            counts[j] = counts[j] + w.sum()
+            acc = (mx.argmax(logits[:, :, j], axis=-1) == tgt) * w
+            add(j, "", ce, acc, w)
+            if conditioned:
+                # teacher-forced: conditioned on the true token before the target, y[t+j]
+                prev = y[:, mx.minimum(owners + j, L - 1)]
+                cond = model.head(model.final_norm(streams.token_head(states[:, :, j], model.token_embedding(prev))))
+                add(j, "_cond", nn.losses.cross_entropy(cond, tgt) * w, (mx.argmax(cond, axis=-1) == tgt) * w, w)
+                if topk:  # what decoding reads: the conditioned best of the unconditioned top-K
+                    ids = mx.argpartition(-mx.stop_gradient(logits[:, :, j]), kth=topk - 1, axis=-1)[..., :topk]
+                    pick = mx.take_along_axis(ids, mx.argmax(mx.take_along_axis(cond, ids, axis=-1), axis=-1)[..., None], -1)
+                    add(j, "_decode", None, (pick[..., 0] == tgt) * w, w)
     for j in range(g):
-        lj = sums[j] / mx.maximum(counts[j], 1)
-        metrics[f"stream{j + 1}"] = lj
-        total = total + weights.stream * lj
+        for kind in ("", "_cond"):
+            if (j, kind) not in sums:
+                continue
+            lj = sums[j, kind] / mx.maximum(counts[j], 1)
+            metrics[f"stream{j + 1}{kind}"] = lj
+            total = total + weights.stream * lj
+        for kind in ("", "_cond", "_decode"):
+            if (j, kind) in hits:
+                metrics[f"top1_stream{j + 1}{kind}"] = hits[j, kind] / mx.maximum(counts[j], 1)
     if weights.ntp and main_logits is not None:
         ce = nn.losses.cross_entropy(main_logits, y) * m
         ntp = ce.sum() / mx.maximum(m.sum(), 1)

@@ -196,7 +196,7 @@ def test_quantized_output_loads_in_mlx_lm(hf_model, tmp_path, name):
     ("rms_norm_eps", float("nan"), "rms_norm_eps must be a positive finite number"),
     ("num_hidden_layers", 10**7, "num_hidden_layers = 10000000 is out of range"),
     ("quantization", "4bit", "quantization '4bit' is not"),
-    ("eos_token_id", "2", "eos_token_id must be an integer"),
+    ("eos_token_id", "2", "eos_token_id must be a token id"),
 ])
 def test_config_values_of_the_wrong_type_or_range_are_named(hf_model, tmp_path, key, value, msg):
     import shutil

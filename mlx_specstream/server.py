@@ -63,6 +63,9 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.code, "param": self.param, "code": self.code}}
 
 
+# Fields clients send by default: accepted at the value that changes nothing, refused otherwise
+IGNORED_UNLESS_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+                          "response_format": {"type": "text"}}
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "tool_choice", "functions", "best_of", "suffix")
 
 
@@ -107,6 +110,8 @@ class ModelServer:
             raise RequestError(400, f"request body is not valid JSON: {e}")
         except RecursionError:
             raise RequestError(400, "request body is JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer past Python's 4,300-digit limit, in any field
+            raise RequestError(400, f"request body has a value this server cannot read: {e}") from None
         if not isinstance(req, dict):
             raise RequestError(400, "request body must be a JSON object")
         model = req.get("model", self.model_id)
@@ -142,19 +147,23 @@ class ModelServer:
         for name in UNSUPPORTED:
             if req.get(name) not in (None, False, [], 0):
                 raise RequestError(400, f"'{name}' is not supported by this server", param=name)
+        for name, neutral in IGNORED_UNLESS_NEUTRAL.items():  # honoured at their neutral value, refused otherwise
+            v = req.get(name)
+            if v is not None and v != neutral and not (isinstance(neutral, (int, float)) and not isinstance(v, bool)
+                                                       and isinstance(v, (int, float)) and v == neutral):
+                raise RequestError(400, f"'{name}' is not supported by this server (only {neutral!r})", param=name)
         opts = req.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
             raise RequestError(400, "'stream_options' must be an object", param="stream_options")
-        stop = req.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
+        stop = req.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
             raise RequestError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
         stream = req.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError(400, "'stream' must be a boolean", param="stream")
         n = req.get("n", 1)
-        if n != 1:
+        if n is not None and (isinstance(n, bool) or n != 1):
             raise RequestError(400, "only n=1 is supported", param="n")
         prompt = self._chat_prompt(req) if chat else self._completion_prompt(req)
         limit = context_limit(self.model)
@@ -174,6 +183,7 @@ class ModelServer:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise RequestError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+            _encodable(m["role"], f"messages[{i}].role")
             content = m.get("content")
             if isinstance(content, list):  # OpenAI content parts: keep the text ones
                 if not all(isinstance(p, dict) for p in content):
@@ -285,6 +295,16 @@ def make_handler(server: ModelServer):
             self.end_headers()
             self.wfile.write(data)
 
+        def send_error(self, code, message=None, explain=None):
+            """The base handler's own errors (unknown method 501, URI too long 414, headers too
+            large 431, bad request line 400) as JSON like every other error, then close."""
+            self.close_connection = True
+            try:
+                self._send_json(code, RequestError(code, message or explain or "bad request",
+                                                   code="invalid_request_error").body())
+            except _GONE:
+                pass
+
         def _error(self, e: RequestError):
             try:
                 self._send_json(e.status, e.body())
@@ -333,7 +353,8 @@ def make_handler(server: ModelServer):
                     self.close_connection = True
                     raise RequestError(401, "missing or wrong API key", code="invalid_api_key")
                 lengths = self.headers.get_all("Content-Length") or []
-                if len(lengths) != 1 or not lengths[0].strip().isdigit() or self.headers.get("Transfer-Encoding"):
+                if (len(lengths) != 1 or not lengths[0].strip().isdigit() or len(lengths[0].strip()) > 18
+                        or self.headers.get("Transfer-Encoding")):
                     self.close_connection = True  # "3_6", "+36", duplicates, or with Transfer-Encoding: refused
                     raise RequestError(411 if not lengths else 400,
                                        "exactly one Content-Length of digits is required (no Transfer-Encoding)")

@@ -370,3 +370,33 @@ def test_sigterm_refuses_new_connections_and_finishes_the_request_in_flight(tmp_
     assert refused_at is not None and refused_at < result["done_at"], out  # refused while the request still ran
     assert result["r"][0] == 200 and json.loads(result["r"][1])["choices"][0]["finish_reason"] in ("length", "stop")
     assert proc.returncode == 0 and "server stopped" in out
+
+
+def test_every_request_gets_a_json_answer_and_every_field_is_checked(small_server):
+    """Valid JSON that used to kill a connection (huge integers anywhere, a 5,000-digit
+    Content-Length, a lone surrogate in a role), fields the server cannot honour unless neutral,
+    wrongly typed stop and n, and the base handler's own errors (unknown method, URI too long):
+    each gets a JSON error body naming the problem."""
+    port = small_server[0]
+    m = [{"role": "user", "content": "x"}]
+    for body, named in [(b'{"messages": [{"role": "user", "content": "x"}], "unknown": ' + b"9" * 5000 + b"}", "cannot read"),
+                        (b'{"messages": [{"role": "us\\ud800er", "content": "x"}]}', "surrogate"),
+                        (json.dumps({"messages": m, "presence_penalty": 0.5}).encode(), "presence_penalty"),
+                        (json.dumps({"messages": m, "logit_bias": {"5": 3}}).encode(), "logit_bias"),
+                        (json.dumps({"messages": m, "response_format": {"type": "json_object"}}).encode(), "response_format"),
+                        (json.dumps({"messages": m, "stop": {}}).encode(), "stop"),
+                        (json.dumps({"messages": m, "stop": 0}).encode(), "stop"),
+                        (json.dumps({"messages": m, "stop": False}).encode(), "stop"),
+                        (json.dumps({"messages": m, "n": True}).encode(), "n=1")]:
+        st, data = _plain(port, "POST", "/v1/chat/completions", body)
+        assert st == 400 and named in json.loads(data)["error"]["message"], (body[:80], data[:200])
+    ok = {"messages": m, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+          "response_format": {"type": "text"}, "n": 1, "stop": None}
+    assert _plain(port, "POST", "/v1/chat/completions", json.dumps(ok).encode())[0] == 200
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n"
+    st, data = _raw_request(port, head)
+    assert st == 400 and b'"error"' in data
+    st, data = _raw_request(port, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert st == 501 and json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+    st, data = _raw_request(port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert st == 414 and json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]

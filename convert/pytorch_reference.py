@@ -32,7 +32,7 @@ import torch.nn.functional as F
 DEFAULTS = dict(num_streams=3, num_msa_layers=2, mode="lossless", main_sees_streams=False,
                 stream_positions="parent", tree=None, tree_budget=12, prune_threshold=0.0,
                 pruning_rank=8, lora_rank=8, lora_scale=1.0, lora_targets=None, lookup=0, tuned_on=None, base=None,
-                sampled=None)
+                sampled=None, token_head_rank=0, token_head_topk=64)
 
 
 def _base(hf):
@@ -93,6 +93,8 @@ class SpeculativeStreamsTorch(nn.Module):
         super().__init__()
         self.config = {**DEFAULTS, **config}
         c = self.config
+        if c["token_head_rank"]:
+            raise ValueError("the PyTorch reference implements the paper's independent streams (token_head_rank 0)")
         if c["mode"] != "lossless":
             c["lora_rank"] = 0
         fam = Family(hf)

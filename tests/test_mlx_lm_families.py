@@ -82,10 +82,7 @@ def test_unverified_family_is_checked_at_load():
     forward, and is named as unsupported for trees when they do not."""
     cfg = dict(family_config("llama"), model_type="internlm3", qkv_bias=False, bias=False)
     cfg.pop("layer_types", None)
-    try:
-        model = build_model(cfg)
-    except Exception as e:  # this mlx-lm has no such family
-        pytest.skip(f"internlm3 not buildable here: {e}")
+    model = build_model(cfg)  # a family mlx-lm has (0.32) that the CI gate does not list
     assert model.model_type not in VERIFIED
     assert protocol_problem(model) is None
     model._family = type(model._family)(embed_scale=lambda a, dt: 2.0)  # seams that no longer match

@@ -98,7 +98,7 @@ class KVCache:
         return self.window_mask(mask, q)
 
     def trim(self, n: int) -> int:
-        n = min(self.rows if not self.evicted else self.rows - self.window[1], n)
+        n = min(self.trim_room(), n)
         self.offset -= n
         return n
 
@@ -107,6 +107,7 @@ class KVCache:
         return offset >= self.offset - self.trim_room()
 
     def trim_room(self) -> int:
+        """Rows that can be trimmed: all, or once a window evicted rows, all but the kept first ones."""
         return self.rows if not self.evicted else self.rows - self.window[1]
 
     def reset(self) -> None:

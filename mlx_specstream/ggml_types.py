@@ -183,12 +183,3 @@ def bits_of(t: GGMLType) -> Optional[int]:
     if t.block == 1:
         return None
     return t.affine_bits or REQUANT_BITS
-
-
-def requantize_error(t: GGMLType, raw: np.ndarray, shape) -> float:
-    """Largest |w - requantized w| over the tensor, relative to its largest |w|."""
-    values = dequantize(t, raw.reshape(-1, t.nbytes)).reshape(-1, shape[-1])
-    w = mx.array(values)
-    back = mx.dequantize(*mx.quantize(w, group_size=32, bits=REQUANT_BITS), group_size=32, bits=REQUANT_BITS)
-    peak = float(mx.max(mx.abs(w)).item()) or 1.0
-    return float(mx.max(mx.abs(back - w)).item()) / peak

@@ -8,7 +8,8 @@ import pytest
 from mlx.utils import tree_map
 
 from mlx_lm_families import FAMILIES, family_config, tiny_model
-from mlx_specstream.decode import generate_step, tree_generate_step
+from test_drafters import draft_tokens
+from mlx_specstream.decode import generate_step
 from mlx_specstream.drafters import StreamDrafter, Verifier
 from mlx_specstream.models import build_model
 from mlx_specstream.models.mlxlm import VERIFIED, protocol_problem
@@ -25,11 +26,7 @@ def _mlx_lm_greedy(model, prompt, n):
 
 
 def _tree_tokens(model, prompt, drafter, n, **kw):
-    out, steps = [], 0
-    for r in tree_generate_step(prompt, model, drafter, max_tokens=n, **kw):
-        out += r.tokens
-        steps += 1
-    return out[:n], steps
+    return draft_tokens(model, drafter, prompt, n, **kw)
 
 
 def _streams(model, mode, seed):

@@ -10,6 +10,7 @@ newline, completed as text.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import queue
@@ -37,6 +38,8 @@ from .errors import UserError
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_TIMEOUT = 30.0  # seconds a socket read or write may wait (slow or stalled clients)
+DEFAULT_MAX_CONNECTIONS = 64  # open connections; more are answered 503 on the accepting thread
+SHUTDOWN_GRACE = 5.0  # seconds idle and still-sending clients keep their connection after SIGTERM
 DRAIN_LIMIT = 64 << 20  # an oversized body is read and dropped up to this much, so the client reads its 413
 _GONE = (ConnectionError, TimeoutError)  # the peer closed, reset, or stalled past the timeout
 
@@ -75,6 +78,35 @@ def _encodable(text: str, where: str) -> None:
     except UnicodeEncodeError:
         raise RequestError(400, f"{where} holds a lone surrogate (not valid Unicode text)",
                            param=where.split("[")[0]) from None
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket as the handler reads it: a whole request (request line, headers, body) must
+    arrive within ``timeout`` seconds of its first wait, however the bytes trickle, and once the
+    server stops, a client still idle or sending after the grace period is dropped. Receives wait
+    at most a second at a time so both limits are checked while a client trickles."""
+
+    def __init__(self, sock, timeout: float, stopping: "threading.Event", stop_time: list):
+        self.sock, self.timeout, self.stopping, self.stop_time = sock, timeout, stopping, stop_time
+        self.deadline = time.monotonic() + timeout
+
+    def readable(self):
+        return True
+
+    def readinto(self, b) -> int:
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                raise TimeoutError(f"the request did not arrive within {self.timeout:g} s")
+            if self.stopping.is_set() and now >= self.stop_time[0] + SHUTDOWN_GRACE:
+                raise TimeoutError("the server is stopping")
+            self.sock.settimeout(min(1.0, self.deadline - now))
+            try:
+                return self.sock.recv_into(b)
+            except socket.timeout:
+                continue
+            finally:
+                self.sock.settimeout(self.timeout)  # writes keep the per-operation timeout
 
 
 class _Job:
@@ -287,6 +319,18 @@ def make_handler(server: ModelServer):
         def log_message(self, fmt, *args):  # quiet by default
             pass
 
+        def setup(self):
+            super().setup()
+            self._reader = _DeadlineReader(self.connection, self.timeout, self.server.stopping, self.server.stop_time)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self):
+            if self.server.stopping.is_set() and self.server.stop_time[0] + SHUTDOWN_GRACE <= time.monotonic():
+                self.close_connection = True  # a kept-alive connection after the grace period: closed, not read
+                return
+            self._reader.deadline = time.monotonic() + self.timeout  # each request (and the idle wait before it)
+            super().handle_one_request()
+
         def _send_json(self, status: int, obj: dict):
             data = json.dumps(obj).encode()
             self.send_response(status)
@@ -364,7 +408,11 @@ def make_handler(server: ModelServer):
                     self._error(RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}"))
                     self._drain(length)  # so the client, still sending, can read the 413 (not a reset)
                     return
-                body = self.rfile.read(length)
+                try:
+                    body = self.rfile.read(length)
+                except TimeoutError as e:  # trickled or stalled past the request deadline
+                    self.close_connection = True
+                    raise RequestError(408, f"{e}: {length}-byte body not received") from None
                 chat = self.path == "/v1/chat/completions"
                 req = server.parse(body, chat)
             except RequestError as e:
@@ -447,6 +495,45 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
+    def __init__(self, address, handler, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.stopping = threading.Event()
+        self.stop_time = [0.0]
+        self._open = 0
+        self._open_lock = threading.Lock()
+
+    def stop(self):
+        """Stop accepting; idle and still-sending clients are dropped after the grace period,
+        requests already read run to the end."""
+        self.stop_time[0] = time.monotonic()
+        self.stopping.set()
+        self.shutdown()
+
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            full = self._open >= self.max_connections
+            self._open += not full
+        if full:  # answered here without a thread: a flood of connections cannot grow the thread count
+            body = json.dumps(RequestError(503, f"too many open connections (limit {self.max_connections})",
+                                           code="server_busy").body()).encode()
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open -= 1
+
     def handle_error(self, request, client_address):
         e = sys.exc_info()[1]
         if isinstance(e, OSError):  # a socket error is a client that went away: one line, not a traceback
@@ -456,11 +543,14 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080,
+                max_connections: int = DEFAULT_MAX_CONNECTIONS) -> ThreadingHTTPServer:
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")
+    if not 1 <= max_connections <= 100_000:
+        raise UserError(f"--max-connections must be in 1..100000, got {max_connections}")
     try:
-        return _Server((host, port), make_handler(model_server))
+        return _Server((host, port), make_handler(model_server), max_connections)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -476,7 +566,10 @@ def setup_arg_parser(parser=None):
     p.add_argument("--no-speculate", action="store_true")
     add_cache_args(p)
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="seconds a socket read or write may wait before the connection is dropped")
+                   help="seconds a whole request may take to arrive, and a socket write may wait, "
+                        "before the connection is dropped")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections at once; more are answered 503")
     return p
 
 
@@ -492,10 +585,10 @@ def main(argv=None) -> int:
                      max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None,
                      kv=kv_settings(args),
                      timeout=args.timeout)
-    httpd = make_server(ms, args.host, args.port)
+    httpd = make_server(ms, args.host, args.port, args.max_connections)
 
-    def stop(*_):  # graceful: stop accepting, let the running request finish
-        threading.Thread(target=httpd.shutdown, daemon=True).start()
+    def stop(*_):  # graceful: stop accepting, let the running requests finish
+        threading.Thread(target=httpd.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -290,6 +290,114 @@ def test_stalled_clients_time_out_and_free_their_thread(small_server):
     assert _plain(port, "GET", "/health")[0] == 200
 
 
+def _trickle(port, data: bytes, every: float, stop: threading.Event):
+    """Sends ``data`` one byte per ``every`` seconds until the server closes or ``stop`` is set."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        for b in data:
+            if stop.is_set():
+                break
+            s.sendall(bytes([b]))
+            stop.wait(every)
+    except OSError:
+        pass  # the server dropped it
+    s.close()
+
+
+def test_a_trickling_client_is_dropped_at_the_request_deadline(small_server):
+    """One byte every 0.3 s never trips a 1 s per-read timeout: the whole request has 1 s, for the
+    headers and for the body (that one gets a 408 naming the deadline)."""
+    import time
+
+    port, _, _ = small_server
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n"
+    for slow_headers in (True, False):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        t0 = time.monotonic()
+        if not slow_headers:
+            s.sendall(head)
+        got = b""
+        try:
+            for b in (head if slow_headers else b"") + b"{}" * 20:
+                s.sendall(bytes([b]))
+                time.sleep(0.3)
+                if time.monotonic() - t0 > 6:
+                    break
+        except OSError:
+            pass
+        s.settimeout(10)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+        s.close()
+        assert time.monotonic() - t0 < 4, "the trickling client held its connection past the deadline"
+        if not slow_headers:
+            assert b" 408 " in got and b"not received" in got, got
+    assert _plain(port, "GET", "/health")[0] == 200
+
+
+def test_open_connections_are_bounded_and_the_rest_answered_503(small_server):
+    import time
+
+    ms = small_server[1]
+    httpd = make_server(ms, "127.0.0.1", 0, max_connections=3)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        time.sleep(0.3)
+        st, data = _plain(port, "GET", "/health")
+        assert st == 503 and "too many open connections (limit 3)" in json.loads(data)["error"]["message"]
+        for s in idle:
+            s.close()
+        deadline = time.time() + 10
+        while _plain(port, "GET", "/health")[0] != 200:  # the slots free as their handlers end
+            assert time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    with pytest.raises(UserError, match="--max-connections"):
+        make_server(ms, "127.0.0.1", 0, max_connections=0)
+
+
+def test_sigterm_drops_trickling_and_idle_clients_after_the_grace_period():
+    """A client sending a byte a second (and one connected, sending nothing) no longer keeps the
+    server from stopping: it exits within the grace period plus a few seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlx_specstream.server import SHUTDOWN_GRACE
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0", "--timeout", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    line = proc.stdout.readline()
+    while "serving" not in line:
+        assert line, "the server did not start"
+        line = proc.stdout.readline()
+    port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    stop = threading.Event()
+    t = threading.Thread(target=_trickle, args=(port, b"GET /health HTTP/1.1\r\n" * 10, 1.0, stop), daemon=True)
+    t.start()
+    idle = socket.create_connection(("127.0.0.1", port), timeout=30)
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=SHUTDOWN_GRACE + 10)[0]
+    finally:
+        stop.set()
+        idle.close()
+        proc.kill()
+    assert proc.returncode == 0 and "server stopped" in out, out
+    assert time.monotonic() - t0 < SHUTDOWN_GRACE + 5
+
+
 def test_a_non_streamed_request_whose_client_left_is_cancelled(small_server):
     import time
 

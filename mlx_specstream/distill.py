@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Sequence
 
 from mlx_lm.generate import batch_generate
 
+from .chat_template import template_ids
 from .cli import progress_bar
 from .convert import mlx_lm_model
 from .loading import load, resolve_model
@@ -69,7 +70,7 @@ def answer(lm_model, tokenizer, messages: Sequence[str], *, max_tokens: int, bat
     """Greedy answers in batches by mlx-lm's batched generation (``lm_model``: mlx-lm's model of
     the weights): ``{"prompt_ids", "completion_ids"}`` records (chat template applied, the
     answer without the EOS). ``on_batch(records)`` receives each batch as it is done."""
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True)
+    prompts = [template_ids(tokenizer, [{"role": "user", "content": m}], add_generation_prompt=True)
                if tokenizer.has_chat_template else tokenizer.encode(m) for m in messages]
     records, tic = [], time.perf_counter()
     for s in range(0, len(prompts), batch_size):

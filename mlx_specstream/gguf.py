@@ -380,15 +380,53 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
         raise GGUFError(f"{g.path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
     if tok_dict.get("tokenizer_type") == "llama":
         tok_config.setdefault("add_bos_token", True)
+    _check_vocabulary(g, tok_dict)
     tokens = tok_dict["tokens"]
     for name, key in _SPECIAL_TOKENS.items():
         i = m.get(f"tokenizer.ggml.{key}")
         tok_config[name] = tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-    try:
+    try:  # the Rust tokenizers library raises bare Exceptions (e.g. a merge of unknown tokens)
         fast, extra = convert_gguf_tokenizer(g.architecture, tok_dict)
-    except (ValueError, KeyError, TypeError) as e:
-        raise GGUFError(f"{g.path}: cannot build its tokenizer: {e}") from e
-    PreTrainedTokenizerFast(tokenizer_object=fast, **tok_config, **extra).save_pretrained(str(folder))
+        tok = PreTrainedTokenizerFast(tokenizer_object=fast, **tok_config, **extra)
+    except Exception as e:  # noqa: BLE001 - the file's vocabulary, checked above as far as we can
+        raise GGUFError(f"{g.path}: cannot build its tokenizer: {type(e).__name__}: {str(e)[:300]}") from e
+    tok.save_pretrained(str(folder))
+
+
+TOKEN_TYPES = range(0, 7)  # llama.cpp's: undefined, normal, unknown, control, user-defined, unused, byte
+
+
+def _check_vocabulary(g: GGUFFile, tok: dict) -> None:
+    """What a tokenizer converter would take silently and get wrong: per-token arrays shorter or
+    longer than the token list (tokens then lose their type or score), a token twice (every later
+    id shifts when the vocabulary becomes a dict), more tokens than the embedding has rows (ids the
+    model cannot look up), token types llama.cpp does not define, merges that are not two tokens."""
+    where = f"{g.path}: tokenizer.ggml"
+    tokens = tok["tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{where}.tokens must be a non-empty array of strings")
+    embd = g.tensors.get("token_embd.weight")
+    if embd is not None and len(tokens) > embd.shape[0]:
+        raise GGUFError(f"{where}.tokens names {len(tokens)} tokens, but token_embd has {embd.shape[0]} rows")
+    first: Dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        j = first.setdefault(t, i)
+        if j != i:
+            raise GGUFError(f"{where}.tokens holds {t!r} twice (ids {j} and {i}): every later id would shift")
+    for key in ("token_type", "scores"):
+        arr = tok.get(key)
+        if arr is not None and (not isinstance(arr, list) or len(arr) != len(tokens)):
+            n = len(arr) if isinstance(arr, list) else type(arr).__name__
+            raise GGUFError(f"{where}.{key} has {n} entries for {len(tokens)} tokens")
+    bad = next((t for t in tok.get("token_type") or [] if not (isinstance(t, int) and t in TOKEN_TYPES)), None)
+    if bad is not None:
+        raise GGUFError(f"{where}.token_type holds {bad!r}: token types are 0..6")
+    merges = tok.get("merges")
+    if merges is not None:
+        wrong = next((m for m in merges if not isinstance(m, str) or len(m.split(" ")) != 2 or "" in m.split(" ")), 0) \
+            if isinstance(merges, list) else merges
+        if wrong != 0:
+            raise GGUFError(f"{where}.merges holds {wrong!r}: each merge is two tokens separated by one space")
 
 
 def load_gguf(path, *, dequantize: bool, dtype: Optional[mx.Dtype] = None, say=None):

@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional
 import sentencepiece as spm
 from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as _load_hf
+from . import chat_template
 from .errors import UserError
 
 
@@ -73,7 +74,7 @@ def chat_ids(tokenizer, messages: List[dict], *, add_generation_prompt: bool = T
     forge a turn — special tokens come only from the template, as hosted APIs do it. The template
     is rendered with a marker in place of each content, then split at the markers."""
     marked = [dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)]
-    text = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    text = chat_template.render(tokenizer, marked, add_generation_prompt=add_generation_prompt)
     ids: List[int] = []
     rest = text
     for i, m in enumerate(messages):
@@ -108,10 +109,14 @@ def load_tokenizer(path: Path, config: Optional[dict] = None) -> TokenizerWrappe
     sp_file = path / "tokenizer.model"
     if hf_files:
         try:
-            return _load_hf(path, eos_token_ids=eos_ids)
+            tok = _load_hf(path, eos_token_ids=eos_ids)
         except Exception:
             if not sp_file.exists():
                 raise
+        else:
+            if tok.has_chat_template:
+                chat_template.prestart()  # the renderer's imports overlap loading the weights
+            return tok
     if sp_file.exists():
         tok = SentencePieceTokenizer(sp_file)
         wrapper = TokenizerWrapper(tok, SPMStreamingDetokenizer, eos_token_ids=eos_ids)

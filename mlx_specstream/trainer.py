@@ -37,6 +37,7 @@ from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.files import stream_stem
 from .streams.loss import LossWeights, stream_loss
+from .chat_template import template_ids
 from .errors import UserError
 
 TRAIN_MODES = ("lossless", "shared", "pruning")
@@ -122,8 +123,8 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
                     raise DataError(f"{path}:{ln}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
                 if not getattr(tokenizer, "has_chat_template", False):
                     raise DataError(f"{path}:{ln}: 'messages' records need a tokenizer with a chat template")
-                pi = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(msgs)
+                pi = template_ids(tokenizer, msgs[:-1], add_generation_prompt=True)
+                full = template_ids(tokenizer, msgs)
                 ci = full[len(pi):]
             else:
                 raise DataError(f"{path}:{ln}: a record needs 'text', 'prompt'+'completion' or 'messages'")

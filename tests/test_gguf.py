@@ -415,3 +415,27 @@ def test_k_quant_tensors_kept_exact(mixed_gguf):
         m = kept.model.layers[i].mlp.down_proj
         got = mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=32, bits=m.bits)
         np.testing.assert_array_equal(np.array(got), gguf.quants.dequantize(t.data, t.tensor_type))
+
+
+def _broken(tokens, merges, types):
+    """Vocabularies a GGUF file can hold that a converter takes silently or crashes on."""
+    extra = [f"zz{i}" for i in range(50)]
+    return {
+        "token_type has 10 entries": (tokens, merges, types[:10]),
+        "but token_embd has": (tokens + extra, merges, types + [1] * 50),
+        "twice": (tokens[:100] + tokens[:100] + tokens[200:], merges, types),
+        "two tokens separated by one space": (tokens, ["nospace"] + merges[1:], types),
+        "out of vocabulary": (tokens, ["qqq rrr"] + merges, types),
+        "token types are 0..6": (tokens, merges, [99] * len(types)),
+    }
+
+
+def test_a_broken_vocabulary_is_a_named_error(tmp_path, vocab):
+    """Short per-token arrays, duplicate tokens (every later id shifts), more tokens than
+    embedding rows, malformed or unknown merges, undefined token types: before the fix these
+    loaded with wrong ids or raised the tokenizers library's bare Exception."""
+    hf = make_hf_model("llama", tmp_path / "hf")
+    for named, broken in _broken(*vocab).items():
+        p = write_gguf(hf, tmp_path / "broken.gguf", "Q8_0", broken)
+        with pytest.raises(GGUFError, match=named):
+            load(str(p))

@@ -16,6 +16,7 @@ from typing import List
 import mlx_lm
 import numpy as np
 
+from ..chat_template import template_ids
 from ..distill import instructions
 from ..stdlib_data import eval_prompts, split_files
 from ..errors import UserError
@@ -65,7 +66,7 @@ def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
             if isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"]:
                 if not getattr(tokenizer, "has_chat_template", False):
                     raise UserError(f"{spec}:{ln}: 'messages' records need a tokenizer with a chat template")
-                out.append(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True))
+                out.append(template_ids(tokenizer, rec["messages"], add_generation_prompt=True))
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
                 out.append(tokenizer.encode(rec["prompt"]))
             else:
@@ -73,6 +74,6 @@ def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
         return out[:n]
     texts = builtin_prompts(spec, n)
     if spec in CHAT_SETS and getattr(tokenizer, "has_chat_template", False):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+        return [template_ids(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
                 for t in texts]
     return [tokenizer.encode(t) for t in texts]

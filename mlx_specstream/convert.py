@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .checkpoint import (DTYPES, CheckpointError, build_checked, cast_floats, check_names, copy_tokenizer_files, load_config,
-                         load_model, read_safetensors, quantize_model, save_adapter, save_model, weight_files)
+                         load_model, read_json, read_safetensors, quantize_model, save_adapter, save_model, weight_files)
 from .cli import progress_bar
 from .gguf import load_gguf, read_gguf, tensor_types
 from .loading import resolve_model
@@ -55,16 +56,43 @@ def read_tensors(files, label: str) -> Dict[str, mx.array]:
     return out
 
 
-def read_peft(adapter_dir: Path):
-    """A PEFT LoRA adapter: (config, [(module name, A (r, in), B (out, r))])."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+def _peft_scale(cfg, where: str) -> float:
+    """PEFT's scale from ``adapter_config.json``, its values checked before they reach arithmetic:
+    ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``; what changes the update
+    in ways not implemented here (DoRA, per-module ranks or alphas, transposed Conv1D weights) is
+    refused by name rather than merged wrongly."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where} must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{adapter_dir}: only LoRA adapters are supported (got {cfg.get('peft_type')})")
+        raise CheckpointError(f"{where}: only LoRA adapters are supported (got peft_type {cfg.get('peft_type')!r})")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 65536:
+        raise CheckpointError(f"{where}: r must be an integer rank in 1..65536, got {r!r}")
+    alpha = cfg.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha == 0:
+        raise CheckpointError(f"{where}: lora_alpha must be a finite non-zero number, got {alpha!r}")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key) not in (None, False):
+            raise CheckpointError(f"{where}: {key} = {cfg[key]!r} is not supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) not in (None, {}):
+            raise CheckpointError(f"{where}: per-module {key} is not supported")
+    if cfg.get("use_rslora") not in (None, False, True):
+        raise CheckpointError(f"{where}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def read_peft(adapter_dir: Path, shapes: Dict[str, Tuple[int, ...]]):
+    """A PEFT LoRA adapter: (config, scale, [(module name, A (r, in), B (out, r))]), each pair's
+    shapes checked against its config's rank and the base weight's ``shapes`` (a wrong-shaped
+    ``lora_B`` would otherwise broadcast onto every row)."""
+    cfg = read_json(adapter_dir / "adapter_config.json")
+    scale = _peft_scale(cfg, str(adapter_dir / "adapter_config.json"))
     files = sorted(adapter_dir.glob("adapter_model.safetensors")) or sorted(adapter_dir.glob("adapter_model.bin"))
     if not files:
         raise CheckpointError(f"{adapter_dir} has no adapter_model.safetensors/.bin")
     ad = read_tensors(files, str(adapter_dir))
-    pairs = []
+    pairs, r = [], cfg["r"]
     for k, a in ad.items():
         if ".lora_A." not in k:
             continue
@@ -73,33 +101,40 @@ def read_peft(adapter_dir: Path):
             if name.startswith(pre):
                 name = name[len(pre):]
                 break
-        pairs.append((name, a, ad[k.replace(".lora_A.", ".lora_B.")]))
+        b = ad.get(k.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise CheckpointError(f"{adapter_dir}: {k} has no matching lora_B")
+        w = shapes.get(name + ".weight")
+        if w is None:
+            raise CheckpointError(f"LoRA adapter targets {name}.weight, which the base checkpoint lacks")
+        if a.shape != (r, w[1]) or b.shape != (w[0], r):
+            raise CheckpointError(f"{adapter_dir}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                                  f"fit r = {r} and the base weight {tuple(w)} (expected {(r, w[1])} and {(w[0], r)})")
+        pairs.append((name, a, b))
     if not pairs:
         raise CheckpointError(f"{adapter_dir}: no lora_A/lora_B tensors found")
-    return cfg, pairs
+    return cfg, scale, pairs
 
 
 def merge_peft(weights: Dict[str, mx.array], adapter_dir: Path) -> Dict[str, mx.array]:
-    """Fuse a PEFT LoRA adapter: ``W += (alpha / r) · B @ A`` for every adapted linear."""
-    cfg, pairs = read_peft(adapter_dir)
-    scale = cfg.get("lora_alpha", cfg["r"]) / cfg["r"]
+    """Fuse a PEFT LoRA adapter: ``W += scale · B @ A`` for every adapted linear."""
+    _, scale, pairs = read_peft(adapter_dir, {k: tuple(v.shape) for k, v in weights.items()})
     merged = dict(weights)
     for name, a, b in pairs:
-        target = name + ".weight"
-        if target not in merged:
-            raise CheckpointError(f"LoRA adapter targets {target}, which the base checkpoint lacks")
-        w = merged[target]
-        merged[target] = (w.astype(mx.float32) + scale * (b.astype(mx.float32) @ a.astype(mx.float32))).astype(w.dtype)
+        w = merged[name + ".weight"]
+        merged[name + ".weight"] = (w.astype(mx.float32) + scale * (b.astype(mx.float32) @ a.astype(mx.float32))).astype(w.dtype)
     return merged
 
 
-def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int) -> None:
+def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int, shapes: Dict[str, Tuple[int, ...]]) -> None:
     """Keep LoRA separate, in mlx-lm's adapter format (``adapters.safetensors`` +
     ``adapter_config.json``), loadable by ``mlx_lm.utils.load_adapters`` and our ``load``."""
-    cfg, pairs = read_peft(adapter_dir)
+    cfg, scale, pairs = read_peft(adapter_dir, shapes)
     out, keys, layers = {}, set(), set()
     for name, a, b in pairs:
         parts = name.split(".")
+        if "layers" not in parts:
+            raise CheckpointError(f"--keep-lora adapts decoder layers only; {name} is outside them (use --fuse-lora)")
         li = parts.index("layers")
         layers.add(int(parts[li + 1]))
         keys.add(".".join(parts[li + 2:]))
@@ -111,8 +146,7 @@ def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int) -> Non
     mx.save_safetensors(str(dst / "adapters.safetensors"), out)
     (dst / "adapter_config.json").write_text(json.dumps({
         "fine_tune_type": "lora", "num_layers": num_layers - first,
-        "lora_parameters": {"rank": cfg["r"], "scale": cfg.get("lora_alpha", cfg["r"]) / cfg["r"],
-                            "dropout": 0.0, "keys": sorted(keys)}}, indent=2))
+        "lora_parameters": {"rank": cfg["r"], "scale": scale, "dropout": 0.0, "keys": sorted(keys)}}, indent=2))
 
 
 def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
@@ -301,7 +335,7 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
         save_model(tmp, model, config)
         copy_tokenizer_files(src, tmp)
         if adapter is not None and keep_lora:
-            peft_to_mlx_lm_adapter(adapter, tmp, len(model.layers))
+            peft_to_mlx_lm_adapter(adapter, tmp, len(model.layers), {k: tuple(v.shape) for k, v in weights.items()})
         for j in stream_jsons:
             convert_streams(j, model, tmp, j.stem)
 

@@ -96,15 +96,15 @@ def test_bin_sharded_bf16_tied(tmp_path):
     assert np.abs(out - ref).max() < 0.05
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_peft_lora_merged_and_kept(tmp_path, sp_model_file, keep):
+@pytest.mark.parametrize("keep,rslora", [(False, False), (True, False), (False, True), (True, True)])
+def test_peft_lora_merged_and_kept(tmp_path, sp_model_file, keep, rslora):
     import peft
 
     src = tmp_path / "src"
     hf = make_hf_model("llama", src)
     shutil.copy(sp_model_file, src / "tokenizer.model")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          layers_to_transform=[2, 3])
+                          layers_to_transform=[2, 3], use_rslora=rslora)  # rsLoRA: alpha / sqrt(r)
     pm = peft.get_peft_model(hf, cfg)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -119,6 +119,47 @@ def test_peft_lora_merged_and_kept(tmp_path, sp_model_file, keep):
     out = np.array(model(mx.array(IDS)))
     assert np.abs(out - ref).max() < 1e-4
     assert (dst / "adapters.safetensors").exists() == keep
+
+
+def _peft_adapter(tmp_path, sp_model_file):
+    import peft
+
+    src = tmp_path / "src"
+    hf = make_hf_model("llama", src)
+    shutil.copy(sp_model_file, src / "tokenizer.model")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    return src, tmp_path / "adapter"
+
+
+def test_peft_config_values_and_shapes_are_checked_before_any_arithmetic(tmp_path, sp_model_file):
+    """r 0, a string or list alpha, DoRA, per-module ranks: named errors, not a division by zero,
+    a TypeError or a wrong merge; a lora_B of the wrong shape used to broadcast onto every row of
+    the weight with exit 0."""
+    from safetensors.numpy import load_file, save_file
+
+    src, adapter = _peft_adapter(tmp_path, sp_model_file)
+    good = json.loads((adapter / "adapter_config.json").read_text())
+    for change, named in [({"r": 0}, "r must be an integer"), ({"r": True}, "r must be an integer"),
+                          ({"lora_alpha": "8"}, "lora_alpha must be"), ({"lora_alpha": [8]}, "lora_alpha must be"),
+                          ({"lora_alpha": 0}, "lora_alpha must be"), ({"use_dora": True}, "use_dora"),
+                          ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"), ({"use_rslora": "yes"}, "use_rslora"),
+                          ({"r": 8}, "do not fit r = 8")]:
+        (adapter / "adapter_config.json").write_text(json.dumps({**good, **change}))
+        for keep in (False, True):
+            dst = tmp_path / f"dst-{keep}"
+            with pytest.raises(CheckpointError, match=named):
+                convert(src, dst, adapter_path=adapter, keep_lora=keep)
+            assert not dst.exists()
+    (adapter / "adapter_config.json").write_text(json.dumps(good))
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    k = next(k for k in tensors if "lora_B" in k)
+    save_file({**tensors, k: tensors[k][:1]}, str(adapter / "adapter_model.safetensors"))  # (1, r): broadcasts
+    with pytest.raises(CheckpointError, match=r"lora_B \(1, 4\)"):
+        convert(src, tmp_path / "dst-b", adapter_path=adapter)
+    save_file({n: t for n, t in tensors.items() if n != k}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="no matching lora_B"):
+        convert(src, tmp_path / "dst-c", adapter_path=adapter)
 
 
 def test_verify_flag_reports_small_difference(tmp_path, sp_model_file, capsys):

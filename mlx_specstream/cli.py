@@ -81,10 +81,13 @@ def check_args(args: argparse.Namespace) -> None:
     for name, ok, want in (("max_tokens", lambda v: v >= 1, "at least 1"), ("temp", lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0"),
                            ("top_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("top_k", lambda v: v >= 0, ">= 0"),
                            ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("num_draft", lambda v: 1 <= v <= MAX_NUM_DRAFT, f"in 1..{MAX_NUM_DRAFT}"),
-                           ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)")):
+                           ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
+                           ("n_prompts", lambda v: 1 <= v <= 100_000, "in 1..100000"), ("trials", lambda v: v >= 1, "at least 1"),
+                           ("warmup", lambda v: v >= 0, ">= 0")):
         v = getattr(args, name, None)
-        if v is not None and not ok(v):
-            raise UserError(f"--{name.replace('_', '-')} must be {want}, got {v}")
+        for x in v if isinstance(v, list) else [v]:  # repeatable flags (bench --temp) check each value
+            if x is not None and not ok(x):
+                raise UserError(f"--{name.replace('_', '-')} must be {want}, got {x}")
     if getattr(args, "seed", None) is not None:
         mx.random.seed(args.seed)
 

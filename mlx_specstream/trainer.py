@@ -302,8 +302,9 @@ class TrainConfig:
                 "val_every": 1, "val_batches": 1, "save_every": 1, "max_stream_positions": 0, "medusa": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise DataError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+            hi = _INT_MAX.get(name, 2**31 - 1)  # MLX's schedules count steps in int32
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise DataError(f"--{name.replace('_', '-')} must be an integer in {lo}..{hi}, got {v!r}")
         floats = {"lr": (0.0, False), "min_lr_ratio": (0.0, True), "weight_decay": (0.0, True), "alpha": (0.0, True),
                   "time_limit": (0.0, True)}
         for name, (lo, closed) in floats.items():
@@ -313,6 +314,9 @@ class TrainConfig:
                                 f"got {v!r}")
         if self.alpha0 is not None and not (math.isfinite(self.alpha0) and self.alpha0 >= 0):
             raise DataError(f"--alpha0 must be a finite number >= 0, got {self.alpha0!r}")
+
+
+_INT_MAX = {"seed": 2**64 - 1, "batch_size": 1 << 16, "seq_len": 1 << 20, "medusa": 64}
 
 
 class _Trainable(nn.Module):

@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import default_model_path
+from ..cli import check_args
 from ..drafters import DEFAULT_NUM_DRAFT
 from .report import compare, markdown, plots, table, write_csv
 from .runners import run_bench
 from .tune import tune
 from ..errors import UserError
+from ..tree import MAX_LOOKUP
 
 
 def setup_arg_parser(parser=None):
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
                              "setting, used whenever generation samples (default 0: greedy)")
         ap.add_argument("--json", default=None)
         a = ap.parse_args(argv[1:])
+        check_args(a)
         res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write, quick=a.quick,
                    write_to=a.write_to, streams=a.streams, temp=a.temp)
         print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
             Path(a.json).write_text(json.dumps(res, indent=2))
         return 0
     args = setup_arg_parser().parse_args(argv)
+    check_args(args)
+    bad = next((k for k in args.lookup if not 0 <= k <= MAX_LOOKUP), None)
+    if bad is not None:
+        raise UserError(f"--lookup must be in 0..{MAX_LOOKUP}, got {bad}")
     if args.quick:
         args.n_prompts, args.max_tokens, args.trials, args.warmup = min(args.n_prompts, 3), min(args.max_tokens, 48), 1, 1
     draft = args.draft_model

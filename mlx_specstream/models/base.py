@@ -46,7 +46,8 @@ class BaseModelArgs:
 # config fails by name instead of allocating without end.
 _SIZE_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
                 "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1 << 12,
-                "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24}
+                "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24,
+                "rope_scaling.original_max_position_embeddings": 1 << 24}
 
 
 def _check(key: str, v, annotation: str) -> None:
@@ -72,6 +73,7 @@ def _check(key: str, v, annotation: str) -> None:
 
 _FLOAT_KEYS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps",
                "partial_rotary_factor")
+_BOOL_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 _SILU_ONLY = ("llama", "mistral", "qwen2", "qwen3")  # mlx-lm runs these with SiLU whatever the config says
 
 
@@ -92,6 +94,20 @@ def check_config(config: dict) -> None:
             raise UserError(f"rope_scaling must be an object, got {rs!r}")
         if "factor" in rs:
             _check("rope_scaling.factor", rs["factor"], "float")
+        if rs.get("rope_type", rs.get("type")) == "llama3":
+            lo, hi = rs.get("low_freq_factor"), rs.get("high_freq_factor")
+            _check("rope_scaling.low_freq_factor", lo, "float")
+            _check("rope_scaling.high_freq_factor", hi, "float")
+            if not lo < hi:  # the smoothing between them divides by (hi - lo)
+                raise UserError(f"rope_scaling: low_freq_factor ({lo}) must be below high_freq_factor ({hi})")
+            _check("rope_scaling.original_max_position_embeddings", rs.get("original_max_position_embeddings"), "int")
+    for key in _BOOL_KEYS:
+        if config.get(key) is not None:
+            _check(key, config[key], "bool")
+    if (w := config.get("sliding_window")) is not None:
+        _check("sliding_window", w, "int")
+        if w < 1:
+            raise UserError(f"sliding_window must be >= 1 (or null), got {w}")
     act = config.get("hidden_act")
     if config.get("model_type") in _SILU_ONLY and act not in (None, "silu"):
         raise UserError(f"{config['model_type']}: hidden_act {act!r} is not supported (silu only)")

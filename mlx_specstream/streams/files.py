@@ -3,6 +3,7 @@ parameters) beside a base checkpoint; several named adapters can share one base.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from ..checkpoint import (ASSETS, CheckpointError, base_fingerprint, fingerprint_mismatch, load_adapter_weights,
                           model_dtype, read_json, save_adapter)
+from ..errors import UserError
 from .config import StreamConfig
 from .params import SpeculativeStreams
 
@@ -17,7 +19,14 @@ STREAMS_STEM = "speculative_streams"
 STREAMS_CONFIG = STREAMS_STEM + ".json"
 
 
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
 def stream_stem(name: Optional[str] = None) -> str:
+    """``speculative_streams[-name]``: a name is one file-name component (letters, digits, ``._-``),
+    so an adapter is always written beside its model, never elsewhere through ``../``."""
+    if name is not None and not _NAME.fullmatch(name):
+        raise UserError(f"adapter name {name!r} must be 1-100 letters, digits or ._- (not starting with '.')")
     return STREAMS_STEM + (f"-{name}" if name else "")
 
 
@@ -37,8 +46,8 @@ def find_stream_file(model_path: Path, streams: Optional[str]) -> Optional[Path]
         return p
     if p.is_dir() and (p / STREAMS_CONFIG).exists():
         return p / STREAMS_CONFIG
-    q = model_path / f"{stream_stem(streams)}.json"
-    if q.exists():
+    q = model_path / f"{stream_stem(streams)}.json" if _NAME.fullmatch(streams) else None
+    if q is not None and q.exists():
         return q
     available = sorted(x.name for x in model_path.glob(STREAMS_STEM + "*.json"))
     raise FileNotFoundError(f"stream file {streams!r} not found (in {model_path}: {available or 'none'})")

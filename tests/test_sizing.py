@@ -40,10 +40,12 @@ def test_cheaper_steps_grow_the_tree():
 def test_context_stats_learn_from_what_was_accepted():
     st = ContextStats()
     before = st.estimate(3, 4)
-    assert before == sorted(before, reverse=True) and before[0] == pytest.approx(0.6)
+    assert before == sorted(before, reverse=True) and before[0] == pytest.approx(st.prior[2])
+    assert st.estimate(40, 1)[0] > st.estimate(5, 1)[0] > st.estimate(1, 1)[0]  # longer runs: likelier
     for _ in range(20):
         st.update(3, verified=4, accepted=0)
-    assert st.estimate(3, 4)[0] < 0.1 and st.estimate(1, 1)[0] == pytest.approx(0.3)  # per match length
+    assert st.estimate(3, 4)[0] < 0.1 and st.estimate(1, 1)[0] == pytest.approx(st.prior[0])  # per run length
+    assert st.bin(9) == st.bin(15) != st.bin(16)
     for _ in range(40):
         st.update(2, verified=3, accepted=3)
     assert st.estimate(2, 3)[2] > 0.9
@@ -88,3 +90,16 @@ def test_draft_confidence_is_calibrated_online_from_what_was_accepted():
         plan = auto.next_plan(conf, [], 0)
         auto.observe(plan, 0, ())  # the draft was never accepted
     assert auto.next_plan(conf, [], 0).size == 1
+
+
+def test_context_drafts_measure_how_long_the_match_runs():
+    from mlx_specstream.drafters.context import ContextDrafts
+
+    src = [10, 11, 12, 13, 14, 15, 16, 17]
+    ctx = ContextDrafts(src + [99] + src[:6], 3)  # the last 6 tokens repeat the source's first 6
+    assert ctx.propose() == [16, 17, 99] and ctx.match == 6
+    ctx = ContextDrafts([1, 2, 7, 1, 2], 2)  # only the 2-gram matches
+    assert ctx.propose() == [7, 1] and ctx.match == 2
+    long = list(range(100, 160))
+    ctx = ContextDrafts(long + long[:50], 1)
+    assert ctx.propose() == [150] and ctx.match == 32  # measured up to MAX_RUN

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+MAX_RUN = 32  # tokens a match's run length is measured to
+
 
 class ContextDrafts:
     """Drafts copied from the context (prompt lookup): the ``n`` tokens that followed the most
@@ -16,9 +18,12 @@ class ContextDrafts:
     Example: history ``a b c a b`` → suffix ``a b`` last continued at ``c`` → ``c a b c ...``.
     """
 
-    def __init__(self, tokens: Sequence[int], n: int, max_ngram: int = 3):
-        self.n, self.max_ngram = n, max_ngram
-        self.match = 0  # n-gram length of the last proposal's match (0: none)
+    def __init__(self, tokens: Sequence[int], n: int, max_ngram: int = 3, max_run: int = MAX_RUN):
+        self.n, self.max_ngram, self.max_run = n, max_ngram, max_run
+        # How long the present suffix runs equal to the text before the copied continuation (up to
+        # ``max_run``; 0: no match): the longer, the likelier the copy goes on (a code edit
+        # copying a function line by line), a far better sign than the n-gram length alone.
+        self.match = 0
         self.hist: List[int] = []
         self.next_at: List[dict] = [{} for _ in range(max_ngram + 1)]
         self.extend(tokens)
@@ -37,7 +42,10 @@ class ContextDrafts:
         for m in range(min(self.max_ngram, len(h)), 0, -1):
             pos = self.next_at[m].get(tuple(h[-m:]))
             if pos is not None:
-                self.match = m
+                run = m
+                while run < self.max_run and pos - run - 1 >= 0 and h[pos - run - 1] == h[-run - 1]:
+                    run += 1
+                self.match = run
                 out: List[int] = []
                 for j in range(self.n):
                     i = pos + j

@@ -19,7 +19,7 @@ from .trainer import TRAIN_MODES, TrainConfig, load_data, train
 from .errors import UserError
 
 OPT_INT = ("iters", "batch_size", "grad_accum", "seq_len", "segment", "warmup", "seed", "val_every", "val_batches",
-           "save_every", "max_stream_positions")
+           "save_every", "max_stream_positions", "head_sample", "full_every")
 OPT_FLOAT = ("lr", "min_lr_ratio", "weight_decay", "alpha", "time_limit")
 
 

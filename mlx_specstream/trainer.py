@@ -36,7 +36,7 @@ from .cli import progress_bar
 from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.files import stream_stem
-from .streams.loss import LossWeights, stream_loss
+from .streams.loss import LossWeights, head_vocabulary, stream_loss
 from .chat_template import template_ids
 from .errors import UserError
 
@@ -296,10 +296,13 @@ class TrainConfig:
     keep_states: bool = False  # keep those outputs in the output folder for a resumed run
     medusa: int = 0  # > 0: train that many Medusa-1 heads instead of streams (the baseline)
     time_limit: float = 0.0  # seconds (0 = none): the schedule runs on whichever of iters / time ends first
+    head_sample: int = 0  # > 0: stream CE over the batch's targets + this many sampled tokens (0: full vocabulary)
+    full_every: int = 0  # with head_sample: every this-many-th iteration over the full vocabulary (0: never)
 
     def __post_init__(self):
         ints = {"iters": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "segment": 1, "warmup": 0, "seed": 0,
-                "val_every": 1, "val_batches": 1, "save_every": 1, "max_stream_positions": 0, "medusa": 0}
+                "val_every": 1, "val_batches": 1, "save_every": 1, "max_stream_positions": 0, "medusa": 0,
+                "head_sample": 0, "full_every": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
             hi = _INT_MAX.get(name, 2**31 - 1)  # MLX's schedules count steps in int32
@@ -316,7 +319,7 @@ class TrainConfig:
             raise DataError(f"--alpha0 must be a finite number >= 0, got {self.alpha0!r}")
 
 
-_INT_MAX = {"seed": 2**64 - 1, "batch_size": 1 << 16, "seq_len": 1 << 20, "medusa": 64}
+_INT_MAX = {"seed": 2**64 - 1, "batch_size": 1 << 16, "seq_len": 1 << 20, "medusa": 64, "head_sample": 1 << 22}
 
 
 class _Trainable(nn.Module):
@@ -362,9 +365,16 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     opt, sched = _optimizer(cfg)
     start = state.load(trainable, opt, log) if resume else 0
 
+    freq = _target_counts(train_data, model.args.vocab_size) if cfg.head_sample else None
+
     def loss_fn(tr, toks, mask, bottom, seed):
+        vocab = None
+        it = (seed - cfg.seed * 1_000_003) // cfg.grad_accum + 1  # the iteration (1-based) this micro-batch is in
+        if freq is not None and not (cfg.full_every and it % cfg.full_every == 0):
+            vocab = head_vocabulary(np.array(toks[:, 1:])[np.array(mask[:, 1:]) > 0], freq, cfg.head_sample, seed)
         loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
-                              max_positions=cfg.max_stream_positions or None, sample_seed=seed, bottom=bottom)
+                              max_positions=cfg.max_stream_positions or None, sample_seed=seed, bottom=bottom,
+                              vocab=vocab)
         return loss
 
     def on_save():
@@ -379,6 +389,12 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
                     on_save, on_eval, log, stop_at, f"{cfg.mode} streams", train_bottom)
     return streams, history
+
+
+def _target_counts(train_data, vocab_size: int) -> np.ndarray:
+    """How often each token is a training target (plus one: every token can be drawn)."""
+    toks, mask = np.asarray(train_data[0]), np.asarray(train_data[1])
+    return 1 + np.bincount(toks[mask > 0], minlength=vocab_size)[:vocab_size]
 
 
 def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at):

@@ -194,5 +194,20 @@ def head_scores(model, h: mx.array, ids: mx.array) -> mx.array:
     return scores if post is None else post(scores)
 
 
+def head_subset(model, h: mx.array, ids: mx.array) -> mx.array:
+    """The logits of one set of tokens ``ids`` (V,) for final-normed states ``h`` (…, d): (…, V),
+    the head's rows gathered once (a softmax restricted to them costs V rows, not the vocabulary)."""
+    module, post = model.head_module()
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        w = mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
+                          group_size=module.group_size, bits=module.bits)
+    else:
+        w = module.weight[ids]
+    scores = h @ w.astype(h.dtype).T
+    if "bias" in module:
+        scores = scores + module.bias[ids]
+    return scores if post is None else post(scores)
+
+
 def cache_offset(cache: Optional[list]) -> int:
     return cache[0].offset if cache else 0

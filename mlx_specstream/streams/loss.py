@@ -4,12 +4,13 @@ pruning adapter's next-token loss and, in shared mode, the main stream's NTP los
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..models.base import head_subset
 from .msa import bottom_forward, early_exit_logits, msa_forward
 
 
@@ -29,8 +30,21 @@ def sample_positions(m: mx.array, max_positions: Optional[int], seed: int) -> np
     return pos
 
 
+def head_vocabulary(targets: np.ndarray, freq: np.ndarray, n: int, seed: int) -> Tuple[mx.array, mx.array]:
+    """A restricted softmax's tokens for one batch: every target of the batch plus ``n`` tokens
+    drawn (seeded) from ``freq`` (the training targets' counts, flattened by ^0.75 so rarer
+    tokens compete too). Returns ``(ids (V,), remap (vocab,))``: ``remap[t]`` is t's column."""
+    p = freq.astype(np.float64) ** 0.75
+    drawn = np.random.default_rng(seed).choice(len(freq), size=n, p=p / p.sum()) if n else np.zeros(0, np.int64)
+    ids = np.unique(np.concatenate([targets.ravel(), drawn])).astype(np.int32)
+    remap = np.zeros(len(freq), np.int32)
+    remap[ids] = np.arange(len(ids), dtype=np.int32)
+    return mx.array(ids), mx.array(remap)
+
+
 def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int = 64, train_streams: bool = True,
-                max_positions: Optional[int] = None, sample_seed: int = 0, bottom: Optional[mx.array] = None):
+                max_positions: Optional[int] = None, sample_seed: int = 0, bottom: Optional[mx.array] = None,
+                vocab: Optional[Tuple[mx.array, mx.array]] = None):
     """Loss of one batch. ``tokens``/``mask`` (B, L+1): inputs are ``tokens[:, :-1]``, the target
     of position t is ``tokens[:, t+1]`` with weight ``mask[:, t+1]``. ``max_positions``: attach
     streams to at most that many target positions, sampled (seeded) — an unbiased estimate of the
@@ -42,8 +56,11 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     before its target (teacher forcing), its CE added to the unconditioned one (whose top-K are
     the candidates decoding re-scores).
 
+    ``vocab``: ``(ids, remap)`` from :func:`head_vocabulary` — the streams' CE over those tokens
+    alone (every target among them), at a fraction of the head's cost; None: the full vocabulary.
+
     Returns (loss, metrics: per stream mean CE and top-1 accuracy — unconditioned, conditioned,
-    and as decoding reads it — each an mx scalar).
+    and as decoding reads it — each an mx scalar; restricted to ``vocab`` when given).
     """
     x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     B, L = x.shape
@@ -77,6 +94,12 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         if kind == "":
             counts[j] = counts[j] + w.sum()
     main_logits = None
+
+    def head(hn):  # stream logits: the full head, or the restricted one
+        return model.head(hn) if vocab is None else head_subset(model, hn, vocab[0])
+
+    def column(t):
+        return t if vocab is None else vocab[1][t]
     for s in range(0, max(len(owners_np), 1), segment):
         owners = mx.array(owners_np[s : s + segment])
         if owners.size == 0:
@@ -84,13 +107,13 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         h_main, h_str = msa_forward(model, streams, h, anc=anc, owners=owners, positions=positions)
         if main_logits is None and weights.ntp:
             main_logits = model.head(model.final_norm(h_main))
-        logits = model.head(model.final_norm(h_str)).reshape(B, owners.size, g, -1)
+        logits = head(model.final_norm(h_str)).reshape(B, owners.size, g, -1)
         states = h_str.reshape(B, owners.size, g, -1)
         for j in range(g):
             tgt_pos = owners + 1 + j  # stream j at owner t predicts y[t+1+j] = tokens[t+2+j]
             ok = tgt_pos < L
             tp = mx.minimum(tgt_pos, L - 1)
-            tgt = y[:, tp]
+            tgt = column(y[:, tp])
             w = m[:, tp] * ok
             ce = nn.losses.cross_entropy(logits[:, :, j], tgt) * w
             acc = (mx.argmax(logits[:, :, j], axis=-1) == tgt) * w
@@ -98,9 +121,9 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
             if conditioned:
                 # teacher-forced: conditioned on the true token before the target, y[t+j]
                 prev = y[:, mx.minimum(owners + j, L - 1)]
-                cond = model.head(model.final_norm(streams.token_head(states[:, :, j], model.token_embedding(prev))))
+                cond = head(model.final_norm(streams.token_head(states[:, :, j], model.token_embedding(prev))))
                 add(j, "_cond", nn.losses.cross_entropy(cond, tgt) * w, (mx.argmax(cond, axis=-1) == tgt) * w, w)
-                if topk:  # what decoding reads: the conditioned best of the unconditioned top-K
+                if topk and vocab is None:  # what decoding reads: the conditioned best of the unconditioned top-K
                     ids = mx.argpartition(-mx.stop_gradient(logits[:, :, j]), kth=topk - 1, axis=-1)[..., :topk]
                     pick = mx.take_along_axis(ids, mx.argmax(mx.take_along_axis(cond, ids, axis=-1), axis=-1)[..., None], -1)
                     add(j, "_decode", None, (pick[..., 0] == tgt) * w, w)

@@ -62,7 +62,7 @@ def random_blocks(qtype: str, rows: int, cols: int, rng, scale: float = 1e-3) ->
     return raw.reshape(rows, -1)
 
 
-def write_gguf(hf, path: Path, qtype: str, vocab, per_tensor=None) -> Path:
+def write_gguf(hf, path: Path, qtype: str, vocab, per_tensor=None, alignment=None) -> Path:
     """``hf`` (a transformers model of ``ARCH``'s families) -> a GGUF file at ``path``; 2-D weights
     in ``qtype`` (F32, F16, Q8_0, Q4_0, Q4_1), 1-D tensors in F32. ``per_tensor``: a type per
     GGUF tensor kind (``ffn_down``; a list: one per layer); types the gguf package cannot quantize
@@ -73,6 +73,11 @@ def write_gguf(hf, path: Path, qtype: str, vocab, per_tensor=None) -> Path:
     family = cfg.model_type
     arch = ARCH[family]
     w = gguf.GGUFWriter(str(path), arch)
+    if alignment is not None:  # ("uint16", 64): general.alignment stored as that type, the data aligned by it
+        kind, value = alignment
+        getattr(w, f"add_{kind}")("general.alignment", value)
+        if kind != "bool":
+            w.data_alignment = value
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

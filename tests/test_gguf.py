@@ -439,3 +439,23 @@ def test_a_broken_vocabulary_is_a_named_error(tmp_path, vocab):
         p = write_gguf(hf, tmp_path / "broken.gguf", "Q8_0", broken)
         with pytest.raises(GGUFError, match=named):
             load(str(p))
+
+
+def test_general_alignment_of_any_integer_type_is_the_one_the_data_is_read_with(tmp_path, vocab):
+    """Tensors are read by our own reader from the offsets our header check computed, so an
+    alignment stored as UINT16 or INT64 (MLX's reader honours UINT32 only) reads the same weights
+    as the default; a bool alignment is refused by name."""
+    from mlx.utils import tree_flatten
+
+    from mlx_specstream.gguf import load_gguf
+
+    def weights(p):
+        return {k: np.array(v) for k, v in tree_flatten(load_gguf(p, dequantize=True)[0].parameters())}
+
+    hf = make_hf_model("llama", tmp_path / "hf")
+    ref = weights(write_gguf(hf, tmp_path / "ref.gguf", "Q8_0", vocab))
+    for kind in ("uint16", "int64"):
+        got = weights(write_gguf(hf, tmp_path / f"{kind}.gguf", "Q8_0", vocab, alignment=(kind, 64)))
+        assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(GGUFError, match="general.alignment True"):
+        read_gguf(write_gguf(hf, tmp_path / "bool.gguf", "Q8_0", vocab, alignment=("bool", True)))

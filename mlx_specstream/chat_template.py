@@ -69,7 +69,10 @@ class _Renderer:
                 raise RuntimeError("the chat-template renderer exited") from None
             line = self._read(seconds)
             if not line:
+                exited = self.proc.poll() is not None
                 self._kill()
+                if exited:  # not the template's doing (a renderer killed from outside, say): a bug to report
+                    raise RuntimeError("the chat-template renderer exited while rendering")
                 raise UserError(f"the chat template did not finish rendering within {seconds:g} s "
                                 "(it is code from the model folder: fix or replace its chat template)")
             out = json.loads(line)

@@ -366,21 +366,12 @@ def test_open_connections_are_bounded_and_the_rest_answered_503(small_server):
 def test_sigterm_drops_trickling_and_idle_clients_after_the_grace_period():
     """A client sending a byte a second (and one connected, sending nothing) no longer keeps the
     server from stopping: it exits within the grace period plus a few seconds."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     from mlx_specstream.server import SHUTDOWN_GRACE
 
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0", "--timeout", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
-    line = proc.stdout.readline()
-    while "serving" not in line:
-        assert line, "the server did not start"
-        line = proc.stdout.readline()
-    port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    proc, port = _serve_process("--timeout", "120")
     stop = threading.Event()
     t = threading.Thread(target=_trickle, args=(port, b"GET /health HTTP/1.1\r\n" * 10, 1.0, stop), daemon=True)
     t.start()
@@ -441,20 +432,26 @@ def test_port_in_use_or_invalid_is_a_one_line_error(capsys):
     busy.close()
 
 
-def test_sigterm_refuses_new_connections_and_finishes_the_request_in_flight(tmp_path):
+def _serve_process(*args):
+    """``specstream serve`` in a subprocess on a free port: (process, port) once it serves."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
     line = proc.stdout.readline()
     while "serving" not in line:
         assert line, "the server did not start"
         line = proc.stdout.readline()
-    port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
+
+
+def test_sigterm_refuses_new_connections_and_finishes_the_request_in_flight(tmp_path):
+    import signal
+    import time
+
+    proc, port = _serve_process()
     result = {}
 
     def long_request():

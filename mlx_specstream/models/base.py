@@ -178,32 +178,19 @@ class CausalLM:
         return weights
 
 
-def head_scores(model, h: mx.array, ids: mx.array) -> mx.array:
+def head_scores(model, h: mx.array, ids: mx.array, *, shared: bool = False) -> mx.array:
     """The logits of tokens ``ids`` (…, K) alone for final-normed states ``h`` (…, d): the LM
     head's rows gathered (dequantized when the head is quantized), its bias and the family's
-    logit transform applied — what a full head pass gives at those ids, at the cost of K rows."""
+    logit transform applied — what a full head pass gives at those ids, at the cost of K rows.
+    ``shared``: ``ids`` (V,) is one set for every state, giving (…, V) (a restricted softmax)."""
     module, post = model.head_module()
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         w = mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
                           group_size=module.group_size, bits=module.bits)
     else:
         w = module.weight[ids]
-    scores = (w.astype(h.dtype) @ h[..., None])[..., 0]
-    if "bias" in module:
-        scores = scores + module.bias[ids]
-    return scores if post is None else post(scores)
-
-
-def head_subset(model, h: mx.array, ids: mx.array) -> mx.array:
-    """The logits of one set of tokens ``ids`` (V,) for final-normed states ``h`` (…, d): (…, V),
-    the head's rows gathered once (a softmax restricted to them costs V rows, not the vocabulary)."""
-    module, post = model.head_module()
-    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        w = mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
-                          group_size=module.group_size, bits=module.bits)
-    else:
-        w = module.weight[ids]
-    scores = h @ w.astype(h.dtype).T
+    w = w.astype(h.dtype)
+    scores = h @ w.T if shared else (w @ h[..., None])[..., 0]
     if "bias" in module:
         scores = scores + module.bias[ids]
     return scores if post is None else post(scores)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..models.base import head_subset
+from ..models.base import head_scores
 from .msa import bottom_forward, early_exit_logits, msa_forward
 
 
@@ -96,7 +96,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
     main_logits = None
 
     def head(hn):  # stream logits: the full head, or the restricted one
-        return model.head(hn) if vocab is None else head_subset(model, hn, vocab[0])
+        return model.head(hn) if vocab is None else head_scores(model, hn, vocab[0], shared=True)
 
     def column(t):
         return t if vocab is None else vocab[1][t]

@@ -34,7 +34,6 @@ class _Renderer:
     def __init__(self):
         self.proc: Optional[subprocess.Popen] = None
         self.ready = False
-        self._last_exit: Optional[int] = None
         self.lock = threading.Lock()
 
     def start(self) -> None:
@@ -70,12 +69,11 @@ class _Renderer:
                 raise RuntimeError("the chat-template renderer exited") from None
             line = self._read(seconds)
             if not line:
-                exited = self.proc.poll() is not None
-                self._last_exit = self.proc.returncode
+                code = self.proc.poll()
                 self._kill()
-                if exited:  # e.g. an allocation past the memory bound that Python could not turn into MemoryError
+                if code is not None:  # e.g. an allocation past the memory bound that Python could not turn into MemoryError
                     raise UserError("the chat template's renderer died while rendering it (memory bound "
-                                    f"{TEMPLATE_MEMORY >> 20} MiB; exit {self._last_exit})")
+                                    f"{TEMPLATE_MEMORY >> 20} MiB; exit {code})")
                 raise UserError(f"the chat template did not finish rendering within {seconds:g} s "
                                 "(it is code from the model folder: fix or replace its chat template)")
             out = json.loads(line)

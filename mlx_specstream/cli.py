@@ -19,7 +19,7 @@ from .tree import MAX_TREE_NODES
 MAX_NUM_DRAFT = MAX_TREE_NODES  # a draft model's chain is a tree like any other
 from .loading import load
 from .sample import SamplingParams
-from .errors import UserError
+from .errors import UserError, plain_notices
 
 VERBS = {
     "generate": ("mlx_specstream.generate", "generate text from a prompt"),
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
             print(f"\nerror: unknown verb {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    plain_notices()
     module = importlib.import_module(VERBS[argv[0]][0])
     try:
         return module.main(argv[1:]) or 0

@@ -17,14 +17,13 @@ from .cache import DEFAULT_PREFILL_STEP, KVCache, KVSettings, PromptCache
 from .cli import add_cache_args, add_model_args, add_sampling_args, check_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
 from .calibrate import cost_curve
-from .drafters import DraftModelDrafter, Drafter, StreamDrafter, Verifier
+from .drafters import DraftModelDrafter, Drafter, Verifier
 from .sizing import AUTO_CONTEXT, AUTO_LOOKUP, AUTO_SPECS, AUTO_WIDTH, AutoTree
-from .loading import say_once
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
 from .tokenizer import chat_ids
 from .tree import MAX_LOOKUP, parse_tree_spec
-from .errors import UserError
+from .errors import UserError, notice
 
 
 MAX_CHARS_PER_TOKEN = 128  # beyond any tokenizer's longest token
@@ -117,12 +116,11 @@ def stream_generate(
             raise UserError(f"top_k must be in [0, {base.args.vocab_size}) for this model's vocabulary, got {sampling.top_k}")
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
-        if (speculative and sampling.temp > 0 and isinstance(drafter, StreamDrafter) and tree is None
-                and lookup is None and drafter.streams.config.tuned_on):
+        if (speculative and sampling.temp > 0 and tree is None and lookup is None and drafter is not None
+                and (name := drafter.tuned_for_greedy_only()) is not None):
             # Tuned for greedy decoding only: sampled drafts are accepted less often (on SmolLM2 at
             # T=0.7 its greedy setting ran 0.88x plain decoding: README), so say it once.
-            src = drafter.streams.source
-            say_once(f"[{src.name if src else 'the stream adapter'}: its tree and context drafts "
+            notice(f"[{name}: its tree and context drafts "
                       "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
                       "than plain decoding (tune for sampling: specstream bench tune --temp T --write; "
                       "plain: --no-speculate)]")

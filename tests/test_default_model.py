@@ -82,16 +82,15 @@ def test_cli_generate_with_no_model(capsys):
     assert out["speculative"] and out["generation_tokens"] > 0 and out["mean_accepted"] > 1.0
 
 
-def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys):
+def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys, notices):
     """Settings tuned with an optimised BLAS are slower than plain decoding on the reference one:
     there the shipped tree is not used by default, and the user is told what to install."""
     import mlx_specstream.loading as loading
 
     monkeypatch.setattr(loading, "blas_kind", lambda: "reference")
     monkeypatch.setattr(loading, "tuned_on", lambda: {"backend": "cpu", "device": "AMD EPYC", "blas": "reference"})
-    loading._said.clear()
     model, tok = load()
-    err = capsys.readouterr().err
+    err = "\n".join(notices())
     assert "reference BLAS" in err and "LD_PRELOAD" in err and "plain decoding by default" in err
     assert model.drafter.default_paths == () and model.drafter.default_lookup == 0
     r = list(stream_generate(model, tok, "def f(x):", max_tokens=8))
@@ -99,44 +98,37 @@ def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys):
     from mlx_specstream.cli import main
     assert main(["generate", "--prompt", "def f(x):", "-m", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["speculative"] is False  # says it decoded plainly
-    loading._said.clear()
 
 
-def test_optimised_blas_keeps_the_tuned_settings(capsys):
+def test_optimised_blas_keeps_the_tuned_settings(notices):
     model, _ = load()
-    assert model.drafter.default_lookup == 5 and "reference BLAS" not in capsys.readouterr().err
+    assert model.drafter.default_lookup == 5 and not any("reference BLAS" in n for n in notices())
 
 
-def test_sampling_with_settings_tuned_for_greedy_decoding_says_so(capsys):
+def test_sampling_with_settings_tuned_for_greedy_decoding_says_so(notices):
     """`bench tune` measures greedy decoding; sampled drafts are accepted less often, so sampling
     with the tuned setting is announced once (and nothing is said otherwise)."""
-    import mlx_specstream.loading as loading
     from mlx_specstream.sample import SamplingParams
 
-    loading._said.clear()
     model, tok = load()
     hot = SamplingParams(temp=0.7)
-    capsys.readouterr()
     list(stream_generate(model, tok, "def f(x):", max_tokens=4))  # greedy
     list(stream_generate(model, tok, "def f(x):", max_tokens=4, sampling=hot, lookup=3))  # chosen by the user
     list(stream_generate(model, tok, "def f(x):", max_tokens=4, sampling=hot, speculative=False))
-    assert "tuned for greedy decoding" not in capsys.readouterr().err
+    assert not any("tuned for greedy decoding" in n for n in notices())
     for _ in range(2):
         list(stream_generate(model, tok, "def f(x):", max_tokens=4, sampling=hot))
-    err = capsys.readouterr().err
-    assert err.count("tuned for greedy decoding") == 1 and "--no-speculate" in err
-    loading._said.clear()
+    said = [n for n in notices() if "tuned for greedy decoding" in n]
+    assert len(said) == 1 and "--no-speculate" in said[0]
 
 
-def test_sampling_uses_the_setting_tuned_for_sampling(capsys):
+def test_sampling_uses_the_setting_tuned_for_sampling(notices):
     """With a `sampled` setting (`bench tune --temp T --write`), sampled generation decodes with it
     (here: plain decoding, then one stream draft per step) and says nothing about greedy tuning;
     greedy generation and the user's explicit tree keep theirs."""
     import mlx.core as mx
-    import mlx_specstream.loading as loading
     from mlx_specstream.sample import SamplingParams
 
-    loading._said.clear()
     model, tok = load()
     d, hot = model.drafter, SamplingParams(temp=0.7)
 
@@ -146,20 +138,18 @@ def test_sampling_uses_the_setting_tuned_for_sampling(capsys):
         return [t for r in rs for t in r.tokens], max(r.tree_size for r in rs)
 
     try:
-        capsys.readouterr()
         d.sampled = ((), 0, 0.0)  # tuned: sampling decodes plainly
         toks, size = run(sampling=hot)
         assert size == 1 and toks == run(sampling=hot, speculative=False)[0]
         d.sampled = (((0,),), 0, 0.0)  # tuned: one stream draft per step
         assert run(sampling=hot)[1] == 2
-        assert "tuned for greedy decoding" not in capsys.readouterr().err
+        assert not any("tuned for greedy decoding" in n for n in notices())
         assert run()[1] >= 3  # greedy: its tuned tree [[0], [1]] (and up to 5 context drafts)
         assert run(sampling=hot, tree=((0,), (1,)))[1] == 3  # the caller's tree, the sampled lookup (0)
         d.sampled = (((0,), (1,), (2,)), 5, 0.0)
         assert run(sampling=hot, lookup=0)[1] == 4  # the sampled tree (4 nodes), the caller's lookup
     finally:
         d.sampled = None
-        loading._said.clear()
 
 
 @pytest.mark.parametrize("sampled, msg", [

@@ -66,6 +66,11 @@ class Drafter(ABC):
     def forward(self, model: nn.Module, plan: TreePlan, state: DraftState, cache: list) -> Verified:
         """Run the target over ``plan``'s tree built from ``state`` (and draft, if it can)."""
 
+    def tuned_for_greedy_only(self) -> Optional[str]:
+        """The name of this drafter's default setting when it was tuned for greedy decoding only
+        (what a sampling user is told), else None."""
+        return None
+
     def after_commit(self, accepted: List[int], correction: int) -> Optional[mx.array]:
         """After the sync: the accepted drafts and the correction. A drafter that cannot draft
         before knowing them returns the next (g, ranks) candidates here (lazily)."""

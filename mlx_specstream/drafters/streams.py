@@ -59,6 +59,12 @@ class StreamDrafter(Drafter):
         if prune_threshold is not None and self.sampled is not None:  # τ given: it holds when sampling too
             self.sampled = self.sampled[:2] + (prune_threshold,)
 
+    def tuned_for_greedy_only(self) -> Optional[str]:
+        if not self.streams.config.tuned_on:
+            return None
+        src = self.streams.source
+        return src.name if src else "the stream adapter"
+
     def streams_run(self, plan: TreePlan) -> int:
         """Streams a step computes: as deep as the tree's stream drafts go (stream j never sees
         streams > j, so the first g are exact), or all γ when main rows see them."""

@@ -3,8 +3,8 @@
 # streams (token head rank 64, decode re-scoring the top 64), same data (the 1,600 stdlib-template
 # answers + 834 self-instruct records, shuffled), seed, schedule (150 iterations, cosine), frozen
 # states (computed once into runs/cmp/out, ~45 min here for the 1,200 records the run reads).
-# Kept here: the independent streams finished (150, session 10), the conditioned ones at 75 (session
-# 10: 50 -> 75; the machine went to the bench and tests); this resumes them from these states:
+# Kept here: the independent streams finished (150, session 10), the conditioned ones at 100 (session
+# 10: 50 -> 100; the machine went to the bench and tests); this resumes them from these states:
 #   bash recipes/smollm2/token_head/run.sh
 set -euo pipefail
 R=recipes/smollm2/token_head; O=runs/cmp/out

@@ -233,6 +233,21 @@ def test_hostile_pickle_is_refused_and_nothing_runs_or_is_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dst")] == []
 
 
+@pytest.mark.parametrize("name,cast", [("model.embed_tokens.weight", lambda t: t.view(torch.int32)),
+                                       ("model.layers.0.mlp.up_proj.weight", lambda t: t > 0)])
+def test_a_bin_weight_of_a_dtype_the_model_cannot_use_is_named(tmp_path, name, cast):
+    """A torch ``.bin`` whose float weight is stored as an Int or Bool storage converted with exit
+    0 into an integer embedding before."""
+    src = tmp_path / "src"
+    make_hf_model("llama", src, safe_serialization=False)
+    sd = torch.load(src / "pytorch_model.bin", weights_only=True)
+    sd[name] = cast(sd[name].float())
+    torch.save(sd, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=f"wrong dtypes: {name}"):
+        convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
 def test_legacy_raw_pickle_refused(tmp_path):
     src = tmp_path / "src"
     make_hf_model("llama", src, safe_serialization=False)

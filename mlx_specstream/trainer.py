@@ -36,7 +36,7 @@ from .cli import progress_bar
 from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.files import stream_stem
-from .streams.loss import LossWeights, head_vocabulary, stream_loss
+from .streams.loss import LossWeights, drawing_probabilities, head_vocabulary, stream_loss
 from .chat_template import template_ids
 from .errors import UserError
 
@@ -365,7 +365,7 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     opt, sched = _optimizer(cfg)
     start = state.load(trainable, opt, log) if resume else 0
 
-    freq = _target_counts(train_data, model.args.vocab_size) if cfg.head_sample else None
+    freq = drawing_probabilities(_target_counts(train_data, model.args.vocab_size)) if cfg.head_sample else None
 
     def loss_fn(tr, toks, mask, bottom, seed):
         vocab = None

@@ -358,7 +358,7 @@ def test_a_restricted_head_is_the_full_head_over_the_whole_vocabulary_and_cheape
     """``head_sample``: the stream CE over the batch's targets plus sampled tokens. Over every
     token it is the full CE exactly; over a subset it is smaller (fewer competitors) and every
     target keeps its column. Training with it lowers the full-vocabulary validation CE."""
-    from mlx_specstream.streams.loss import head_vocabulary
+    from mlx_specstream.streams.loss import drawing_probabilities, head_vocabulary
 
     model, tok, (toks, mask), tmp = tiny
     V = model.args.vocab_size
@@ -366,12 +366,12 @@ def test_a_restricted_head_is_the_full_head_over_the_whole_vocabulary_and_cheape
     t, m = mx.array(toks[:4]), mx.array(mask[:4])
     w = LossWeights(ntp=0.0, stream=0.1, pruning=0.0)
     full, mf = stream_loss(model, s, t, m, w)
-    every = head_vocabulary(np.arange(V), np.ones(V, np.int64), 0, 0)
+    every = head_vocabulary(np.arange(V), drawing_probabilities(np.ones(V, np.int64)), 0, 0)
     same, ms = stream_loss(model, s, t, m, w, vocab=every)
     np.testing.assert_allclose(float(same), float(full), rtol=1e-5)
     np.testing.assert_allclose(float(ms["top1_stream1"]), float(mf["top1_stream1"]))
     targets = np.array(toks[:4, 1:])[np.array(mask[:4, 1:]) > 0]
-    ids, remap = head_vocabulary(targets, np.ones(V, np.int64), 16, 0)
+    ids, remap = head_vocabulary(targets, drawing_probabilities(np.ones(V, np.int64)), 16, 0)
     assert set(targets.tolist()) <= set(np.array(ids).tolist()) and len(np.array(ids)) < V
     assert (np.array(ids)[np.array(remap)[targets]] == targets).all()
     sub, _ = stream_loss(model, s, t, m, w, vocab=(ids, remap))

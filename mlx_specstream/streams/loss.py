@@ -30,14 +30,20 @@ def sample_positions(m: mx.array, max_positions: Optional[int], seed: int) -> np
     return pos
 
 
-def head_vocabulary(targets: np.ndarray, freq: np.ndarray, n: int, seed: int) -> Tuple[mx.array, mx.array]:
+def drawing_probabilities(counts: np.ndarray) -> np.ndarray:
+    """What :func:`head_vocabulary` draws from: token counts flattened by ^0.75 (rarer tokens
+    compete too), normalized — computed once per run."""
+    p = counts.astype(np.float64) ** 0.75
+    return p / p.sum()
+
+
+def head_vocabulary(targets: np.ndarray, probs: np.ndarray, n: int, seed: int) -> Tuple[mx.array, mx.array]:
     """A restricted softmax's tokens for one batch: every target of the batch plus ``n`` tokens
-    drawn (seeded) from ``freq`` (the training targets' counts, flattened by ^0.75 so rarer
-    tokens compete too). Returns ``(ids (V,), remap (vocab,))``: ``remap[t]`` is t's column."""
-    p = freq.astype(np.float64) ** 0.75
-    drawn = np.random.default_rng(seed).choice(len(freq), size=n, p=p / p.sum()) if n else np.zeros(0, np.int64)
+    drawn (seeded) from ``probs`` (:func:`drawing_probabilities`). Returns ``(ids (V,), remap
+    (vocab,))``: ``remap[t]`` is t's column."""
+    drawn = np.random.default_rng(seed).choice(len(probs), size=n, p=probs) if n else np.zeros(0, np.int64)
     ids = np.unique(np.concatenate([targets.ravel(), drawn])).astype(np.int32)
-    remap = np.zeros(len(freq), np.int32)
+    remap = np.zeros(len(probs), np.int32)
     remap[ids] = np.arange(len(ids), dtype=np.int32)
     return mx.array(ids), mx.array(remap)
 

@@ -43,7 +43,7 @@ QUESTIONS = ["What is the capital of France? Answer in one sentence, then name t
              "Write a Python function that returns the n-th Fibonacci number iteratively."]
 
 
-def make(dst: Path, wheel: Path) -> None:
+def make(dst: Path, wheel: Path, ftype: str = "Q4_K_M") -> None:
     import importlib.util
 
     work = Path(tempfile.mkdtemp(prefix="q4km-"))
@@ -60,7 +60,7 @@ def make(dst: Path, wheel: Path) -> None:
     ffi, lib = mod.ffi, mod.lib
     lib.llama_backend_init()
     params = ffi.new("struct llama_model_quantize_params *", lib.llama_model_quantize_default_params())
-    params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True  # the installed file is Q4_1
     params.nthread = 2
     rc = lib.llama_model_quantize(str(resolve_model("smollm2")).encode(), str(dst).encode(), params)
@@ -107,13 +107,14 @@ def main(argv=None):
     p.add_argument("path", type=Path)
     p.add_argument("--make", action="store_true", help="make PATH with llama.cpp's quantizer first")
     p.add_argument("--wheel", type=Path, help="the llama-cpp-cffi wheel (with --make)")
+    p.add_argument("--ftype", default="Q4_K_M", help="llama.cpp's file type name (Q4_K_M, Q5_K_M, Q3_K_M, ...)")
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if a.make:
         if not a.wheel:
             p.error("--make needs --wheel")
-        make(a.path, a.wheel)
+        make(a.path, a.wheel, a.ftype)
     result = check(a.path, a.tokens)
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(text)

@@ -109,14 +109,14 @@ def tree_generate_step(
     drafter = drafter or Verifier()
     accept = accept or GreedyAcceptance()
     launch = launch_step if kv is None else _kept(launch_step, kv)
-    lookup = drafter.default_lookup if lookup is None else lookup
+    lookup = drafter.setting.lookup if lookup is None else lookup
     if lookup < 0:
         raise UserError(f"lookup must be >= 0, got {lookup}")
     if sizer is not None:
         plan = sizer.layout  # every step's plan reads this candidate layout
         lookup = plan.lookup
     else:
-        plan = TreePlan(drafter.default_paths if tree is None else tree, lookup=lookup)
+        plan = TreePlan(drafter.setting.paths if tree is None else tree, lookup=lookup)
     if plan.drafts == 0 and not drafter.changes_main:
         drafter = Verifier()  # no drafter nodes in the tree: its drafts would be computed for nothing
     context = list(cached_tokens) + np.array(prompt).tolist()

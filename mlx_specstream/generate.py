@@ -4,7 +4,6 @@ decoding) and the ``specstream generate`` verb."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from typing import Callable, Generator, List, Optional, Sequence, Union
@@ -21,6 +20,7 @@ from .drafters import DraftModelDrafter, Drafter, Verifier
 from .sizing import AUTO_CONTEXT, AUTO_LOOKUP, AUTO_SPECS, AUTO_WIDTH, AutoTree
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
+from .setting import PLAIN
 from .tokenizer import chat_ids
 from .tree import MAX_LOOKUP, parse_tree_spec
 from .errors import UserError, notice
@@ -88,36 +88,35 @@ def stream_generate(
     drafter = drafter if drafter is not None else getattr(model, "drafter", None)
     if lookup is not None and not 0 <= lookup <= MAX_LOOKUP:
         raise UserError(f"lookup must be in [0, {MAX_LOOKUP}], got {lookup}")
-    if sampling is not None and sampling.temp > 0 and getattr(drafter, "sampled", None) is not None:
-        # Sampling: the adapter's setting tuned for it (`bench tune --temp T`) fills what the caller
-        # left unset, in place of greedy's.
-        s_tree, s_lookup, tau = drafter.sampled
-        if tree is None and tau != drafter.prune_threshold:
-            drafter = copy.copy(drafter)
-            drafter.prune_threshold = tau
-        tree, lookup = s_tree if tree is None else tree, s_lookup if lookup is None else lookup
-    if tree is None and getattr(drafter, "auto", None):
-        tree = drafter.auto  # the adapter's setting: every step's tree sized
+    if isinstance(tree, str) and tree not in AUTO_SPECS:
+        raise UserError(f"tree must be rank paths or one of {AUTO_SPECS}, got {tree!r}")
+    if tree is not None and not isinstance(tree, str) and drafter is None:
+        raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
+    # The drafter's default setting at this temperature (sampling's when `bench tune --temp T`
+    # fitted one) fills what the caller left unset.
+    setting = drafter.setting_for(sampling.temp if sampling else 0.0) if drafter is not None else PLAIN
+    if tree is not None:
+        setting = setting.replace(tree=tree if isinstance(tree, str) else tuple(tuple(p) for p in tree))
+        if isinstance(tree, str) and lookup is None:
+            lookup = AUTO_LOOKUP  # sized per step: up to this many context drafts
+    if lookup is not None:
+        setting = setting.replace(lookup=lookup)
     if speculative is None:
-        speculative = drafter is not None or bool(lookup) or tree in AUTO_SPECS
-        if drafter is not None and not (tree if tree is not None else drafter.default_paths) and not (
-                drafter.default_lookup if lookup is None else lookup):
-            speculative = False  # a tree with nothing drafted is plain decoding
-    if speculative and drafter is None and not lookup and tree not in AUTO_SPECS:
+        speculative = not setting.drafts_nothing
+    if speculative and drafter is None and not setting.lookup and not setting.auto:
         raise UserError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
                          "or context drafts (lookup > 0); this model has none")
-    auto = isinstance(tree, str)
-    if auto and tree not in AUTO_SPECS:
-        raise UserError(f"tree must be rank paths or one of {AUTO_SPECS}, got {tree!r}")
-    if tree is not None and not auto and drafter is None:
-        raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
+    if not speculative:
+        setting = PLAIN
+    if drafter is not None:
+        drafter = drafter.configured(setting)
     if sampling is not None:
         if not 0 <= sampling.top_k < base.args.vocab_size:
             raise UserError(f"top_k must be in [0, {base.args.vocab_size}) for this model's vocabulary, got {sampling.top_k}")
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
         if (speculative and sampling.temp > 0 and tree is None and lookup is None and drafter is not None
-                and (name := drafter.tuned_for_greedy_only()) is not None):
+                and drafter.sampled is None and (name := drafter.tuned_for_greedy_only()) is not None):
             # Tuned for greedy decoding only: sampled drafts are accepted less often (on SmolLM2 at
             # T=0.7 its greedy setting ran 0.88x plain decoding: README), so say it once.
             notice(f"[{name}: its tree and context drafts "
@@ -139,12 +138,11 @@ def stream_generate(
             raise UserError("speculative sampling needs sampling=SamplingParams(...) or accept=...")
         if logits_processors:
             raise UserError("logits_processors are not supported with speculative decoding")
-        if not speculative:
-            tree, lookup, auto = (), 0, False
-        sizer = auto_tree(base, None if tree == AUTO_CONTEXT else drafter, lookup) if auto else None
+        auto = setting.auto
+        sizer = auto_tree(base, None if auto == AUTO_CONTEXT else drafter, setting.lookup) if auto else None
         steps = ((r.tokens, r.depth, r.tree_size) for r in tree_generate_step(
-            prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=None if auto else tree,
-            lookup=lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
+            prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=setting.paths,
+            lookup=setting.lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
             prefill_step_size=prefill_step_size, max_context=context_limit(base), sizer=sizer, kv=kv))
     else:
         steps = (([tok], 0, 1) for tok, _ in generate_step(

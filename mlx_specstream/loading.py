@@ -17,8 +17,8 @@ from .device import blas_kind, tuned_on
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
 from .gguf import load_gguf
 from .models.mlxlm import protocol_problem
+from .setting import PLAIN, check_lookup_tau
 from .streams import find_stream_file, load_streams, shipped_stream_file
-from .streams.config import check_setting
 from .tokenizer import load_tokenizer
 from .errors import UserError, notice
 
@@ -170,7 +170,7 @@ def load(
                                    or (shipped_stream_file(model) if streams is None else None)) is not None:
         tau = stream_overrides.pop("prune_threshold", None)
         if tau is not None:
-            check_setting("--", 0, tau)  # the same bounds as a stream config's
+            check_lookup_tau("--", 0, tau)  # the same bounds as a stream config's
         drafter = StreamDrafter(load_streams(file, model, force=force_streams, **stream_overrides), prune_threshold=tau)
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:
@@ -180,7 +180,7 @@ def load(
         if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
             # Every extra verified row costs full compute with the reference BLAS: settings tuned
             # with an optimised one decode slower than plain decoding here (0.55x measured).
-            drafter.default_paths, drafter.default_lookup, drafter.sampled, drafter.auto = (), 0, None, None
+            drafter.setting, drafter.sampled = PLAIN, None
             notice(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
                       "default (--tree/--lookup still apply)]")
     else:

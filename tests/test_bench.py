@@ -145,7 +145,7 @@ def test_tune_for_sampling_writes_the_sampled_setting_and_keeps_greedys(bench_re
     else:
         assert s["tree"] == [] and s["lookup"] == 0
     model, _ = load(str(m))
-    assert model.drafter.sampled == (tuple(tuple(p) for p in s["tree"]), s["lookup"], s["prune_threshold"])
+    assert model.drafter.sampled.to_json() == s and model.drafter.sampled.temp == 0.7
     with pytest.raises(ValueError, match="temp must be >= 0"):
         tune(str(m), temp=-1.0)
 

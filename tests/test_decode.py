@@ -440,7 +440,7 @@ def test_a_stream_config_can_size_every_step(hf_model, tmp_path, monkeypatch, se
     save_streams(folder, s)
     assert load_streams(folder / "speculative_streams.json", model).config.tree == setting
     m, tok = load(str(folder))
-    assert m.drafter.auto == setting
+    assert m.drafter.setting.tree == m.drafter.setting.auto == setting
     prompt = [5, 6, 7, 8] * 5
     ar = [t for r in stream_generate(m, tok, prompt, max_tokens=24, speculative=False) for t in r.tokens]
     rs = list(stream_generate(m, tok, prompt, max_tokens=24))

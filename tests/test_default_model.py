@@ -7,6 +7,7 @@ import pytest
 from mlx_specstream.generate import stream_generate
 from mlx_specstream.stdlib_data import eval_prompts
 from mlx_specstream.drafters import StreamDrafter
+from mlx_specstream.setting import DecodeSetting
 from mlx_specstream import load
 from mlx_specstream.checkpoint import default_model_path
 
@@ -92,7 +93,7 @@ def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys, not
     model, tok = load()
     err = "\n".join(notices())
     assert "reference BLAS" in err and "LD_PRELOAD" in err and "plain decoding by default" in err
-    assert model.drafter.default_paths == () and model.drafter.default_lookup == 0
+    assert model.drafter.setting.drafts_nothing and model.drafter.sampled is None
     r = list(stream_generate(model, tok, "def f(x):", max_tokens=8))
     assert r[-1].mean_accepted == 1.0  # plain decoding
     from mlx_specstream.cli import main
@@ -102,7 +103,7 @@ def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys, not
 
 def test_optimised_blas_keeps_the_tuned_settings(notices):
     model, _ = load()
-    assert model.drafter.default_lookup == 5 and not any("reference BLAS" in n for n in notices())
+    assert model.drafter.setting.lookup == 5 and not any("reference BLAS" in n for n in notices())
 
 
 def test_sampling_with_settings_tuned_for_greedy_decoding_says_so(notices):
@@ -138,15 +139,15 @@ def test_sampling_uses_the_setting_tuned_for_sampling(notices):
         return [t for r in rs for t in r.tokens], max(r.tree_size for r in rs)
 
     try:
-        d.sampled = ((), 0, 0.0)  # tuned: sampling decodes plainly
+        d.sampled = DecodeSetting((), 0, temp=0.7)  # tuned: sampling decodes plainly
         toks, size = run(sampling=hot)
         assert size == 1 and toks == run(sampling=hot, speculative=False)[0]
-        d.sampled = (((0,),), 0, 0.0)  # tuned: one stream draft per step
+        d.sampled = DecodeSetting(((0,),), 0, temp=0.7)  # tuned: one stream draft per step
         assert run(sampling=hot)[1] == 2
         assert not any("tuned for greedy decoding" in n for n in notices())
         assert run()[1] >= 3  # greedy: its tuned tree [[0], [1]] (and up to 5 context drafts)
         assert run(sampling=hot, tree=((0,), (1,)))[1] == 3  # the caller's tree, the sampled lookup (0)
-        d.sampled = (((0,), (1,), (2,)), 5, 0.0)
+        d.sampled = DecodeSetting(((0,), (1,), (2,)), 5, temp=0.7)
         assert run(sampling=hot, lookup=0)[1] == 4  # the sampled tree (4 nodes), the caller's lookup
     finally:
         d.sampled = None
@@ -168,4 +169,4 @@ def test_a_malformed_sampled_setting_is_a_named_error(sampled, msg):
     with pytest.raises(ValueError, match=msg):
         StreamConfig.from_dict({"num_streams": 3, "sampled": sampled})
     ok = StreamConfig.from_dict({"num_streams": 3, "sampled": {"tree": [[0], [0, 0]], "lookup": 2, "temp": 0.7}})
-    assert ok.sampled_setting == (((0,), (0, 0)), 2, 0.0)
+    assert ok.sampled_setting == DecodeSetting(((0,), (0, 0)), 2, 0.0, None, 0.7)

@@ -23,7 +23,9 @@ from ..generate import stream_generate
 from ..loading import load
 from ..plan import TreePlan
 from ..sample import SamplingParams
+from ..setting import PLAIN, DecodeSetting
 from ..streams import forward_with_streams
+from ..streams.config import StreamConfig
 from ..tree import chain, sparse
 from .prompts import load_prompts
 from ..errors import UserError
@@ -166,17 +168,16 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     # drafts joining it (prompt lookup; 0 = none) and the pruning threshold τ.
     # candidate trees: the cost model's pick, the two cheapest chains, and none (context drafts only)
     trees = dict.fromkeys([paths, chain(1), chain(2), ()])
-    # (tree, lookup, τ) with some drafts, and plain decoding ((), 0, 0.0): always a candidate
-    configs = [((), 0, 0.0)] + [(t, n, tau) for t in trees for n in (0, 3, 5, 8)
-                                for tau in ((0.0, 0.1) if t else (0.0,)) if t or n]
-    PLAIN = configs[0]
+    # settings with some drafts, and plain decoding: always a candidate
+    configs = [PLAIN] + [DecodeSetting(t, n, tau) for t in trees for n in (0, 3, 5, 8)
+                         for tau in ((0.0, 0.1) if t else (0.0,)) if t or n]
 
     sampling = SamplingParams(temp=temp) if temp > 0 else None
 
-    def decode_tps(tree_paths, lookup, tau):  # decode tokens/s (prefill excluded) over the prompts
-        d = StreamDrafter(streams, prune_threshold=tau)
-        kw = {"speculative": False} if (tree_paths, lookup, tau) == PLAIN else {
-            "drafter": d, "tree": tree_paths, "lookup": lookup}
+    def decode_tps(setting: DecodeSetting):  # decode tokens/s (prefill excluded) over the prompts
+        d = StreamDrafter(streams, prune_threshold=setting.prune_threshold)
+        kw = {"speculative": False} if setting == PLAIN else {
+            "drafter": d, "tree": setting.paths, "lookup": setting.lookup}
         n = secs = 0.0
         for i, p in enumerate(ids):
             mx.random.seed(i)  # sampled: every setting decodes from the same seeds
@@ -185,34 +186,27 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
         return n / secs
 
     for c in configs:  # warm-up: first-use costs (mask shapes, allocations) out of the timings
-        decode_tps(*c)
+        decode_tps(c)
     runs = {c: [] for c in configs}
     for _ in range(3 if quick else 5):  # interleaved rounds: load drift hits every config alike
         for c in configs:
-            runs[c].append(decode_tps(*c))
+            runs[c].append(decode_tps(c))
     measured = {c: float(np.median(v)) for c, v in runs.items()}
     best = max(measured, key=measured.get)
     # A setting is written only if it beats plain decoding beyond the noise: its slowest round
     # faster than plain decoding's fastest. Otherwise plain decoding is the tuned setting.
     margin_ok = best == PLAIN or min(runs[best]) > max(runs[PLAIN])
-    paths, best_lookup, best_tau = best if margin_ok else PLAIN
-    result = {"fingerprint": fingerprint(), "tuned_on": tuned_on(), "temp": temp, "adapter": str(streams.source),
+    chosen = (best if margin_ok else PLAIN).replace(tuned_on=tuned_on(), temp=temp if temp > 0 else None)
+    result = {"fingerprint": fingerprint(), "tuned_on": chosen.tuned_on, "temp": temp, "adapter": str(streams.source),
               "cost_ms": {str(k): v for k, v in cost.items()},
-              "rank_acceptance": acc, "tree": [list(p) for p in paths], "tree_size": len(paths) + 1,
-              "expected_tokens_per_s": rate, "prune_threshold": best_tau, "lookup": best_lookup,
-              "plain_decoding": (paths, best_lookup) == ((), 0),
+              "rank_acceptance": acc, "tree": [list(p) for p in chosen.paths], "tree_size": len(chosen.paths) + 1,
+              "expected_tokens_per_s": rate, "prune_threshold": chosen.prune_threshold, "lookup": chosen.lookup,
+              "plain_decoding": chosen.drafts_nothing,
               "beats_plain_beyond_noise": margin_ok and best != PLAIN,
-              "measured_tps": {f"tree={[list(p) for p in t]} lookup={n} tau={tau}":
-                               {"median": measured[(t, n, tau)], "min": min(v), "max": max(v)}
-                               for (t, n, tau), v in runs.items()}}
+              "measured_tps": {f"tree={[list(p) for p in c.paths]} lookup={c.lookup} tau={c.prune_threshold}":
+                               {"median": measured[c], "min": min(v), "max": max(v)} for c, v in runs.items()}}
     if write:
-        cfg = read_json(cfg_file)
-        if temp > 0:
-            cfg["sampled"] = {"temp": temp, "tree": result["tree"], "lookup": best_lookup,
-                              "prune_threshold": best_tau, "tuned_on": result["tuned_on"]}
-        else:
-            cfg["tree"], cfg["prune_threshold"], cfg["lookup"] = result["tree"], best_tau, best_lookup
-            cfg["tuned_on"] = result["tuned_on"]
-        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        cfg = StreamConfig.from_dict(read_json(cfg_file)).with_setting(chosen)
+        cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         result["written_to"] = str(cfg_file)
     return result

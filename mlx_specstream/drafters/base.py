@@ -20,8 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..plan import TreePlan
 from ..errors import UserError
+from ..plan import TreePlan
+from ..setting import PLAIN, DecodeSetting
 
 Paths = Tuple[Tuple[int, ...], ...]
 
@@ -45,12 +46,12 @@ class Verified:
 
 
 class Drafter(ABC):
-    """Base class of every drafter. Subclasses set ``levels`` and ``default_paths`` and implement
+    """Base class of every drafter. Subclasses set ``levels`` and ``setting`` and implement
     :meth:`forward`; the rest has defaults that suit drafters without state of their own."""
 
     levels: int = 0  # levels of drafts per step (the deepest tree it can fill)
-    default_paths: Paths = ()  # its default tree (rank paths)
-    default_lookup: int = 0  # context drafts joining its trees by default
+    setting: DecodeSetting = PLAIN  # its default tree, context drafts and τ (greedy decoding)
+    sampled: Optional[DecodeSetting] = None  # the one tuned for sampling (temp > 0), if any
     changes_main: bool = False  # True: the target's own logits need this drafter's forward
     num_params: int = 0  # parameters it adds to the target
 
@@ -65,6 +66,14 @@ class Drafter(ABC):
     @abstractmethod
     def forward(self, model: nn.Module, plan: TreePlan, state: DraftState, cache: list) -> Verified:
         """Run the target over ``plan``'s tree built from ``state`` (and draft, if it can)."""
+
+    def setting_for(self, temp: float) -> DecodeSetting:
+        """The default setting at this temperature: sampling's when one was tuned, else greedy's."""
+        return self.sampled if temp > 0 and self.sampled is not None else self.setting
+
+    def configured(self, setting: DecodeSetting) -> "Drafter":
+        """This drafter decoding with ``setting``'s τ (a drafter that prunes returns a copy)."""
+        return self
 
     def tuned_for_greedy_only(self) -> Optional[str]:
         """The name of this drafter's default setting when it was tuned for greedy decoding only

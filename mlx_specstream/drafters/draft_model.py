@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..cache import DEFAULT_PREFILL_STEP, PromptCache, prefill
+from ..setting import DecodeSetting
 from ..tree import chain
 from .base import Drafter, DraftState, Verified, top_candidates, verify_tree
 from ..errors import UserError
@@ -29,7 +30,7 @@ class DraftModelDrafter(Drafter):
         if num_draft < 1:
             raise UserError(f"num_draft must be >= 1, got {num_draft}")
         self.model, self.levels = draft_model, num_draft
-        self.default_paths = chain(num_draft)
+        self.setting = DecodeSetting(chain(num_draft))
         self.num_params = sum(v.size for _, v in tree_flatten(draft_model.parameters()))
         self.prefill_step_size = prefill_step_size
         self.pc = PromptCache(draft_model)  # committed tokens in the draft cache (``pc.tokens``), row by row

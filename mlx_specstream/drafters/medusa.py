@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from ..checkpoint import CheckpointError, load_adapter_weights, model_dtype, read_json, save_adapter
 from ..streams.loss import sample_positions
+from ..setting import DecodeSetting
 from ..tree import TreeSetting
 from .base import Drafter, DraftState, Verified, verify_tree
 from ..errors import UserError
@@ -87,7 +88,7 @@ class MedusaDrafter(Drafter):
 
     def __init__(self, heads: MedusaHeads):
         self.heads = heads
-        self.levels, self.default_paths = heads.config.num_heads, heads.config.tree_paths
+        self.levels, self.setting = heads.config.num_heads, DecodeSetting(heads.config.tree_auto or heads.config.tree_paths)
         self.num_params = heads.num_params
 
     def forward(self, model, plan, state: DraftState, cache) -> Verified:

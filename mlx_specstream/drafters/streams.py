@@ -3,6 +3,7 @@ streams of every node (the multi-stream-attention layers, :mod:`mlx_specstream.s
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ from ..models.base import head_scores
 from ..plan import TreePlan
 from ..streams import SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward, msa_mask
 from ..tree import prune
+from ..setting import DecodeSetting
 from .base import Drafter, DraftState, Verified
 
 
@@ -50,14 +52,20 @@ class StreamDrafter(Drafter):
     def __init__(self, streams: SpeculativeStreams, *, prune_threshold: Optional[float] = None):
         self.streams = streams
         c = streams.config
-        self.levels, self.default_paths, self.default_lookup = c.num_streams, c.tree_paths, c.lookup
-        self.sampled = c.sampled_setting  # (paths, lookup, τ) tuned for temp > 0, or None
-        self.auto = c.tree_auto  # the tree is sized every step (``auto`` or ``auto:context``), or None
+        self.levels, self.setting, self.sampled = c.num_streams, c.setting, c.sampled_setting
+        if prune_threshold is not None:  # τ given: it holds when sampling too
+            self.setting = self.setting.replace(prune_threshold=prune_threshold)
+            self.sampled = self.sampled and self.sampled.replace(prune_threshold=prune_threshold)
+        self.prune_threshold = self.setting.prune_threshold  # what forward() prunes with
         self.changes_main = c.changes_main
         self.num_params = streams.num_params
-        self.prune_threshold = c.prune_threshold if prune_threshold is None else prune_threshold
-        if prune_threshold is not None and self.sampled is not None:  # τ given: it holds when sampling too
-            self.sampled = self.sampled[:2] + (prune_threshold,)
+
+    def configured(self, setting: DecodeSetting) -> "StreamDrafter":
+        if setting.prune_threshold == self.prune_threshold:
+            return self
+        other = copy.copy(self)
+        other.prune_threshold = setting.prune_threshold
+        return other
 
     def tuned_for_greedy_only(self) -> Optional[str]:
         if not self.streams.config.tuned_on:

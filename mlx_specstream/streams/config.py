@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import List, Optional
 
-from ..tree import MAX_LOOKUP, MAX_TREE_NODES, TreeSetting, normalize_paths
 from ..errors import UserError
+from ..setting import DecodeSetting, check_lookup_tau
+from ..tree import MAX_TREE_NODES, TreeSetting
 
 MODES = ("lossless", "shared")
 POSITION_POLICIES = ("parent", "parent_plus_j")
-
-
-def check_setting(where: str, lookup, tau) -> None:
-    """The bounds of a decode setting's context drafts and τ (greedy's fields and `sampled`'s)."""
-    if not isinstance(lookup, int) or isinstance(lookup, bool) or not 0 <= lookup <= MAX_LOOKUP:
-        raise UserError(f"{where}lookup must be in [0, {MAX_LOOKUP}], got {lookup!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau < 1.0:
-        raise UserError(f"{where}prune_threshold must be in [0, 1), got {tau!r}")
 
 
 @dataclass
@@ -68,7 +61,7 @@ class StreamConfig(TreeSetting):
             raise UserError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
         if self.stream_positions not in POSITION_POLICIES:
             raise UserError(f"stream_positions must be one of {POSITION_POLICIES}")
-        check_setting("", self.lookup, self.prune_threshold)
+        check_lookup_tau("", self.lookup, self.prune_threshold)
         for name, lo, hi in (("num_streams", 1, 64), ("num_msa_layers", 1, 1024), ("tree_budget", 1, MAX_TREE_NODES),
                              ("pruning_rank", 1, 4096), ("lora_rank", 0, 4096), ("token_head_rank", 0, 4096),
                              ("token_head_topk", 0, 1 << 16)):
@@ -84,26 +77,30 @@ class StreamConfig(TreeSetting):
             self.sampled = self.check_sampled(self.sampled)
 
     def check_sampled(self, s: dict) -> dict:
-        keys = {"temp", "tree", "lookup", "prune_threshold", "tuned_on"}
-        if set(s) - keys or not {"tree", "lookup"} <= set(s):
-            raise UserError(f"sampled: needs tree and lookup, may hold {sorted(keys)}; got {sorted(s)}")
-        try:
-            paths = normalize_paths(s["tree"])[1:]
-        except (TypeError, ValueError) as e:
-            raise UserError(f"sampled.tree: not a list of rank paths: {e}") from None
-        if max((len(p) for p in paths), default=0) > self.num_streams:
-            raise UserError(f"sampled.tree is deeper than the {self.num_streams} levels the streams draft")
-        lookup, tau, temp = s["lookup"], s.get("prune_threshold", 0.0), s.get("temp", 1.0)
-        check_setting("sampled.", lookup, tau)
-        if not isinstance(temp, (int, float)) or temp <= 0:
-            raise UserError(f"sampled.temp must be > 0 (it is the temperature tuned for), got {temp!r}")
-        return {**s, "tree": [list(p) for p in paths], "prune_threshold": float(tau)}
+        setting = DecodeSetting.from_json(s, where="sampled.", depth=self.num_streams)
+        if setting.auto:
+            raise UserError("sampled.tree must be rank paths (per-step sizing is greedy's setting)")
+        return setting.replace(temp=1.0 if setting.temp is None else setting.temp).to_json()
 
     @property
-    def sampled_setting(self) -> Optional[tuple]:
-        """(rank paths, lookup, τ) for sampled decoding, or None when none was tuned."""
-        s = self.sampled
-        return None if s is None else (tuple(tuple(p) for p in s["tree"]), s["lookup"], s["prune_threshold"])
+    def setting(self) -> DecodeSetting:
+        """Greedy decoding's setting (the config's flat fields)."""
+        return DecodeSetting(self.tree_auto or self.tree_paths, self.lookup, self.prune_threshold, self.tuned_on)
+
+    @property
+    def sampled_setting(self) -> Optional[DecodeSetting]:
+        """The setting tuned for temp > 0, or None when none was."""
+        if self.sampled is None:
+            return None
+        return DecodeSetting.from_json(self.sampled, where="sampled.", depth=self.num_streams)
+
+    def with_setting(self, setting: DecodeSetting) -> "StreamConfig":
+        """This config with ``setting`` as sampling's (``temp`` set) or greedy's."""
+        if setting.temp is not None:
+            return replace(self, sampled=setting.to_json())
+        tree = setting.tree if setting.auto else [list(p) for p in setting.tree]
+        return replace(self, tree=tree, lookup=setting.lookup, prune_threshold=setting.prune_threshold,
+                       tuned_on=setting.tuned_on)
 
     @property
     def draft_depth(self) -> int:

@@ -333,28 +333,40 @@ class _Trainable(nn.Module):
             self.medusa = medusa
 
 
+@dataclass
+class _Job:
+    """What a run trains — the streams or the Medusa heads; :func:`_run` runs either."""
+
+    trainable: _Trainable
+    loss: Callable  # (trainable, tokens, mask, frozen states, seed) -> scalar loss
+    metrics: Callable  # (tokens, mask, frozen states) -> validation metrics (dict of scalars)
+    save: Callable[[], None]  # writes the adapter
+    state: "_State"
+    what: str
+    frozen_by: Optional[SpeculativeStreams]  # kept states: these streams' bottom layers; None: final states
+
+
 def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
           streams: Optional[SpeculativeStreams] = None, resume: bool = False, log=print,
           stop_at: Optional[int] = None, name: Optional[str] = None):
     """Train and write the stream file ``speculative_streams[-name]`` (and a resumable trainer
-    state) to ``out``.
+    state) to ``out``; with ``cfg.medusa``, Medusa-1 heads instead (the baseline).
 
     ``stop_at`` ends the run early at that iteration, as an interruption would (for tests).
     """
-    mx.random.seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    mx.random.seed(cfg.seed)  # before the adapter's initialization: a run is its seed's
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.freeze()
     if cfg.medusa:
-        return _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at)
+        heads, job = _medusa_job(model, cfg, out)
+        return heads, _run(model, job, train_data, valid_data, cfg, out, resume, log, stop_at)
     if cfg.mode not in TRAIN_MODES:
         raise UserError(f"mode must be one of {TRAIN_MODES}, got {cfg.mode!r}")
     if streams is None:
         streams = SpeculativeStreams(cfg.streams, model)
     streams.config.base = base_fingerprint(model)  # recorded in the stream file: it attaches to this base only
     shape = {k: v for k, v in streams.config.to_dict().items() if k in _SHAPE_KEYS}
-    state = _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base)
     trainable = _Trainable(streams)
     if cfg.mode == "pruning":
         trainable.freeze()
@@ -362,33 +374,24 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
     a0 = cfg.alpha0 if cfg.alpha0 is not None else (1.0 if cfg.mode == "shared" else 0.0)
     weights = LossWeights(ntp=a0, stream=cfg.alpha, pruning=1.0)
     train_streams = cfg.mode != "pruning"
-    opt, sched = _optimizer(cfg)
-    start = state.load(trainable, opt, log) if resume else 0
-
     freq = drawing_probabilities(_target_counts(train_data, model.args.vocab_size)) if cfg.head_sample else None
 
-    def loss_fn(tr, toks, mask, bottom, seed):
+    def loss(tr, toks, mask, bottom, seed):
         vocab = None
         it = (seed - cfg.seed * 1_000_003) // cfg.grad_accum + 1  # the iteration (1-based) this micro-batch is in
         if freq is not None and not (cfg.full_every and it % cfg.full_every == 0):
             vocab = head_vocabulary(np.array(toks[:, 1:])[np.array(mask[:, 1:]) > 0], freq, cfg.head_sample, seed)
-        loss, _ = stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
-                              max_positions=cfg.max_stream_positions or None, sample_seed=seed, bottom=bottom,
-                              vocab=vocab)
-        return loss
+        return stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
+                           max_positions=cfg.max_stream_positions or None, sample_seed=seed, bottom=bottom,
+                           vocab=vocab)[0]
 
-    def on_save():
-        save_streams(out, streams, name)
+    def metrics(toks, mask, bottom):
+        return stream_loss(model, streams, toks, mask, weights, cfg.segment, train_streams, bottom=bottom)[1]
 
-    train_bottom, valid_bottom = _frozen_states(model, streams, train_data, valid_data, cfg, start, out, log)
-
-    def on_eval():
-        return evaluate(lambda t, m, b: stream_loss(model, streams, t, m, weights, cfg.segment, train_streams,
-                                                    bottom=b)[1], valid_data, cfg, valid_bottom)
-
-    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
-                    on_save, on_eval, log, stop_at, f"{cfg.mode} streams", train_bottom)
-    return streams, history
+    job = _Job(trainable, loss, metrics, lambda: save_streams(out, streams, name),
+               _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base),
+               f"{cfg.mode} streams", streams)
+    return streams, _run(model, job, train_data, valid_data, cfg, out, resume, log, stop_at)
 
 
 def _target_counts(train_data, vocab_size: int) -> np.ndarray:
@@ -397,29 +400,33 @@ def _target_counts(train_data, vocab_size: int) -> np.ndarray:
     return 1 + np.bincount(toks[mask > 0], minlength=vocab_size)[:vocab_size]
 
 
-def _train_medusa(model, train_data, valid_data, cfg, out, resume, log, stop_at):
+def _medusa_job(model, cfg: TrainConfig, out: Path):
     """Medusa-1 heads with the streams' budget: the same batches, iterations and sampled target
     positions per batch (``max_stream_positions``), on cached final states of the frozen base."""
-    rng = random.Random(cfg.seed)
     heads = MedusaHeads(MedusaConfig(num_heads=cfg.medusa), model)
     heads.init_from_lm_head(model)
-    trainable = _Trainable(medusa=heads)
-    opt, sched = _optimizer(cfg)
-    state = _State(out, MEDUSA_STEM, {"medusa": cfg.medusa}, base_fingerprint(model))
-    start = state.load(trainable, opt, log) if resume else 0
 
-    def loss_fn(tr, toks, mask, hidden, seed):
+    def loss(tr, toks, mask, hidden, seed):
         return medusa_loss(model, tr.medusa, toks, mask, max_positions=cfg.max_stream_positions or None,
                            sample_seed=seed, hidden=hidden)[0]
 
-    train_hidden, valid_hidden = _frozen_states(model, None, train_data, valid_data, cfg, start, out, log)
+    def metrics(toks, mask, hidden):
+        return medusa_loss(model, heads, toks, mask, hidden=hidden)[1]
 
-    def on_eval():
-        return evaluate(lambda t, m, b: medusa_loss(model, heads, t, m, hidden=b)[1], valid_data, cfg, valid_hidden)
+    state = _State(out, MEDUSA_STEM, {"medusa": cfg.medusa}, base_fingerprint(model))
+    return heads, _Job(_Trainable(medusa=heads), loss, metrics, lambda: save_medusa(out, heads), state,
+                       "Medusa heads", None)
 
-    history = _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
-                    lambda: save_medusa(out, heads), on_eval, log, stop_at, "Medusa heads", train_hidden)
-    return heads, history
+
+def _run(model, job: _Job, train_data, valid_data, cfg: TrainConfig, out: Path, resume: bool, log, stop_at):
+    """Batch order, optimizer, resume, frozen states, then the loop: the same for every job."""
+    rng = random.Random(cfg.seed)
+    opt, sched = _optimizer(cfg)
+    start = job.state.load(job.trainable, opt, log) if resume else 0
+    train_frozen, valid_frozen = _frozen_states(model, job.frozen_by, train_data, valid_data, cfg, start, out, log)
+    on_eval = None if valid_data is None else (lambda: evaluate(job.metrics, valid_data, cfg, valid_frozen))
+    return _loop(job, cfg, opt=opt, sched=sched, data=train_data, frozen=train_frozen, start=start, rng=rng,
+                 on_eval=on_eval, log=log, stop_at=stop_at)
 
 
 def _frozen_states(model, streams, train_data, valid_data, cfg: TrainConfig, start: int, out: Path, log):
@@ -447,13 +454,14 @@ def _optimizer(cfg: TrainConfig):
     return optim.AdamW(learning_rate=float(sched(0)), weight_decay=cfg.weight_decay), sched
 
 
-def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, start, rng,
-          on_save, on_eval, log, stop_at, what, bottom=None):
-    value_and_grad = nn.value_and_grad(trainable, loss_fn)
-    it = batches(train_data, cfg.batch_size, rng, bottom, skip=start * cfg.grad_accum)  # the order continues
+def _loop(job: _Job, cfg: TrainConfig, *, opt, sched, data, frozen, start: int, rng: random.Random,
+          on_eval: Optional[Callable], log, stop_at: Optional[int]) -> list:
+    trainable = job.trainable
+    value_and_grad = nn.value_and_grad(trainable, job.loss)
+    it = batches(data, cfg.batch_size, rng, frozen, skip=start * cfg.grad_accum)  # the order continues
     n_params = sum(v.size for _, v in tree_flatten(trainable.trainable_parameters()))
-    log(f"training {n_params} parameters ({what}), {cfg.iters} iterations")
-    history = state.history(start)  # a resumed run keeps the records of the iterations before it
+    log(f"training {n_params} parameters ({job.what}), {cfg.iters} iterations")
+    history = job.state.history(start)  # a resumed run keeps the records of the iterations before it
     tic, tokens_seen = time.perf_counter(), 0
     last = min(cfg.iters, stop_at or cfg.iters)
     for i in range(start, last):
@@ -484,12 +492,12 @@ def _loop(trainable, loss_fn, opt, sched, train_data, valid_data, cfg, state, st
         rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
                "lr": round(float(opt.learning_rate), 8), "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
                "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
-        if valid_data is not None and ((i + 1) % cfg.val_every == 0 or final):
+        if on_eval is not None and ((i + 1) % cfg.val_every == 0 or final):
             rec["valid"] = on_eval()
         history.append(rec)
         if (i + 1) % cfg.save_every == 0 or final:
-            on_save()
-            state.save(trainable, opt, i + 1, history)  # with the history: a killed run keeps it
+            job.save()
+            job.state.save(trainable, opt, i + 1, history)  # with the history: a killed run keeps it
         _progress(rec, cfg.iters, log)
         if final:
             break

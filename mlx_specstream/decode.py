@@ -26,6 +26,9 @@ class StepResult:
     depth: int  # depth of the last accepted node (= accepted drafts)
     tree_size: int  # nodes verified (after pruning)
     path: Tuple[int, ...] = ()  # rank path of the last accepted node
+    # (len(tokens), V) the target's log-probabilities each token was verified or drawn against
+    # (before temperature and filters, as mlx-lm's): rows of the tree's logits, queued, not read
+    logprobs: Optional[mx.array] = None
 
 
 def generate_step(
@@ -213,7 +216,11 @@ def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]
     keep_bottom = keep if v.bottom_rows is None else v.bottom_rows[path].astype(np.int32)
     for i, kv in enumerate(cache):
         kv.compact(p.prefix, keep_bottom if i < v.n_bottom else keep)
-    result = StepResult(accepted + [int(p.correction.item())], len(path) - 1, v.plan.size, v.plan.tree.paths[path[-1]])
+    rows = v.logits[mx.array(keep)].astype(mx.float32)
+    logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+    mx.async_eval(logprobs)  # computed now (no sync): the tree's logits are then released
+    result = StepResult(accepted + [int(p.correction.item())], len(path) - 1, v.plan.size, v.plan.tree.paths[path[-1]],
+                        logprobs)
     late = drafter.after_commit(accepted, result.tokens[-1])
     conf = None if p.conf is None or late is not None else np.array(p.conf)  # computed with ``best``: a read
     return result, late if late is not None else p.cand, conf

@@ -140,12 +140,12 @@ def stream_generate(
             raise UserError("logits_processors are not supported with speculative decoding")
         auto = setting.auto
         sizer = auto_tree(base, None if auto == AUTO_CONTEXT else drafter, setting.lookup) if auto else None
-        steps = ((r.tokens, r.depth, r.tree_size) for r in tree_generate_step(
+        steps = ((r.tokens, r.depth, r.tree_size, r.logprobs) for r in tree_generate_step(
             prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=setting.paths,
             lookup=setting.lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
             prefill_step_size=prefill_step_size, max_context=context_limit(base), sizer=sizer, kv=kv))
     else:
-        steps = (([tok], 0, 1) for tok, _ in generate_step(
+        steps = (([tok], 0, 1, lp[None]) for tok, lp in generate_step(
             prompt, base, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
             prefill_step_size=prefill_step_size, logits_processors=logits_processors, kv=kv))
     yield from responses(steps, tokenizer, prompt.size, max_tokens, stop or ())

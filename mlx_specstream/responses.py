@@ -30,6 +30,10 @@ class GenerationResponse:
     mean_accepted: float = 1.0  # tokens per forward pass: (accepted drafts + correction) / steps, see below
     acceptance_by_depth: List[float] = field(default_factory=list)  # share of steps reaching level g=1..
     tree_size: int = 1  # nodes verified by this step
+    # (len(tokens), V): row i the target's log-probabilities at tokens[i] (mlx-lm's `logprobs`,
+    # one row per token of the step; before temperature and filters)
+    logprobs: Optional[mx.array] = None
+    from_draft: List[bool] = field(default_factory=list)  # tokens[i] was an accepted draft (mlx-lm's field)
 
 
 class StopMatcher:
@@ -68,7 +72,7 @@ class StopMatcher:
 
 
 def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[str]):
-    """Turn decode steps ``(tokens, depth, tree_size)`` into responses: detokenize, apply stops,
+    """Turn decode steps ``(tokens, depth, tree_size, logprobs)`` into responses: detokenize, apply stops,
     count, time. A step's tokens are cut at the first EOS/stop/limit inside it."""
     detok = tokenizer.detokenizer
     matcher = StopMatcher(stops)
@@ -78,7 +82,7 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
     n = n_steps = 0
     depth_counts: List[int] = []  # depth_counts[d]: steps that accepted d drafts
     produced = 0  # tokens the forward passes produced (a step's last ones may be cut: EOS, stop, limit)
-    for toks, depth, tree_size in steps:
+    for toks, depth, tree_size, logprobs in steps:
         depth_counts.extend([0] * (depth + 1 - len(depth_counts)))
         depth_counts[depth] += 1
         produced += len(toks)
@@ -122,6 +126,8 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
             mean_accepted=produced / n_steps,
             acceptance_by_depth=levels_reached(depth_counts),
             tree_size=tree_size,
+            logprobs=None if logprobs is None else logprobs[: len(emitted)],
+            from_draft=[i < depth for i in range(len(emitted))],  # a step's drafts come before its correction
         )
         if finish is not None:
             return

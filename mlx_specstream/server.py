@@ -26,13 +26,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import PromptCache
 from .cli import add_cache_args, add_model_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
 from .generate import cached_stream_generate, context_limit
 from .sample import SamplingParams
-from .tokenizer import chat_ids
+from .tokenizer import chat_ids, token_bytes
 from .errors import UserError
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
@@ -69,7 +70,9 @@ class RequestError(Exception):
 # Fields clients send by default: accepted at the value that changes nothing, refused otherwise
 IGNORED_UNLESS_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
                           "response_format": {"type": "text"}}
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+MAX_TOP_LOGPROBS = 20  # OpenAI's bounds: chat top_logprobs, completions logprobs
+MAX_COMPLETION_LOGPROBS = 5
+UNSUPPORTED = ("echo", "tools", "tool_choice", "functions", "best_of", "suffix")
 
 
 def _encodable(text: str, where: str) -> None:
@@ -176,6 +179,16 @@ class ModelServer:
         seed = req.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
             raise RequestError(400, "'seed' must be an integer in [0, 2**64)", param="seed")
+        if chat:  # chat: logprobs a boolean, top_logprobs 0..20 beside it; completions: logprobs 0..5
+            logprobs = req.get("logprobs") or False
+            if not isinstance(logprobs, bool):
+                raise RequestError(400, "'logprobs' must be a boolean", param="logprobs")
+            top = number("top_logprobs", 0, 0, MAX_TOP_LOGPROBS, kind=int)
+            if top and not logprobs:
+                raise RequestError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        else:
+            top = number("logprobs", None, 0, MAX_COMPLETION_LOGPROBS, kind=int)
+            logprobs, top = top is not None, top or 0
         for name in UNSUPPORTED:
             if req.get(name) not in (None, False, [], 0):
                 raise RequestError(400, f"'{name}' is not supported by this server", param=name)
@@ -205,7 +218,7 @@ class ModelServer:
         return dict(prompt=prompt, max_tokens=max_tokens, stop=stop, stream=stream, seed=seed,
                     sampling=SamplingParams(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0,
                                             top_k=int(top_k), min_p=float(min_p)),
-                    include_usage=bool((opts or {}).get("include_usage")))
+                    include_usage=bool((opts or {}).get("include_usage")), logprobs=logprobs, top_logprobs=top)
 
     def _chat_prompt(self, req) -> List[int]:
         msgs = req.get("messages")
@@ -248,14 +261,15 @@ class ModelServer:
     # ---- generation
 
     def generate(self, req, on_piece=None):
-        """Queue one generation and wait for it; ``on_piece(text)`` streams text and returns False
-        when the client is gone (the generation then stops). Returns (text, finish, usage)."""
+        """Queue one generation and wait for it; ``on_piece(text, logprobs)`` streams text (and,
+        when asked for, its tokens' log-probability entries) and returns False when the client is
+        gone (the generation then stops). Returns (text, finish, usage, logprobs)."""
         job = _Job(req)
         self.jobs.put(job)
         while True:
             kind, value = job.out.get()
             if kind == "piece":
-                if on_piece is not None and on_piece(value) is False:
+                if on_piece is not None and on_piece(*value) is False:
                     job.cancelled = True
             elif kind == "done":
                 return value
@@ -286,7 +300,7 @@ class ModelServer:
         req = job.req
         if req["seed"] is not None:
             mx.random.seed(req["seed"])
-        text, emitted, last, finish = "", [], None, None
+        text, emitted, last, finish, entries = "", [], None, None, [] if req["logprobs"] else None
         gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, req["prompt"],
                                      max_tokens=req["max_tokens"], sampling=req["sampling"], stop=req["stop"],
                                      speculative=self.speculative, kv=self.kv)
@@ -298,8 +312,11 @@ class ModelServer:
                 if job.cancelled:
                     finish = "cancelled"
                     break
-                if r.text:
-                    job.out.put(("piece", r.text))
+                ents = self._entries(r, req["top_logprobs"]) if entries is not None and r.tokens else None
+                if ents:
+                    entries += ents
+                if r.text or ents:
+                    job.out.put(("piece", (r.text, ents)))
         finally:
             gen.close()  # records what the cache kept
         usage = {"prompt_tokens": len(req["prompt"]), "completion_tokens": len(emitted),
@@ -307,7 +324,44 @@ class ModelServer:
                  "speculative": {"steps": last.steps if last else 0,
                                  "mean_accepted_tokens": round(last.mean_accepted, 4) if last else 0.0,
                                  "acceptance_by_depth": last.acceptance_by_depth if last else []}}
-        return text, finish or "length", usage
+        return text, finish or "length", usage, entries
+
+    def _entries(self, r, top: int) -> List[dict]:
+        """OpenAI's chat log-probability entries of a response's tokens (the target's
+        log-probabilities before temperature and filters, as mlx-lm reports them)."""
+        lp = np.array(r.logprobs.astype(mx.float32))  # read only when a client asked for them
+        out = []
+        for t, row in zip(r.tokens, lp):
+            e = self._token_entry(t, float(row[t]))
+            if top:
+                best = np.argpartition(-row, top - 1)[:top]
+                best = best[np.argsort(-row[best], kind="stable")]
+                e["top_logprobs"] = [self._token_entry(int(i), float(row[i])) for i in best]
+            else:
+                e["top_logprobs"] = []
+            out.append(e)
+        return out
+
+    def _token_entry(self, t: int, logprob: float) -> dict:
+        b = token_bytes(self.tokenizer, t)
+        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+
+
+def chat_logprobs(entries: Optional[List[dict]]) -> Optional[dict]:
+    return None if entries is None else {"content": entries}
+
+
+def completion_logprobs(entries: Optional[List[dict]], offset: int = 0) -> Optional[dict]:
+    """The legacy completions layout of the same entries: parallel lists, top ones as dicts."""
+    if entries is None:
+        return None
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def make_handler(server: ModelServer):
@@ -421,14 +475,16 @@ def make_handler(server: ModelServer):
             if req["stream"]:
                 return self._stream(req, chat, rid)
             try:  # a client that has gone stops its generation, streamed or not
-                text, finish, usage = server.generate(req, on_piece=lambda _: not self._client_gone())
+                text, finish, usage, entries = server.generate(req, on_piece=lambda *_: not self._client_gone())
             except Exception as e:  # noqa: BLE001 - the client gets a JSON error, the server lives on
                 return self._error(error_of(e, rid))
             if finish == "cancelled":
                 self.close_connection = True
                 return
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                      if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                       "logprobs": chat_logprobs(entries)}
+                      if chat else {"index": 0, "text": text, "finish_reason": finish,
+                                    "logprobs": completion_logprobs(entries)})
             self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
                                   "created": int(time.time()), "model": server.model_id,
                                   "choices": [choice], "usage": usage})
@@ -443,16 +499,20 @@ def make_handler(server: ModelServer):
             obj = "chat.completion.chunk" if chat else "text_completion"
             created = int(time.time())
 
-            def chunk(delta_text=None, finish=None, role=False, usage=None):
+            offset = [0]  # completions' text_offset continues across chunks
+
+            def chunk(delta_text=None, finish=None, role=False, usage=None, entries=None):
                 if chat:
                     delta = {}
                     if role:
                         delta["role"] = "assistant"
                     if delta_text is not None:
                         delta["content"] = delta_text
-                    choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                    choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(entries)}]
                 else:
-                    choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}]
+                    lp = completion_logprobs(entries, offset[0])
+                    offset[0] += len(delta_text or "")
+                    choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": lp}]
                 c = {"id": rid, "object": obj, "created": created, "model": server.model_id, "choices": choices}
                 if usage is not None:
                     c = {**c, "choices": [], "usage": usage}
@@ -469,7 +529,8 @@ def make_handler(server: ModelServer):
             if chat and not send(chunk(role=True, delta_text="")):
                 return
             try:
-                text, finish, usage = server.generate(req, on_piece=lambda t: send(chunk(delta_text=t)))
+                text, finish, usage, _ = server.generate(
+                    req, on_piece=lambda t, ents: send(chunk(delta_text=t, entries=ents)))
             except Exception as e:  # noqa: BLE001 - headers are sent: an SSE error event, then [DONE]
                 err = error_of(e, rid)
                 finish = usage = None

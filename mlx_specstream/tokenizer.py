@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 import sentencepiece as spm
-from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.tokenizer_utils import _byte_decoder
 from mlx_lm.tokenizer_utils import load as _load_hf
 from . import chat_template
 from .checkpoint import TOKENIZER_FILES
@@ -100,6 +101,19 @@ def _plain_text_ids(tokenizer, text: str) -> List[int]:
         return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
     except TypeError:  # a tokenizer without the option (sentencepiece has no special strings in text)
         return tokenizer.encode(text, add_special_tokens=False)
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """A token's own bytes, leading space included (OpenAI's logprobs ``bytes``), read from the
+    maps mlx-lm's streaming detokenizers build (``decode([t])`` drops a sentencepiece token's
+    leading space)."""
+    d = tokenizer.detokenizer
+    if isinstance(d, SPMStreamingDetokenizer):
+        return d.tokenmap[token].replace("\u2581".encode(), b" ")
+    if isinstance(d, BPEStreamingDetokenizer) and token < len(d.tokenmap):
+        piece, dec = d.tokenmap[token], _byte_decoder()
+        return bytes(dec[c] for c in piece) if all(c in dec for c in piece) else piece.encode()
+    return tokenizer.decode([token]).encode()
 
 
 def load_tokenizer(path: Path, config: Optional[dict] = None) -> TokenizerWrapper:

@@ -77,6 +77,39 @@ def test_openai_chat_and_completion_stream_and_not(served):
     assert comp.choices[0].finish_reason == "length"
 
 
+def test_logprobs_for_chat_and_completions_streamed_and_not(served):
+    """OpenAI's ``logprobs``/``top_logprobs``: the target's log-probability of every emitted token
+    (greedy: the top one), the same streamed or not, in each endpoint's layout."""
+    port, model, tok = served
+    cl = client(port)
+    msgs = [{"role": "user", "content": "def add(a, b):"}]
+    full = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0, logprobs=True,
+                                      top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens == 24
+    joined, text = "".join(e.token for e in content), full.choices[0].message.content
+    assert joined in (text, " " + text)  # a token's own text; sentencepiece's detokenizer drops the first space
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+        assert bytes(e.bytes).decode() == e.token
+    chunks = [c for c in cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0,
+                                                   logprobs=True, top_logprobs=3, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked for: none
+    comp = cl.completions.create(model="tiny", prompt="import os\n", max_tokens=16, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 16
+    assert "".join(lp.tokens) in (comp.choices[0].text, " " + comp.choices[0].text) and lp.text_offset[0] == 0
+    assert all(len(d) <= 2 and max(d.values()) == v for d, v in zip(lp.top_logprobs, lp.token_logprobs))
+    sc = [c.choices[0].logprobs for c in cl.completions.create(model="tiny", prompt="import os\n", max_tokens=16,
+                                                              temperature=0, logprobs=2, stream=True) if c.choices]
+    assert [t for x in sc if x for t in x.tokens] == lp.tokens
+    assert [o for x in sc if x for o in x.text_offset] == lp.text_offset
+
+
 def test_stop_seed_and_usage_in_stream(served):
     port, model, tok = served
     cl = client(port)
@@ -171,7 +204,9 @@ def test_valid_json_with_bad_values_gets_a_named_400(served):
         ({"messages": m, "seed": -1}, "seed"), ({"messages": m, "seed": 2**64}, "seed"),
         ({"messages": m, "seed": 10**30}, "seed"), ({"messages": m, "stream_options": "yes"}, "stream_options"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
-        ({"messages": m, "logprobs": True}, "logprobs"), ({"messages": m, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": m, "logprobs": "yes"}, "logprobs"), ({"messages": m, "top_logprobs": 3}, "top_logprobs"),
+        ({"messages": m, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": m, "tools": [{"type": "function"}]}, "tools"),
         ({"messages": m, "top_k": -1}, "top_k"), ({"messages": m, "min_p": 2}, "min_p"),
     ]
     for req, param in cases:

@@ -40,7 +40,7 @@ def main(argv=None):
             for p in ids:
                 *_, last = stream_generate(model.base, tok, p, max_tokens=args.max_tokens, **kw)
                 n, secs = n + last.generation_tokens, secs + last.generation_tokens / last.generation_tps
-                st.append(last.mean_accepted)
+                st.append(last.tokens_per_step)
             if r:
                 runs[name].append(n / secs)
                 steps[name] = statistics.mean(st)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+import mlx.core as mx
+
 from .cache import PromptCache
 from .cli import add_cache_args, add_model_args, add_sampling_args, check_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS
@@ -98,6 +100,7 @@ class Chat:
             write(" [stopped]", end="", flush=True)
         finally:
             gen.close()  # the prompt cache records what was said
+            mx.clear_cache()  # mlx-lm's practice between requests: the buffer cache back to the system
         write("")
         if self.tokenizer.has_chat_template:
             self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
@@ -120,7 +123,7 @@ class Chat:
                     write("[no reply yet]")
                 else:
                     write(f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s, prompt {r.prompt_tps:.1f} tok/s, "
-                          f"{r.mean_accepted:.2f} tokens/step over {r.steps} steps, peak {r.peak_memory:.3f} GB]")
+                          f"{r.tokens_per_step:.2f} tokens/step over {r.steps} steps, peak {r.peak_memory:.3f} GB]")
             elif cmd == "temp":
                 self.sampling = replace(self.sampling, temp=_checked(float(arg), 0.0, 100.0))
                 write(f"[temp {self.sampling.temp}]")

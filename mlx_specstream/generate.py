@@ -10,6 +10,7 @@ from typing import Callable, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 
 from .cache import DEFAULT_PREFILL_STEP, KVCache, KVSettings, PromptCache
@@ -148,7 +149,22 @@ def stream_generate(
         steps = (([tok], 0, 1, lp[None]) for tok, lp in generate_step(
             prompt, base, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
             prefill_step_size=prefill_step_size, logits_processors=logits_processors, kv=kv))
-    yield from responses(steps, tokenizer, prompt.size, max_tokens, stop or ())
+    yield from responses(on_generation_stream(steps, base), tokenizer, prompt.size, max_tokens, stop or ())
+
+
+def on_generation_stream(steps, model):
+    """mlx-lm's Metal practice around a decode: every step's graph built on its dedicated
+    ``generation_stream``, and the weights wired (kept resident) for the whole generation —
+    no-ops where Metal is absent (unmeasured here: no Apple GPU). The caller's code between
+    steps runs on the default stream, as with mlx-lm's ``stream_generate``."""
+    with wired_limit(model, [generation_stream]):
+        it = iter(steps)
+        while True:
+            with mx.stream(generation_stream):
+                step = next(it, None)
+            if step is None:
+                return
+            yield step
 
 
 def auto_tree(base: nn.Module, drafter: Optional[Drafter], lookup: Optional[int]) -> AutoTree:
@@ -287,6 +303,6 @@ def main(argv=None) -> int:
                   f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
             if stats["speculative"]:
                 depth = ", ".join(f"{a:.2f}" for a in last.acceptance_by_depth)
-                print(f"Speculative: {last.mean_accepted:.2f} tokens/step over {last.steps} steps; "
+                print(f"Speculative: {last.tokens_per_step:.2f} tokens/step over {last.steps} steps; "
                       f"levels reached: [{depth}]", file=sys.stderr)
     return 0

@@ -27,13 +27,21 @@ class GenerationResponse:
     tokens: List[int] = field(default_factory=list)  # tokens emitted by this response
     accepted: int = 1  # tokens emitted by the decode step that produced this response
     steps: int = 0  # decode forward passes so far (the prompt's pass included)
-    mean_accepted: float = 1.0  # tokens per forward pass: (accepted drafts + correction) / steps, see below
+    # tokens per forward pass so far: (accepted drafts + correction tokens) / steps — the correction
+    # counts, so plain decoding is 1.0 (README: "Tokens per step")
+    tokens_per_step: float = 1.0
     acceptance_by_depth: List[float] = field(default_factory=list)  # share of steps reaching level g=1..
     tree_size: int = 1  # nodes verified by this step
     # (len(tokens), V): row i the target's log-probabilities at tokens[i] (mlx-lm's `logprobs`,
     # one row per token of the step; before temperature and filters)
     logprobs: Optional[mx.array] = None
     from_draft: List[bool] = field(default_factory=list)  # tokens[i] was an accepted draft (mlx-lm's field)
+
+
+    @property
+    def mean_accepted(self) -> float:
+        """The earlier name of :attr:`tokens_per_step` (it counts the correction token too)."""
+        return self.tokens_per_step
 
 
 class StopMatcher:
@@ -123,7 +131,7 @@ def responses(steps, tokenizer, n_prompt: int, max_tokens: int, stops: Sequence[
             finish_reason=finish,
             accepted=len(emitted),
             steps=n_steps,
-            mean_accepted=produced / n_steps,
+            tokens_per_step=produced / n_steps,
             acceptance_by_depth=levels_reached(depth_counts),
             tree_size=tree_size,
             logprobs=None if logprobs is None else logprobs[: len(emitted)],

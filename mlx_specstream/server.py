@@ -319,10 +319,11 @@ class ModelServer:
                     job.out.put(("piece", (r.text, ents)))
         finally:
             gen.close()  # records what the cache kept
+            mx.clear_cache()  # mlx-lm's practice between requests: the buffer cache back to the system
         usage = {"prompt_tokens": len(req["prompt"]), "completion_tokens": len(emitted),
                  "total_tokens": len(req["prompt"]) + len(emitted),
                  "speculative": {"steps": last.steps if last else 0,
-                                 "mean_accepted_tokens": round(last.mean_accepted, 4) if last else 0.0,
+                                 "mean_accepted_tokens": round(last.tokens_per_step, 4) if last else 0.0,
                                  "acceptance_by_depth": last.acceptance_by_depth if last else []}}
         return text, finish or "length", usage, entries
 

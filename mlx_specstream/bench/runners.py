@@ -70,7 +70,7 @@ def _ours(model, tok, prompt, max_tokens, temp=0.0, **kw) -> Run:
         sizes.append(last.tree_size)
     # depth of each step's last accepted node: accepted drafts = tokens - 1 (correction)
     depths = [max(n - 1, 0) for _, n in arr[1:]]
-    return Run(toks, arr, depths, max(sizes, default=1), last.mean_accepted * last.steps if last is not None else 0.0,
+    return Run(toks, arr, depths, max(sizes, default=1), last.tokens_per_step * last.steps if last is not None else 0.0,
                sizes[1:])
 
 

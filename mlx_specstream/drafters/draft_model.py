@@ -34,7 +34,7 @@ class DraftModelDrafter(Drafter):
         self.num_params = sum(v.size for _, v in tree_flatten(draft_model.parameters()))
         self.prefill_step_size = prefill_step_size
         self.pc = PromptCache(draft_model)  # committed tokens in the draft cache (``pc.tokens``), row by row
-        self.spec: List[mx.array] = []  # drafts fed while drafting (rows after ``held``), on device
+        self.spec: List[mx.array] = []  # drafts fed while drafting (the cache rows after ``pc.tokens``), on device
         self.todo: List[int] = []  # committed tokens not fed yet
         self.width = 1
 

@@ -154,7 +154,8 @@ def bottom_forward(model, streams, tokens, *, mask, positions, caches=None) -> m
 
 def main_forward(model, streams, tokens, cache, *, mask="causal") -> mx.array:
     """Main rows only (no streams attached), e.g. prompt prefill: base layers, except that in
-    shared mode the MSA layers carry their (shared) LoRA. Returns the last hidden states."""
+    shared mode the MSA layers carry their (shared) LoRA. Returns the top layer's hidden states
+    at every position (before the final norm)."""
     n_bottom = len(model.layers) - streams.config.num_msa_layers
     h = model.embed(tokens, cache=cache)
     for i, layer in enumerate(model.layers):

@@ -70,7 +70,7 @@ def _linears(layer: nn.Module, targets: Optional[Sequence[str]]) -> Dict[str, nn
 
 
 class PruningAdapter(nn.Module):
-    """Rank-8 adapter for early-exit logits at the insertion layer: ``H + B·A·H``."""
+    """Low-rank adapter (rank ``pruning_rank``, 8 by default) for early-exit logits at the insertion layer: ``H + B·A·H``."""
 
     def __init__(self, hidden: int, rank: int):
         super().__init__()

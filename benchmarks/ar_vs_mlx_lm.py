@@ -25,10 +25,18 @@ def random_llama(spec: str, dtype: str) -> Path:
     from mlx_specstream.checkpoint import cast_floats, save_model
 
     layers, hidden = (int(x) for x in spec.split("x"))
-    cfg = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-           "intermediate_size": int(hidden * 2.75) // 64 * 64, "num_attention_heads": max(hidden // 64, 1),
-           "num_key_value_heads": max(hidden // 128, 1), "vocab_size": 32000, "rms_norm_eps": 1e-5,
-           "tie_word_embeddings": False, "max_position_embeddings": 4096}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": int(hidden * 2.75) // 64 * 64,
+        "num_attention_heads": max(hidden // 64, 1),
+        "num_key_value_heads": max(hidden // 128, 1),
+        "vocab_size": 32000,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 4096,
+    }
     model = build_model(cfg)
     cast_floats(model, dtype)
     path = Path(tempfile.mkdtemp()) / f"llama-{spec}"
@@ -63,7 +71,11 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
 
-    path = Path(args.model) if args.model else (random_llama(args.random, args.dtype) if args.random else default_model_path())
+    path = (
+        Path(args.model)
+        if args.model
+        else (random_llama(args.random, args.dtype) if args.random else default_model_path())
+    )
     ours, cfg = load_model(path)
     if not args.quantize:
         cast_floats(ours, args.dtype)
@@ -89,10 +101,16 @@ def main(argv=None):
         a.append(run_ours())
         b.append(run_theirs())
     res = {
-        "model": str(path), "device": str(mx.default_device()), "mlx": mx.__version__,
-        "quantize": args.quantize, "prompt_len": args.prompt_len, "max_tokens": n,
-        "ours_tps": statistics.median(a), "mlx_lm_tps": statistics.median(b),
-        "ours_all": a, "mlx_lm_all": b,
+        "model": str(path),
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "quantize": args.quantize,
+        "prompt_len": args.prompt_len,
+        "max_tokens": n,
+        "ours_tps": statistics.median(a),
+        "mlx_lm_tps": statistics.median(b),
+        "ours_all": a,
+        "mlx_lm_all": b,
     }
     res["ratio"] = res["ours_tps"] / res["mlx_lm_tps"]
     print(f"{'':12}{'decode tok/s (median)':>24}{'min':>10}{'max':>10}")

@@ -53,9 +53,11 @@ def main(argv=None):
                 tps[overlap].append(n / secs)
                 step_ms[overlap].append(1000 * statistics.median(steps))
     for overlap in (True, False):
-        print(f"overlap={str(overlap):<5}  {statistics.median(tps[overlap]):7.1f} tok/s "
-              f"({min(tps[overlap]):.1f}-{max(tps[overlap]):.1f})  step p50 {statistics.median(step_ms[overlap]):.2f} ms "
-              f"({min(step_ms[overlap]):.2f}-{max(step_ms[overlap]):.2f})")
+        print(
+            f"overlap={str(overlap):<5}  {statistics.median(tps[overlap]):7.1f} tok/s "
+            f"({min(tps[overlap]):.1f}-{max(tps[overlap]):.1f})  step p50 {statistics.median(step_ms[overlap]):.2f} ms "
+            f"({min(step_ms[overlap]):.2f}-{max(step_ms[overlap]):.2f})"
+        )
     print(f"overlap on / off: {statistics.median(tps[True]) / statistics.median(tps[False]):.3f}x tokens/s")
 
 

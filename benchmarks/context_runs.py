@@ -46,7 +46,9 @@ def main() -> None:
     sums = defaultdict(lambda: [0, 0])  # bin -> [positions, accepted drafts]
     for name in a.prompts or ["chat", "code"]:
         for ids in load_prompts(name, a.n_prompts, tok, base.args.vocab_size):
-            out = [t for (t, _), _ in zip(generate_step(mx.array(ids), base, max_tokens=a.max_tokens), range(a.max_tokens))]
+            out = [
+                t for (t, _), _ in zip(generate_step(mx.array(ids), base, max_tokens=a.max_tokens), range(a.max_tokens))
+            ]
             ctx = ContextDrafts(ids, K)
             for pos in range(len(out) - 1):
                 drafts = ctx.propose()

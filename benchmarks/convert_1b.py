@@ -26,9 +26,16 @@ def main():
         import torch
         import transformers
 
-        cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                       tie_word_embeddings=False, torch_dtype="bfloat16")
+        cfg = transformers.LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+            torch_dtype="bfloat16",
+        )
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
         n = sum(p.numel() for p in model.parameters())
         if args.bin:
@@ -45,14 +52,31 @@ def main():
         dst = work / name
         shutil.rmtree(dst, ignore_errors=True)
         tic = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", (
-            "import resource, sys; from mlx_specstream.convert import main; main(sys.argv[1:]); "
-            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"),
-            "--torch-path", str(src), "--mlx-path", str(dst), *extra], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import resource, sys; from mlx_specstream.convert import main; main(sys.argv[1:]); "
+                    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+                ),
+                "--torch-path",
+                str(src),
+                "--mlx-path",
+                str(dst),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         secs = time.perf_counter() - tic
         rss = int(next(l for l in out.stdout.splitlines() if l.startswith("MAXRSS_KB")).split()[1])
-        results[name] = {"seconds": round(secs, 1), "peak_rss_gb": round(rss / 1e6, 2),
-                         "mlx_peak": next((l for l in out.stderr.splitlines() if "peak memory" in l), "")}
+        results[name] = {
+            "seconds": round(secs, 1),
+            "peak_rss_gb": round(rss / 1e6, 2),
+            "mlx_peak": next((l for l in out.stderr.splitlines() if "peak memory" in l), ""),
+        }
         print(name, results[name], flush=True)
     print(json.dumps(results, indent=1))
 

@@ -46,8 +46,16 @@ def main():
             d = Path(tempfile.mkdtemp())
             hf = make_hf_model(name, d / "src")
             torch.manual_seed(0)
-            s = SpeculativeStreamsTorch({"num_streams": 3, "num_msa_layers": 2, "lora_rank": 4, "mode": mode,
-                                         "main_sees_streams": mode == "shared"}, hf)
+            s = SpeculativeStreamsTorch(
+                {
+                    "num_streams": 3,
+                    "num_msa_layers": 2,
+                    "lora_rank": 4,
+                    "mode": mode,
+                    "main_sees_streams": mode == "shared",
+                },
+                hf,
+            )
             with torch.no_grad():  # values representable in float16, the stream files' dtype
                 for p in s.parameters():
                     p.copy_((torch.randn_like(p) * 0.1).half().float())
@@ -56,10 +64,14 @@ def main():
             with torch.no_grad():
                 main, strm = forward_with_streams(hf, s, ids)
             model, _ = load_model(dst)
-            mm, ms = mlx_forward_with_streams(model, load_streams(dst / "speculative_streams.json", model),
-                                              mx.array(ids.numpy()))
-            print(f"{name:24}{mode:10}{np.abs(np.array(mm) - main.numpy()).max():>14.1e}"
-                  f"{np.abs(np.array(ms) - strm.numpy()).max():>16.1e}", flush=True)
+            mm, ms = mlx_forward_with_streams(
+                model, load_streams(dst / "speculative_streams.json", model), mx.array(ids.numpy())
+            )
+            print(
+                f"{name:24}{mode:10}{np.abs(np.array(mm) - main.numpy()).max():>14.1e}"
+                f"{np.abs(np.array(ms) - strm.numpy()).max():>16.1e}",
+                flush=True,
+            )
             shutil.rmtree(d)
 
 

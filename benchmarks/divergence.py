@@ -39,14 +39,25 @@ def main(argv=None):
         model, tok = load(args.model, streams=args.streams or None, quantize=q, dtype=dtype)
         prompts = load_prompts(args.prompts, args.n_prompts, tok, model.args.vocab_size)
         tic = time.perf_counter()
-        ar = [[t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, speculative=False) for t in r.tokens]
-              for p in prompts]
-        sp = [[t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, lookup=args.lookup) for t in r.tokens]
-              for p in prompts]
+        ar = [
+            [t for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, speculative=False) for t in r.tokens]
+            for p in prompts
+        ]
+        sp = [
+            [
+                t
+                for r in stream_generate(model, tok, p, max_tokens=args.max_tokens, lookup=args.lookup)
+                for t in r.tokens
+            ]
+            for p in prompts
+        ]
         d = divergence(sp, ar)
         results["variants"][v] = {**d, "prompts": len(prompts), "seconds": round(time.perf_counter() - tic, 1)}
-        print(f"{v}: divergence rate {d['divergence_rate']:.2f} over {len(prompts)} prompts "
-              f"(first differences at {[i for i in d['first_divergence'] if i is not None]})", flush=True)
+        print(
+            f"{v}: divergence rate {d['divergence_rate']:.2f} over {len(prompts)} prompts "
+            f"(first differences at {[i for i in d['first_divergence'] if i is not None]})",
+            flush=True,
+        )
         del model
         mx.clear_cache()
         if args.json:  # after each variant: a run cut short keeps what it measured

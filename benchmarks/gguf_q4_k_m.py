@@ -38,9 +38,11 @@ SHIM = """#include <exception>
 extern "C" void* __cxa_begin_catch(void*) noexcept;
 extern "C" [[noreturn]] void __cxa_call_terminate(void* e) noexcept { if (e) __cxa_begin_catch(e); std::terminate(); }
 """
-QUESTIONS = ["What is the capital of France? Answer in one sentence, then name two museums there.",
-             "Explain in a short paragraph why the sky looks blue.",
-             "Write a Python function that returns the n-th Fibonacci number iteratively."]
+QUESTIONS = [
+    "What is the capital of France? Answer in one sentence, then name two museums there.",
+    "Explain in a short paragraph why the sky looks blue.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+]
 
 
 def make(dst: Path, wheel: Path, ftype: str = "Q4_K_M") -> None:
@@ -83,22 +85,30 @@ def check(path: Path, n_tokens: int) -> dict:
     model, tok = load(str(path), dtype="float32", dequantize=True)
     plain, _ = load(str(path), dtype="float32", dequantize=True, streams=False)
     kept, _ = load(str(path), dequantize=False, streams=False)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     rows = []
     for q in QUESTIONS:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
         with torch.no_grad():
             want_logits = ref(torch.tensor([ids])).logits.numpy()[0]
-            want = ref.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False)[0, len(ids):].tolist()
+            want = ref.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False)[0, len(ids) :].tolist()
         got_logits = np.array(plain(mx.array([ids])))[0]
         ours = until_eos([t for t, _ in generate_step(mx.array(ids), plain, max_tokens=n_tokens)], tok)
         spec = [t for r in stream_generate(model, tok, ids, max_tokens=n_tokens) for t in r.tokens]
         quant = until_eos([t for t, _ in generate_step(mx.array(ids), kept, max_tokens=n_tokens)], tok)
-        rows.append({"question": q, "max_abs_logit_diff": float(np.abs(got_logits - want_logits).max()),
-                     "plain_equals_transformers": ours == until_eos(want, tok), "speculative_equals_plain": spec == ours,
-                     "kept_quantized_equals_dequantized": quant == ours,
-                     "first_divergence_kept": next((i for i, (a, b) in enumerate(zip(quant, ours)) if a != b), None),
-                     "answer": tok.decode(ours)})
+        rows.append(
+            {
+                "question": q,
+                "max_abs_logit_diff": float(np.abs(got_logits - want_logits).max()),
+                "plain_equals_transformers": ours == until_eos(want, tok),
+                "speculative_equals_plain": spec == ours,
+                "kept_quantized_equals_dequantized": quant == ours,
+                "first_divergence_kept": next((i for i, (a, b) in enumerate(zip(quant, ours)) if a != b), None),
+                "answer": tok.decode(ours),
+            }
+        )
     return {"file": str(path), "tensor_types": dict(types), "tokens": n_tokens, "rows": rows}
 
 

@@ -33,11 +33,19 @@ def measure(model, n: int, kv, decode: int = 16) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     weights = mx.get_active_memory()
-    out = [t for r in tree_generate_step(prompt, base, max_tokens=decode, lookup=4, prompt_cache=cache, kv=kv)
-           for t in r.tokens]
+    out = [
+        t
+        for r in tree_generate_step(prompt, base, max_tokens=decode, lookup=4, prompt_cache=cache, kv=kv)
+        for t in r.tokens
+    ]
     mx.eval([c.state for c in cache])
-    return {"tokens": n, "cache_bytes": sum(c.nbytes for c in cache), "rows_held": cache[0].rows,
-            "peak_over_weights_bytes": mx.get_peak_memory() - weights, "output": out[:decode]}
+    return {
+        "tokens": n,
+        "cache_bytes": sum(c.nbytes for c in cache),
+        "rows_held": cache[0].rows,
+        "peak_over_weights_bytes": mx.get_peak_memory() - weights,
+        "output": out[:decode],
+    }
 
 
 def main(argv=None) -> int:
@@ -53,8 +61,11 @@ def main(argv=None) -> int:
         for name, kv in ((n, SETTINGS[n]) for n in args.settings):
             r = dict(setting=name, **measure(model, n, kv))
             rows.append(r)
-            print(f"{n:6d} tokens  {name:30s} cache {r['cache_bytes'] / 2**20:8.1f} MiB  rows {r['rows_held']:6d}  "
-                  f"peak over weights {r['peak_over_weights_bytes'] / 2**20:8.1f} MiB", flush=True)
+            print(
+                f"{n:6d} tokens  {name:30s} cache {r['cache_bytes'] / 2**20:8.1f} MiB  rows {r['rows_held']:6d}  "
+                f"peak over weights {r['peak_over_weights_bytes'] / 2**20:8.1f} MiB",
+                flush=True,
+            )
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=1))
     return 0

@@ -30,7 +30,9 @@ def main(argv=None):
     for spec in args.tree or ["cartesian:3"]:
         paths = parse_tree_spec(spec, streams.config.num_streams)
         for tau in args.tau:
-            setups[f"{spec} tau={tau}"] = dict(drafter=StreamDrafter(streams, prune_threshold=tau), tree=paths, lookup=0)
+            setups[f"{spec} tau={tau}"] = dict(
+                drafter=StreamDrafter(streams, prune_threshold=tau), tree=paths, lookup=0
+            )
     runs = {k: [] for k in setups}
     steps = {}
     for r in range(args.rounds + 1):  # the first round warms up
@@ -48,9 +50,17 @@ def main(argv=None):
     out = {}
     for name, v in runs.items():
         med = statistics.median(v)
-        out[name] = {"tok_s": med, "min": min(v), "max": max(v), "vs_plain": med / plain, "tokens_per_step": steps[name]}
-        print(f"{name:28s} {med:7.1f} tok/s ({min(v):.0f}-{max(v):.0f})  {med / plain:5.2f}x plain  "
-              f"{steps[name]:.2f} tokens/step")
+        out[name] = {
+            "tok_s": med,
+            "min": min(v),
+            "max": max(v),
+            "vs_plain": med / plain,
+            "tokens_per_step": steps[name],
+        }
+        print(
+            f"{name:28s} {med:7.1f} tok/s ({min(v):.0f}-{max(v):.0f})  {med / plain:5.2f}x plain  "
+            f"{steps[name]:.2f} tokens/step"
+        )
     return out
 
 

@@ -40,11 +40,16 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    path = Path(args.model) if args.model else (random_llama(args.random, "float32") if args.random else default_model_path())
+    path = (
+        Path(args.model)
+        if args.model
+        else (random_llama(args.random, "float32") if args.random else default_model_path())
+    )
     # float32 on the CPU (as `load` does there): half-precision matmuls have no fast CPU path
     model, cfg = load_model(path, dtype=mx.float32 if mx.default_device() == mx.cpu else None)
-    streams = SpeculativeStreams(StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers,
-                                                 lora_rank=args.lora_rank), model)
+    streams = SpeculativeStreams(
+        StreamConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank), model
+    )
     sizes = [int(x) for x in args.sizes.split(",")]
     ar_ms = []  # one AR step (one token after the same prefix), timed right after each speculative step
     cost = measure_cost_curve(model, streams, sizes=sizes, prefix=args.prefix, trials=args.trials, ar_ms=ar_ms)
@@ -56,8 +61,15 @@ def main(argv=None):
     rows = []
     for T, ms in cost.items():
         plan = TreePlan(sparse(args.num_streams, T - 1) if T > 1 else ())
-        rows.append({"tree_nodes": T, "msa_rows": T * (1 + StreamDrafter(streams).streams_run(plan)), "step_ms": ms, "ar_ms": ar,
-                     "ratio": ms / ar})
+        rows.append(
+            {
+                "tree_nodes": T,
+                "msa_rows": T * (1 + StreamDrafter(streams).streams_run(plan)),
+                "step_ms": ms,
+                "ar_ms": ar,
+                "ratio": ms / ar,
+            }
+        )
         r = rows[-1]
         print(f"{r['tree_nodes']:>10} {r['msa_rows']:>9} {r['step_ms']:>9.2f} {r['ar_ms']:>8.2f} {r['ratio']:>8.2f}")
     if args.json:

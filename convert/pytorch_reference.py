@@ -29,10 +29,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULTS = dict(num_streams=3, num_msa_layers=2, mode="lossless", main_sees_streams=False,
-                stream_positions="parent", tree=None, tree_budget=12, prune_threshold=0.0,
-                pruning_rank=8, lora_rank=8, lora_scale=1.0, lora_targets=None, lookup=0, tuned_on=None, base=None,
-                sampled=None, token_head_rank=0, token_head_topk=64)
+DEFAULTS = dict(
+    num_streams=3,
+    num_msa_layers=2,
+    mode="lossless",
+    main_sees_streams=False,
+    stream_positions="parent",
+    tree=None,
+    tree_budget=12,
+    prune_threshold=0.0,
+    pruning_rank=8,
+    lora_rank=8,
+    lora_scale=1.0,
+    lora_targets=None,
+    lookup=0,
+    tuned_on=None,
+    base=None,
+    sampled=None,
+    token_head_rank=0,
+    token_head_topk=64,
+)
 
 
 def _base(hf):
@@ -106,7 +122,7 @@ class SpeculativeStreamsTorch(nn.Module):
         self.lora = nn.ModuleList()
         if c["lora_rank"]:
             n = len(fam.layers)
-            for layer in fam.layers[n - c["num_msa_layers"]:]:
+            for layer in fam.layers[n - c["num_msa_layers"] :]:
                 d = nn.ModuleDict()
                 for name, m in _linears(layer, c["lora_targets"]).items():
                     d[name.replace(".", "__")] = Adapter(m.in_features, m.out_features, c["lora_rank"])
@@ -143,9 +159,10 @@ def _stream_lora(fam: Family, streams: SpeculativeStreamsTorch, n_main: int, n_r
     handles = []
     if c["lora_rank"]:
         n = len(fam.layers)
-        for i, layer in enumerate(fam.layers[n - c["num_msa_layers"]:]):
+        for i, layer in enumerate(fam.layers[n - c["num_msa_layers"] :]):
             mods = dict(layer.named_modules())
             for key, ad in streams.lora[i].items():
+
                 def hook(mod, inp, out, ad=ad):
                     x = inp[0]
                     delta = (x @ ad.lora_a) @ ad.lora_b * c["lora_scale"]
@@ -154,6 +171,7 @@ def _stream_lora(fam: Family, streams: SpeculativeStreamsTorch, n_main: int, n_r
                         return out + delta * rows[:, None].to(delta.dtype)
                     rows = torch.arange(x.shape[1], device=x.device) >= n_main
                     return out + delta * rows[None, :, None].to(delta.dtype)
+
                 handles.append(mods[key.replace("__", ".")].register_forward_hook(hook))
     try:
         yield
@@ -162,7 +180,9 @@ def _stream_lora(fam: Family, streams: SpeculativeStreamsTorch, n_main: int, n_r
             h.remove()
 
 
-def forward_with_streams(hf, streams: SpeculativeStreamsTorch, ids: torch.Tensor, owners: Optional[torch.Tensor] = None):
+def forward_with_streams(
+    hf, streams: SpeculativeStreamsTorch, ids: torch.Tensor, owners: Optional[torch.Tensor] = None
+):
     """Main logits (B, L, V) and stream logits (B, K, γ, V), streams on ``owners`` (default all)."""
     fam = Family(hf)
     c = streams.config
@@ -214,8 +234,8 @@ def ss_loss(hf, streams, ids, loss_mask=None, alpha0=None, alpha=0.1):
         n = L - 1 - j
         if n <= 0:
             break
-        ce = F.cross_entropy(strm[:, :n, j].flatten(0, 1).float(), y[:, 1 + j:].flatten(), reduction="none")
-        w = m[:, 1 + j:].flatten()
+        ce = F.cross_entropy(strm[:, :n, j].flatten(0, 1).float(), y[:, 1 + j :].flatten(), reduction="none")
+        w = m[:, 1 + j :].flatten()
         total = total + alpha * (ce * w).sum() / w.sum().clamp(min=1)
     if a0:
         ce = F.cross_entropy(main.flatten(0, 1).float(), y.flatten(), reduction="none")

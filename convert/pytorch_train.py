@@ -90,21 +90,43 @@ def main(argv=None):
         n = hf.config.num_hidden_layers
         from convert.pytorch_reference import Family
 
-        leaf = sorted({name.split(".")[-1] for name, m in Family(hf).layers[0].named_modules()
-                       if isinstance(m, torch.nn.Linear)})
-        hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.peft_rank, lora_alpha=2 * args.peft_rank,
-                                                     target_modules=leaf,
-                                                     layers_to_transform=list(range(n - args.msa_layers, n))))
-    streams = SpeculativeStreamsTorch({"num_streams": args.num_streams, "num_msa_layers": args.msa_layers,
-                                       "mode": args.mode, "main_sees_streams": args.main_sees_streams,
-                                       "lora_rank": args.lora_rank}, hf)
+        leaf = sorted(
+            {name.split(".")[-1] for name, m in Family(hf).layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        hf = peft.get_peft_model(
+            hf,
+            peft.LoraConfig(
+                r=args.peft_rank,
+                lora_alpha=2 * args.peft_rank,
+                target_modules=leaf,
+                layers_to_transform=list(range(n - args.msa_layers, n)),
+            ),
+        )
+    streams = SpeculativeStreamsTorch(
+        {
+            "num_streams": args.num_streams,
+            "num_msa_layers": args.msa_layers,
+            "mode": args.mode,
+            "main_sees_streams": args.main_sees_streams,
+            "lora_rank": args.lora_rank,
+        },
+        hf,
+    )
     module = SSModule(hf, streams)
     data = TextDataset(args.data, tok, args.seq_len)
     targs = transformers.TrainingArguments(
-        output_dir=str(Path(args.out) / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=min(50, args.steps // 10),
-        logging_steps=max(1, args.steps // 20), save_strategy="no", report_to=[], remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available())
+        output_dir=str(Path(args.out) / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=min(50, args.steps // 10),
+        logging_steps=max(1, args.steps // 20),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
     trainer = transformers.Trainer(model=module, args=targs, train_dataset=data)
     trainer.train()
     out = Path(args.out)

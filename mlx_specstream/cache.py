@@ -145,7 +145,7 @@ class KVCache:
         if n and not (host is not None and all(int(i) == j for j, i in enumerate(host))):
             src = mx.array(indices).astype(mx.int32) + row
             for store in self._stores():
-                for a in (store if isinstance(store, tuple) else (store,)):
+                for a in store if isinstance(store, tuple) else (store,):
                     a[..., row : row + n, :] = mx.take(a, src, axis=2)
         self.offset = start + n
 
@@ -238,26 +238,34 @@ class KVSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"{name.replace('_', ' ')} must be an integer >= 0, got {v!r}")
-        if self.max_size is not None and (isinstance(self.max_size, bool) or not isinstance(self.max_size, int)
-                                          or self.max_size <= self.keep + 1):
-            raise UserError(f"max kv size must be an integer > {self.keep + 1} (the {self.keep} kept first tokens "
-                            f"and at least two more), got {self.max_size!r}")
+        if self.max_size is not None and (
+            isinstance(self.max_size, bool) or not isinstance(self.max_size, int) or self.max_size <= self.keep + 1
+        ):
+            raise UserError(
+                f"max kv size must be an integer > {self.keep + 1} (the {self.keep} kept first tokens "
+                f"and at least two more), got {self.max_size!r}"
+            )
 
     def check(self, model) -> None:
         """Refuse, by name, a model whose attention cannot keep the cache this way."""
-        if (self.bits is not None or self.max_size is not None) and not getattr(getattr(model, "base", model),
-                                                                               "kv_options", False):
+        if (self.bits is not None or self.max_size is not None) and not getattr(
+            getattr(model, "base", model), "kv_options", False
+        ):
             flag = "--kv-bits" if self.bits is not None else "--max-kv-size"
-            raise UserError(f"{flag}: {getattr(model, 'model_type', 'this model')}'s local plugin has no quantized or "
-                            "windowed attention (mlx-lm's families have)")
+            raise UserError(
+                f"{flag}: {getattr(model, 'model_type', 'this model')}'s local plugin has no quantized or "
+                "windowed attention (mlx-lm's families have)"
+            )
 
     def prepare(self, cache: List[KVCache]) -> None:
         """Give every layer the window (once per decode; a cache with another window is refused)."""
         window = None if self.max_size is None else (self.max_size, self.keep)
         for c in cache:
             if c.window != window and (c.rows or c.evicted):
-                raise UserError(f"this cache holds {c.offset} tokens kept with max kv size {c.window}, not {window}: "
-                                "start a new one")
+                raise UserError(
+                    f"this cache holds {c.offset} tokens kept with max kv size {c.window}, not {window}: "
+                    "start a new one"
+                )
             c.window = window
 
     def apply(self, cache: List[KVCache]) -> None:
@@ -266,7 +274,12 @@ class KVSettings:
         for i, c in enumerate(cache):
             c.evict()
             # before a forward, what mlx-lm does after the previous one: never before the first
-            if self.bits is not None and not isinstance(c, QuantizedKVCache) and c.offset and c.offset >= self.quantized_start:
+            if (
+                self.bits is not None
+                and not isinstance(c, QuantizedKVCache)
+                and c.offset
+                and c.offset >= self.quantized_start
+            ):
                 cache[i] = QuantizedKVCache.from_cache(c, self.group_size, self.bits)
 
 
@@ -274,8 +287,9 @@ def make_cache(model, reserve: Optional[int] = None) -> List[KVCache]:
     return [KVCache(reserve) for _ in model.layers]
 
 
-def prepared_cache(model, prompt_cache: Optional[List[KVCache]], rows: int, kv: Optional["KVSettings"] = None,
-                   step_rows: int = 1) -> List[KVCache]:
+def prepared_cache(
+    model, prompt_cache: Optional[List[KVCache]], rows: int, kv: Optional["KVSettings"] = None, step_rows: int = 1
+) -> List[KVCache]:
     """The given cache (or a new one) with room reserved for ``rows`` more rows (a windowed one:
     for the window, a prefill chunk, the eviction slack and a step's ``step_rows``)."""
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
@@ -290,8 +304,13 @@ def prepared_cache(model, prompt_cache: Optional[List[KVCache]], rows: int, kv: 
     return cache
 
 
-def prefill(forward: Callable[[mx.array, list], object], tokens: mx.array, cache: List[KVCache],
-            step: int = DEFAULT_PREFILL_STEP, kv: Optional[KVSettings] = None) -> None:
+def prefill(
+    forward: Callable[[mx.array, list], object],
+    tokens: mx.array,
+    cache: List[KVCache],
+    step: int = DEFAULT_PREFILL_STEP,
+    kv: Optional[KVSettings] = None,
+) -> None:
     """Run ``tokens`` through ``forward(tokens (1, L), cache)`` in chunks of ``step`` (the cache
     quantized per ``kv`` between chunks, as mlx-lm does)."""
     while tokens.size:

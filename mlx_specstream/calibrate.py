@@ -38,9 +38,20 @@ def _shape_key(model: nn.Module, drafter: Drafter, width: int, levels: int) -> s
     lin = next((m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))), None)
     quant = getattr(lin, "bits", None) if isinstance(lin, nn.QuantizedLinear) else None
     dtype = str(lin.weight.dtype) if lin is not None else None
-    shape = {"device": tuned_on(), "model": [getattr(args, "model_type", None), args.hidden_size,
-                                              args.num_hidden_layers, args.vocab_size, dtype, quant],
-             "drafter": type(drafter).__name__, "width": width, "levels": levels}
+    shape = {
+        "device": tuned_on(),
+        "model": [
+            getattr(args, "model_type", None),
+            args.hidden_size,
+            args.num_hidden_layers,
+            args.vocab_size,
+            dtype,
+            quant,
+        ],
+        "drafter": type(drafter).__name__,
+        "width": width,
+        "levels": levels,
+    }
     streams = getattr(drafter, "streams", None)
     if streams is not None:
         c = streams.config
@@ -48,8 +59,16 @@ def _shape_key(model: nn.Module, drafter: Drafter, width: int, levels: int) -> s
     return hashlib.sha1(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def measure_cost(model: nn.Module, drafter: Drafter, *, width: int, levels: int,
-                 sizes: Sequence[int] = COST_SIZES, prefix: int = 128, trials: int = 7) -> CostCurve:
+def measure_cost(
+    model: nn.Module,
+    drafter: Drafter,
+    *,
+    width: int,
+    levels: int,
+    sizes: Sequence[int] = COST_SIZES,
+    prefix: int = 128,
+    trials: int = 7,
+) -> CostCurve:
     """Median time of one tree step (verify, accept, draft, commit, as the decode loop runs it)
     per size, over the median of AR steps timed between them, after ``prefix`` cached tokens."""
     prompt = mx.random.randint(3, model.args.vocab_size, (prefix,), key=mx.random.key(0)).astype(mx.int32)
@@ -113,8 +132,9 @@ def cost_curve(model: nn.Module, drafter: Drafter, *, width: int, levels: int) -
         return CostCurve.from_dict(json.loads(file.read_text()))
     except (OSError, ValueError):
         pass
-    print("[measuring this device's step cost per tree size, once for this model shape (a few seconds)]",
-          file=sys.stderr)
+    print(
+        "[measuring this device's step cost per tree size, once for this model shape (a few seconds)]", file=sys.stderr
+    )
     curve = measure_cost(model, drafter, width=width, levels=levels)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)

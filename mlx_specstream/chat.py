@@ -45,8 +45,17 @@ def setup_arg_parser(parser=None):
 
 
 class Chat:
-    def __init__(self, model, tokenizer, *, system_prompt=None, sampling=SamplingParams(),
-                 max_tokens=DEFAULT_MAX_TOKENS, speculative=None, kv=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system_prompt=None,
+        sampling=SamplingParams(),
+        max_tokens=DEFAULT_MAX_TOKENS,
+        speculative=None,
+        kv=None,
+    ):
         self.model, self.tokenizer, self.kv = model, tokenizer, kv
         self.system_prompt, self.sampling, self.max_tokens = system_prompt, sampling, max_tokens
         self.speculative = speculative
@@ -88,9 +97,16 @@ class Chat:
     def reply(self, user: str, write=print):
         """Stream one reply; returns its text. Interrupting (Ctrl-C) keeps what was said."""
         text = ""
-        gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, self._prompt_tokens(user, write),
-                                     max_tokens=self.max_tokens, sampling=self.sampling, speculative=self.speculative,
-                                     kv=self.kv)
+        gen = cached_stream_generate(
+            self.model,
+            self.tokenizer,
+            self.pcache,
+            self._prompt_tokens(user, write),
+            max_tokens=self.max_tokens,
+            sampling=self.sampling,
+            speculative=self.speculative,
+            kv=self.kv,
+        )
         try:
             for r in gen:
                 text += r.text
@@ -122,8 +138,10 @@ class Chat:
                 if r is None:
                     write("[no reply yet]")
                 else:
-                    write(f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s, prompt {r.prompt_tps:.1f} tok/s, "
-                          f"{r.tokens_per_step:.2f} tokens/step over {r.steps} steps, peak {r.peak_memory:.3f} GB]")
+                    write(
+                        f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s, prompt {r.prompt_tps:.1f} tok/s, "
+                        f"{r.tokens_per_step:.2f} tokens/step over {r.steps} steps, peak {r.peak_memory:.3f} GB]"
+                    )
             elif cmd == "temp":
                 self.sampling = replace(self.sampling, temp=_checked(float(arg), 0.0, 100.0))
                 write(f"[temp {self.sampling.temp}]")
@@ -147,9 +165,15 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_args(args)
     model, tokenizer = load_from_args(args)
-    chat = Chat(model, tokenizer, system_prompt=args.system_prompt,
-                sampling=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p),
-                max_tokens=args.max_tokens, speculative=False if args.no_speculate else None, kv=kv_settings(args))
+    chat = Chat(
+        model,
+        tokenizer,
+        system_prompt=args.system_prompt,
+        sampling=SamplingParams(args.temp, args.top_p, args.top_k, args.min_p),
+        max_tokens=args.max_tokens,
+        speculative=False if args.no_speculate else None,
+        kv=kv_settings(args),
+    )
     mode = "chat template" if tokenizer.has_chat_template else "plain completion (no chat template)"
     print(f"[{mode}; {HELP}]", flush=True)
     while True:

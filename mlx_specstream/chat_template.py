@@ -38,9 +38,13 @@ class _Renderer:
 
     def start(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.chat_template"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlx_specstream.chat_template"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             self.ready = False
 
     def _kill(self) -> None:
@@ -71,11 +75,17 @@ class _Renderer:
             if not line:
                 code = self.proc.poll()
                 self._kill()
-                if code is not None:  # e.g. an allocation past the memory bound that Python could not turn into MemoryError
-                    raise UserError("the chat template's renderer died while rendering it (memory bound "
-                                    f"{TEMPLATE_MEMORY >> 20} MiB; exit {code})")
-                raise UserError(f"the chat template did not finish rendering within {seconds:g} s "
-                                "(it is code from the model folder: fix or replace its chat template)")
+                if (
+                    code is not None
+                ):  # e.g. an allocation past the memory bound that Python could not turn into MemoryError
+                    raise UserError(
+                        "the chat template's renderer died while rendering it (memory bound "
+                        f"{TEMPLATE_MEMORY >> 20} MiB; exit {code})"
+                    )
+                raise UserError(
+                    f"the chat template did not finish rendering within {seconds:g} s "
+                    "(it is code from the model folder: fix or replace its chat template)"
+                )
             out = json.loads(line)
             if out.get("restart"):  # memory ran out: a fresh child for the next rendering
                 self._kill()
@@ -93,8 +103,9 @@ def prestart() -> None:
         _RENDERER.start()
 
 
-def render(tokenizer, messages: List[dict], *, add_generation_prompt: bool = True,
-           seconds: float = TEMPLATE_SECONDS) -> str:
+def render(
+    tokenizer, messages: List[dict], *, add_generation_prompt: bool = True, seconds: float = TEMPLATE_SECONDS
+) -> str:
     """The tokenizer's chat template over ``messages`` as text, as ``apply_chat_template(...,
     tokenize=False)`` gives it, bounded in time, memory and output."""
     hf = _hf(tokenizer)
@@ -104,15 +115,21 @@ def render(tokenizer, messages: List[dict], *, add_generation_prompt: bool = Tru
         raise UserError(f"this tokenizer has no usable chat template: {e}") from None
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers normalizes
     size = sum(len(str(m.get("content", ""))) for m in messages)
-    job = {"template": template, "messages": messages, "add_generation_prompt": add_generation_prompt,
-           "kwargs": dict(hf.special_tokens_map), "limit": TEMPLATE_OUTPUT + 4 * size}
+    job = {
+        "template": template,
+        "messages": messages,
+        "add_generation_prompt": add_generation_prompt,
+        "kwargs": dict(hf.special_tokens_map),
+        "limit": TEMPLATE_OUTPUT + 4 * size,
+    }
     return _RENDERER.render(job, seconds)
 
 
 def template_ids(tokenizer, messages: List[dict], *, add_generation_prompt: bool = False) -> List[int]:
     """``apply_chat_template(messages)``'s token ids (the template's text, no extra special tokens)."""
-    return tokenizer.encode(render(tokenizer, messages, add_generation_prompt=add_generation_prompt),
-                            add_special_tokens=False)
+    return tokenizer.encode(
+        render(tokenizer, messages, add_generation_prompt=add_generation_prompt), add_special_tokens=False
+    )
 
 
 def _cap_memory() -> None:
@@ -134,8 +151,12 @@ def _serve() -> None:
     for line in sys.stdin.buffer:
         try:
             job = json.loads(line)
-            text = render_jinja_template(conversations=[job["messages"]], chat_template=job["template"],
-                                         add_generation_prompt=job["add_generation_prompt"], **job["kwargs"])[0][0]
+            text = render_jinja_template(
+                conversations=[job["messages"]],
+                chat_template=job["template"],
+                add_generation_prompt=job["add_generation_prompt"],
+                **job["kwargs"],
+            )[0][0]
             if len(text) > job["limit"]:
                 reply = {"error": f"its text grew to {len(text)} characters (limit {job['limit']})"}
             else:

@@ -25,8 +25,15 @@ from .models import UnsupportedModelError, build_model, normalize_rope_config
 from .errors import UserError
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
 )
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -53,9 +60,13 @@ def get_model_path(path_or_hf_repo: Union[str, Path], revision: Optional[str] = 
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise FileNotFoundError(f"model folder {repo!r} does not exist (and is not a hub repo id)")
     try:
-        return Path(snapshot_download(
-            repo, revision=revision,
-            allow_patterns=["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja", "speculative_streams*"]))
+        return Path(
+            snapshot_download(
+                repo,
+                revision=revision,
+                allow_patterns=["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja", "speculative_streams*"],
+            )
+        )
     except Exception as e:  # offline, unknown repo, auth...: say which and why
         raise CheckpointError(
             f"could not fetch {repo!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
@@ -95,8 +106,11 @@ def weight_files(path: Path, torch_files: bool = False) -> List[Path]:
     if not files and torch_files:
         files = sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("*.pt"))
     if not files:
-        hint = ("no model*.safetensors, pytorch_model*.bin or *.pt" if torch_files else
-                "no model*.safetensors (PyTorch .bin/.pt checkpoints: run `specstream convert`)")
+        hint = (
+            "no model*.safetensors, pytorch_model*.bin or *.pt"
+            if torch_files
+            else "no model*.safetensors (PyTorch .bin/.pt checkpoints: run `specstream convert`)"
+        )
         raise CheckpointError(f"{hint} in {path}")
     return _regular(files, path)
 
@@ -137,8 +151,23 @@ def load_config(path: Path) -> dict:
     return config
 
 
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 
 
@@ -146,6 +175,7 @@ def check_safetensors(file: Path) -> None:
     """Check a safetensors header against the file before MLX views a byte of it (MLX's reader
     accepts duplicate names and overlapping spans, i.e. wrong weights): one entry per name, known
     dtypes, every span inside the data, sized by its shape, spans neither overlapping nor leaving gaps."""
+
     def fail(why):
         raise CheckpointError(f"cannot read {file}: corrupt or truncated safetensors ({why})")
 
@@ -175,15 +205,22 @@ def check_safetensors(file: Path) -> None:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not (isinstance(info, dict) and info.get("dtype") in _ST_ITEMSIZE and isinstance(info.get("shape"), list)
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
-                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-                and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])):
+        if not (
+            isinstance(info, dict)
+            and info.get("dtype") in _ST_ITEMSIZE
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])
+        ):
             fail(f"tensor {name!r}: dtype, shape or data_offsets malformed")
         begin, end = info["data_offsets"]
         if not 0 <= begin <= end <= data_len or end - begin != math.prod(info["shape"]) * _ST_ITEMSIZE[info["dtype"]]:
-            fail(f"tensor {name!r}: bytes {begin}..{end} do not hold its shape {info['shape']} "
-                 f"{info['dtype']} inside {data_len} bytes of data")
+            fail(
+                f"tensor {name!r}: bytes {begin}..{end} do not hold its shape {info['shape']} "
+                f"{info['dtype']} inside {data_len} bytes of data"
+            )
         spans.append((begin, end, name))
     at = 0
     for begin, end, name in sorted(spans):
@@ -216,12 +253,18 @@ def check_names(expected: Mapping[str, mx.array], weights: Mapping[str, mx.array
     named: ``weights in WHERE do not match AGAINST: missing ... | unexpected ... | wrong shapes``."""
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
     # a dtype the model cannot use: a float weight stored (or declared) as integers or booleans
     # has the same byte count, so only its kind tells (packed quantized weights are integers in both)
-    kinds = [f"{k}: checkpoint {weights[k].dtype} where the model needs a {'float' if _is_float(v) else str(v.dtype)} tensor"
-             for k, v in expected.items() if k in weights and _is_float(weights[k]) != _is_float(v)]
+    kinds = [
+        f"{k}: checkpoint {weights[k].dtype} where the model needs a {'float' if _is_float(v) else str(v.dtype)} tensor"
+        for k, v in expected.items()
+        if k in weights and _is_float(weights[k]) != _is_float(v)
+    ]
     problems = []
     if kinds:
         problems.append("wrong dtypes: " + "; ".join(kinds[:8]))
@@ -251,10 +294,17 @@ def build_checked(config: dict, weights: Dict[str, mx.array], where: Path) -> Tu
     eos = config.get("eos_token_id")
     vocab = config.get("vocab_size")
     ids = eos if isinstance(eos, list) else [eos]
-    if eos is not None and not (ids and all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < (vocab if isinstance(vocab, int) else 1 << 22)
-                                            for e in ids)):
-        raise CheckpointError(f"{where / 'config.json'}: eos_token_id must be a token id (0..vocab_size-1) or a "
-                              f"non-empty list of them, got {eos!r}")
+    if eos is not None and not (
+        ids
+        and all(
+            isinstance(e, int) and not isinstance(e, bool) and 0 <= e < (vocab if isinstance(vocab, int) else 1 << 22)
+            for e in ids
+        )
+    ):
+        raise CheckpointError(
+            f"{where / 'config.json'}: eos_token_id must be a token id (0..vocab_size-1) or a "
+            f"non-empty list of them, got {eos!r}"
+        )
     td = config.get("torch_dtype", config.get("dtype"))
     if td is not None and td not in DTYPES:
         raise CheckpointError(f"{where / 'config.json'}: torch_dtype {td!r} is not a float type ({', '.join(DTYPES)})")
@@ -268,12 +318,20 @@ def build_checked(config: dict, weights: Dict[str, mx.array], where: Path) -> Tu
     if hasattr(model, "sanitize"):  # the family's own renames and drops (mlx-lm's, where it has one)
         weights = model.sanitize(weights)
     if (q := config.get("quantization")) is not None:
-        if not isinstance(q, dict) or q.get("bits") not in QUANT_BITS + (2, 3, 5, 6) or q.get("group_size") not in QUANT_GROUP_SIZES:
-            raise CheckpointError(f"{where / 'config.json'}: quantization {q!r} is not {{bits: 2..8, group_size: "
-                                  f"{'/'.join(map(str, QUANT_GROUP_SIZES))}}}")
+        if (
+            not isinstance(q, dict)
+            or q.get("bits") not in QUANT_BITS + (2, 3, 5, 6)
+            or q.get("group_size") not in QUANT_GROUP_SIZES
+        ):
+            raise CheckpointError(
+                f"{where / 'config.json'}: quantization {q!r} is not {{bits: 2..8, group_size: "
+                f"{'/'.join(map(str, QUANT_GROUP_SIZES))}}}"
+            )
         if not any(k.endswith(".scales") for k in weights):
-            raise CheckpointError(f"{where / 'config.json'} declares quantization {q!r} but the weights are not "
-                                  "quantized (no .scales): remove the key")
+            raise CheckpointError(
+                f"{where / 'config.json'} declares quantization {q!r} but the weights are not "
+                "quantized (no .scales): remove the key"
+            )
         nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=_quant_predicate(q, weights))
     check_names(dict(tree_flatten(model.parameters())), weights, where, "config.json")
     return model, weights
@@ -309,13 +367,13 @@ def model_dtype(model) -> mx.Dtype:
 def cast_floats(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
     """Cast a model's float parameters in place (quantized weights and int tensors untouched)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                          model.parameters()))
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     return model
 
 
-def quantize_model(model: nn.Module, config: dict, *, bits: int = 4, group_size: int = 64,
-                   recipe: Optional[str] = None) -> dict:
+def quantize_model(
+    model: nn.Module, config: dict, *, bits: int = 4, group_size: int = 64, recipe: Optional[str] = None
+) -> dict:
     """Affine-quantize ``model`` in place; return the config with mlx-lm's ``quantization`` keys.
 
     ``recipe="mixed_4_8"`` keeps embeddings and the LM head at 8 bits, the rest at ``bits``.
@@ -405,11 +463,16 @@ def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dt
         raise CheckpointError(f"{weights_file} not found (adapter config without its weights)")
     weights = read_safetensors(weights_file)
     check_names(dict(tree_flatten(module.parameters())), weights, weights_file, against)
-    bad = [k for k, v in sorted(weights.items())
-           if mx.issubdtype(v.dtype, mx.floating) and not mx.all(mx.isfinite(v)).item()]
+    bad = [
+        k
+        for k, v in sorted(weights.items())
+        if mx.issubdtype(v.dtype, mx.floating) and not mx.all(mx.isfinite(v)).item()
+    ]
     if bad:
-        raise CheckpointError(f"{weights_file}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
-                              "infinite values (a diverged training run?): refusing to attach the adapter")
+        raise CheckpointError(
+            f"{weights_file}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
+            "infinite values (a diverged training run?): refusing to attach the adapter"
+        )
     module.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
     mx.eval(module.parameters())
 
@@ -418,8 +481,13 @@ def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dt
 
 # Tensors whose statistics identify a base: the embedding, the first and last layers (the last
 # moves most in fine-tuning) and the final norm; HF names, found in every supported family.
-_FINGERPRINT_TENSORS = ("embed_tokens", "layers.0.self_attn.q_proj", "layers.{last}.self_attn.o_proj",
-                        "layers.{last}.mlp.down_proj", "norm")
+_FINGERPRINT_TENSORS = (
+    "embed_tokens",
+    "layers.0.self_attn.q_proj",
+    "layers.{last}.self_attn.o_proj",
+    "layers.{last}.mlp.down_proj",
+    "norm",
+)
 FINGERPRINT_RTOL = 0.03  # 4-bit requantization moves a tensor's RMS by ~1%; another fine-tune by more
 
 
@@ -440,8 +508,13 @@ def base_fingerprint(model) -> dict:
             w = mx.dequantize(w, m.scales, m.biases, m.group_size, m.bits)
         w = w.astype(mx.float32)
         sig.append([name, round(mx.sqrt(mx.mean(w * w)).item(), 6), round(mx.mean(w).item(), 7)])
-    return {"model_type": getattr(args, "model_type", None), "hidden_size": args.hidden_size,
-            "num_hidden_layers": args.num_hidden_layers, "vocab_size": args.vocab_size, "tensors": sig}
+    return {
+        "model_type": getattr(args, "model_type", None),
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "vocab_size": args.vocab_size,
+        "tensors": sig,
+    }
 
 
 def fingerprint_mismatch(want: Mapping, have: Mapping) -> Optional[str]:

@@ -33,20 +33,37 @@ VERBS = {
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model and drafter options every serving verb shares."""
-    parser.add_argument("--model", default=None,
-                        help="model folder, .gguf file, hub repo, or a known name: smollm2 (default: embedded model)")
-    parser.add_argument("--streams", default=None,
-                        help="stream adapter: a name (speculative_streams-NAME.json) or a .json path")
-    parser.add_argument("--force-streams", action="store_true",
-                        help="attach the stream adapter even if it records another base model")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder, .gguf file, hub repo, or a known name: smollm2 (default: embedded model)",
+    )
+    parser.add_argument(
+        "--streams", default=None, help="stream adapter: a name (speculative_streams-NAME.json) or a .json path"
+    )
+    parser.add_argument(
+        "--force-streams", action="store_true", help="attach the stream adapter even if it records another base model"
+    )
     parser.add_argument("--medusa", default=None, help="folder with medusa_heads.json: draft with Medusa heads")
-    parser.add_argument("--draft-model", default=None,
-                        help="a small model with the same tokenizer drafting for the target (two-model decoding)")
-    parser.add_argument("--num-draft", type=int, default=DEFAULT_NUM_DRAFT, help="tokens the draft model drafts per step")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="cast weights at load (default: float32 on CPUs, as stored on GPUs)")
-    parser.add_argument("--keep-quantized", action="store_true",
-                        help="keep a quantized GGUF's weights quantized on the CPU (default there: dequantize to float32)")
+    parser.add_argument(
+        "--draft-model",
+        default=None,
+        help="a small model with the same tokenizer drafting for the target (two-model decoding)",
+    )
+    parser.add_argument(
+        "--num-draft", type=int, default=DEFAULT_NUM_DRAFT, help="tokens the draft model drafts per step"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="cast weights at load (default: float32 on CPUs, as stored on GPUs)",
+    )
+    parser.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="keep a quantized GGUF's weights quantized on the CPU (default there: dequantize to float32)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -60,14 +77,26 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def add_cache_args(parser: argparse.ArgumentParser) -> None:
     d = KVSettings()
-    parser.add_argument("--kv-bits", type=int, default=d.bits,
-                        help="quantize the KV cache to this many bits (as mlx-lm; default: not quantized)")
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=d.bits,
+        help="quantize the KV cache to this many bits (as mlx-lm; default: not quantized)",
+    )
     parser.add_argument("--kv-group-size", type=int, default=d.group_size, help="group size of the quantized KV cache")
-    parser.add_argument("--quantized-kv-start", type=int, default=d.quantized_start,
-                        help="tokens a layer's cache holds before it is quantized (with --kv-bits)")
-    parser.add_argument("--max-kv-size", type=int, default=d.max_size,
-                        help=f"keep at most this many tokens in the KV cache: the {d.keep} first and the latest "
-                             "(as mlx-lm's rotating cache; default: all)")
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=d.quantized_start,
+        help="tokens a layer's cache holds before it is quantized (with --kv-bits)",
+    )
+    parser.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=d.max_size,
+        help=f"keep at most this many tokens in the KV cache: the {d.keep} first and the latest "
+        "(as mlx-lm's rotating cache; default: all)",
+    )
 
 
 def kv_settings(args: argparse.Namespace) -> Optional[KVSettings]:
@@ -78,12 +107,18 @@ def kv_settings(args: argparse.Namespace) -> Optional[KVSettings]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Check the shared options (nonsense is an error, not ignored) and apply the seed."""
-    for name, ok, want in (("max_tokens", lambda v: v >= 1, "at least 1"), ("temp", lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0"),
-                           ("top_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("top_k", lambda v: v >= 0, ">= 0"),
-                           ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("num_draft", lambda v: 1 <= v <= MAX_NUM_DRAFT, f"in 1..{MAX_NUM_DRAFT}"),
-                           ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
-                           ("n_prompts", lambda v: 1 <= v <= 100_000, "in 1..100000"), ("trials", lambda v: v >= 1, "at least 1"),
-                           ("warmup", lambda v: v >= 0, ">= 0")):
+    for name, ok, want in (
+        ("max_tokens", lambda v: v >= 1, "at least 1"),
+        ("temp", lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0"),
+        ("top_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("top_k", lambda v: v >= 0, ">= 0"),
+        ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("num_draft", lambda v: 1 <= v <= MAX_NUM_DRAFT, f"in 1..{MAX_NUM_DRAFT}"),
+        ("seed", lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
+        ("n_prompts", lambda v: 1 <= v <= 100_000, "in 1..100000"),
+        ("trials", lambda v: v >= 1, "at least 1"),
+        ("warmup", lambda v: v >= 0, ">= 0"),
+    ):
         v = getattr(args, name, None)
         for x in v if isinstance(v, list) else [v]:  # repeatable flags (bench --temp) check each value
             if x is not None and not ok(x):
@@ -93,9 +128,17 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def load_from_args(args: argparse.Namespace, **kwargs):
-    return load(args.model, streams=args.streams, medusa=args.medusa, draft_model=args.draft_model,
-                num_draft=args.num_draft, dtype=args.dtype, dequantize=False if args.keep_quantized else None,
-                force_streams=args.force_streams, **kwargs)
+    return load(
+        args.model,
+        streams=args.streams,
+        medusa=args.medusa,
+        draft_model=args.draft_model,
+        num_draft=args.num_draft,
+        dtype=args.dtype,
+        dequantize=False if args.keep_quantized else None,
+        force_streams=args.force_streams,
+        **kwargs,
+    )
 
 
 def progress_bar(done: int, total: int, width: int = 24) -> str:
@@ -123,8 +166,11 @@ def main(argv=None) -> int:
         return 1
     except Exception:  # noqa: BLE001 - anything else is a bug: the traceback, and a line saying so
         traceback.print_exc()
-        print("error: the above is a bug in mlx-specstream, not a problem with your input: please report it "
-              "with the traceback", file=sys.stderr)
+        print(
+            "error: the above is a bug in mlx-specstream, not a problem with your input: please report it "
+            "with the traceback",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -25,8 +25,22 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from .checkpoint import (DTYPES, CheckpointError, build_checked, cast_floats, check_names, copy_tokenizer_files, load_config,
-                         load_model, read_json, read_safetensors, quantize_model, save_adapter, save_model, weight_files)
+from .checkpoint import (
+    DTYPES,
+    CheckpointError,
+    build_checked,
+    cast_floats,
+    check_names,
+    copy_tokenizer_files,
+    load_config,
+    load_model,
+    read_json,
+    read_safetensors,
+    quantize_model,
+    save_adapter,
+    save_model,
+    weight_files,
+)
 from .cli import progress_bar
 from .gguf import load_gguf, read_gguf, tensor_types
 from .loading import resolve_model
@@ -99,7 +113,7 @@ def read_peft(adapter_dir: Path, shapes: Dict[str, Tuple[int, ...]]):
         name = k.split(".lora_A.")[0]
         for pre in ("base_model.model.", "base_model."):
             if name.startswith(pre):
-                name = name[len(pre):]
+                name = name[len(pre) :]
                 break
         b = ad.get(k.replace(".lora_A.", ".lora_B."))
         if b is None:
@@ -108,8 +122,10 @@ def read_peft(adapter_dir: Path, shapes: Dict[str, Tuple[int, ...]]):
         if w is None:
             raise CheckpointError(f"LoRA adapter targets {name}.weight, which the base checkpoint lacks")
         if a.shape != (r, w[1]) or b.shape != (w[0], r):
-            raise CheckpointError(f"{adapter_dir}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
-                                  f"fit r = {r} and the base weight {tuple(w)} (expected {(r, w[1])} and {(w[0], r)})")
+            raise CheckpointError(
+                f"{adapter_dir}: {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
+                f"fit r = {r} and the base weight {tuple(w)} (expected {(r, w[1])} and {(w[0], r)})"
+            )
         pairs.append((name, a, b))
     if not pairs:
         raise CheckpointError(f"{adapter_dir}: no lora_A/lora_B tensors found")
@@ -122,7 +138,9 @@ def merge_peft(weights: Dict[str, mx.array], adapter_dir: Path) -> Dict[str, mx.
     merged = dict(weights)
     for name, a, b in pairs:
         w = merged[name + ".weight"]
-        merged[name + ".weight"] = (w.astype(mx.float32) + scale * (b.astype(mx.float32) @ a.astype(mx.float32))).astype(w.dtype)
+        merged[name + ".weight"] = (
+            w.astype(mx.float32) + scale * (b.astype(mx.float32) @ a.astype(mx.float32))
+        ).astype(w.dtype)
     return merged
 
 
@@ -137,23 +155,31 @@ def peft_to_mlx_lm_adapter(adapter_dir: Path, dst: Path, num_layers: int, shapes
             raise CheckpointError(f"--keep-lora adapts decoder layers only; {name} is outside them (use --fuse-lora)")
         li = parts.index("layers")
         layers.add(int(parts[li + 1]))
-        keys.add(".".join(parts[li + 2:]))
+        keys.add(".".join(parts[li + 2 :]))
         out[f"{name}.lora_a"] = a.T.astype(mx.float32)
         out[f"{name}.lora_b"] = b.T.astype(mx.float32)
     first = min(layers)
     if sorted(layers) != list(range(first, num_layers)):
         raise CheckpointError("--keep-lora needs LoRA on a contiguous run of top layers (use --fuse-lora)")
     mx.save_safetensors(str(dst / "adapters.safetensors"), out)
-    (dst / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": "lora", "num_layers": num_layers - first,
-        "lora_parameters": {"rank": cfg["r"], "scale": scale, "dropout": 0.0, "keys": sorted(keys)}}, indent=2))
+    (dst / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "fine_tune_type": "lora",
+                "num_layers": num_layers - first,
+                "lora_parameters": {"rank": cfg["r"], "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
+            },
+            indent=2,
+        )
+    )
 
 
 def convert_streams(src_json: Path, model, dst: Path, stem: str) -> None:
     """A stream file (PyTorch reference or MLX) checked against ``model`` and written for MLX."""
     config = read_stream_config(src_json)
-    weights_file = next((p for p in (src_json.with_suffix(".safetensors"), src_json.with_suffix(".bin"))
-                         if p.exists()), None)
+    weights_file = next(
+        (p for p in (src_json.with_suffix(".safetensors"), src_json.with_suffix(".bin")) if p.exists()), None
+    )
     if weights_file is None:
         raise CheckpointError(f"{src_json}: no matching .safetensors/.bin with the stream parameters")
     weights = read_tensors([weights_file], str(weights_file))
@@ -174,8 +200,10 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         _clean_stale(dst)  # first: a model a killed run left hidden is put back before any check
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
-        raise CheckpointError(f"--mlx-path {dst} is, contains or lies inside the source {src}: refused "
-                              "(replacing it would delete the source)")
+        raise CheckpointError(
+            f"--mlx-path {dst} is, contains or lies inside the source {src}: refused "
+            "(replacing it would delete the source)"
+        )
     cwd = Path.cwd().resolve()
     if d == cwd or d in cwd.parents:
         raise CheckpointError(f"--mlx-path {dst} is the current folder or one above it: give a new folder's name")
@@ -186,8 +214,10 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
     if not dst.is_dir() or dst.is_symlink():
         raise CheckpointError(f"{dst} exists and is not a folder: refusing to replace it, even with --force")
     if not (dst / MARKER).is_file():
-        raise CheckpointError(f"{dst} is not a folder a conversion wrote (no {MARKER}): refusing to replace it, "
-                              "even with --force — remove it yourself or choose another --mlx-path")
+        raise CheckpointError(
+            f"{dst} is not a folder a conversion wrote (no {MARKER}): refusing to replace it, "
+            "even with --force — remove it yourself or choose another --mlx-path"
+        )
 
 
 def _owner_alive(folder: Path) -> bool:
@@ -205,7 +235,7 @@ def _clean_stale(dst: Path) -> None:
     model in an ``-old-`` folder with ``dst`` missing — it is put back; the rest is removed."""
     prefix = f"{PARTIAL}{dst.name}-"
     for stale in sorted(dst.parent.iterdir()):
-        rest = stale.name[len(prefix):] if stale.name.startswith(prefix) else None
+        rest = stale.name[len(prefix) :] if stale.name.startswith(prefix) else None
         if rest is None or "-" in rest.removeprefix("old-") or not stale.is_dir() or _owner_alive(stale):
             continue
         if rest.startswith("old-") and (stale / "x").is_dir() and not dst.exists():
@@ -243,8 +273,9 @@ def write_atomically(dst: Path, write) -> None:
         raise
 
 
-def convert_gguf(src, dst, *, dtype: Optional[str] = None, quantize=False, q_bits=4, q_group_size=64,
-                 force=False) -> Path:
+def convert_gguf(
+    src, dst, *, dtype: Optional[str] = None, quantize=False, q_bits=4, q_group_size=64, force=False
+) -> Path:
     """A GGUF file -> a checkpoint folder that we and mlx-lm load: Q4_0/Q4_1/Q8_0 kept as MLX
     affine quantization (group 32); ``dtype`` dequantizes to it; ``quantize`` re-quantizes the
     dequantized weights with our settings."""
@@ -269,8 +300,10 @@ def convert_gguf(src, dst, *, dtype: Optional[str] = None, quantize=False, q_bit
         write_atomically(dst, write)
     finally:
         shutil.rmtree(tok_folder, ignore_errors=True)
-    print(f"converted {src.name} ({', '.join(tensor_types(g))}) -> {dst} in {time.perf_counter() - tic:.1f}s",
-          file=sys.stderr)
+    print(
+        f"converted {src.name} ({', '.join(tensor_types(g))}) -> {dst} in {time.perf_counter() - tic:.1f}s",
+        file=sys.stderr,
+    )
     return dst
 
 
@@ -288,8 +321,20 @@ def mlx_lm_model(path: Path, dtype: Optional[str]):
     return model
 
 
-def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optional[str] = None,
-            adapter_path=None, keep_lora=False, streams_only=False, force=False, verify=False) -> Path:
+def convert(
+    src,
+    dst,
+    *,
+    quantize=False,
+    q_bits=4,
+    q_group_size=64,
+    dtype: Optional[str] = None,
+    adapter_path=None,
+    keep_lora=False,
+    streams_only=False,
+    force=False,
+    verify=False,
+) -> Path:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CheckpointError(f"--torch-path {src} is not a folder")
@@ -298,8 +343,10 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
     stream_jsons = sorted(src.glob("speculative_streams*.json"))
     if streams_only:
         if src.resolve() == dst.resolve():
-            raise CheckpointError(f"--streams-only: the destination {dst} is the source: its stream files would be "
-                                  "rewritten from themselves")
+            raise CheckpointError(
+                f"--streams-only: the destination {dst} is the source: its stream files would be "
+                "rewritten from themselves"
+            )
         if not (dst / "config.json").exists():
             raise CheckpointError(f"--streams-only needs an already converted base at {dst}")
         if not stream_jsons:
@@ -340,10 +387,15 @@ def convert(src, dst, *, quantize=False, q_bits=4, q_group_size=64, dtype: Optio
             convert_streams(j, model, tmp, j.stem)
 
     write_atomically(dst, write)
-    print(f"converted {src} -> {dst} in {time.perf_counter() - tic:.1f}s; peak memory "
-          f"{mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+    print(
+        f"converted {src} -> {dst} in {time.perf_counter() - tic:.1f}s; peak memory "
+        f"{mx.get_peak_memory() / 1e9:.2f} GB",
+        file=sys.stderr,
+    )
     if verify:
-        print(f"max |logit difference| vs PyTorch: {verify_against_torch(src, dst, adapter if not keep_lora else None):.3g}")
+        print(
+            f"max |logit difference| vs PyTorch: {verify_against_torch(src, dst, adapter if not keep_lora else None):.3g}"
+        )
     return dst
 
 
@@ -394,10 +446,27 @@ def setup_arg_parser(parser=None):
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     if args.gguf:
-        convert_gguf(args.gguf, args.mlx_path, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
-                     q_group_size=args.q_group_size, force=args.force)
+        convert_gguf(
+            args.gguf,
+            args.mlx_path,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            force=args.force,
+        )
         return 0
-    convert(args.torch_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
-            q_group_size=args.q_group_size, dtype=args.dtype, adapter_path=args.adapter_path,
-            keep_lora=args.keep_lora, streams_only=args.streams_only, force=args.force, verify=args.verify)
+    convert(
+        args.torch_path,
+        args.mlx_path,
+        quantize=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        dtype=args.dtype,
+        adapter_path=args.adapter_path,
+        keep_lora=args.keep_lora,
+        streams_only=args.streams_only,
+        force=args.force,
+        verify=args.verify,
+    )
     return 0

@@ -166,9 +166,11 @@ def tree_generate_step(
 def _kept(launch: Callable, kv: KVSettings) -> Callable:
     """``launch`` with the cache kept per ``kv`` first (evicted past its window, quantized once
     long enough): after the previous step's commit, so no draft ever needs an evicted row."""
+
     def run(model, drafter, plan, state, cache, *a):
         kv.apply(cache)
         return launch(model, drafter, plan, state, cache, *a)
+
     return run
 
 
@@ -182,8 +184,15 @@ class _Pending:
     conf: Optional[mx.array] = None
 
 
-def launch_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
-                accept: Callable, confidence: bool = False) -> _Pending:
+def launch_step(
+    model: nn.Module,
+    drafter: Drafter,
+    plan: TreePlan,
+    state: DraftState,
+    cache: List[KVCache],
+    accept: Callable,
+    confidence: bool = False,
+) -> _Pending:
     """Build one forward pass (verify ``plan``'s tree, accept, draft) and start it on the device.
     ``confidence``: also the drafts' softmax probabilities (g, width), in the same graph (read at
     the step's one sync: what sizes the next tree)."""
@@ -204,8 +213,9 @@ def launch_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: Draft
     return _Pending(v, best, correction, cand, prefix, conf)
 
 
-def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]
-                ) -> Tuple[StepResult, mx.array, Optional[np.ndarray]]:
+def finish_step(
+    p: _Pending, drafter: Drafter, cache: List[KVCache]
+) -> Tuple[StepResult, mx.array, Optional[np.ndarray]]:
     """Wait for a launched step, commit the accepted path's K/V; returns the step, the
     drafter's candidates for the next tree and their probabilities (when asked for)."""
     v = p.verified
@@ -219,15 +229,17 @@ def finish_step(p: _Pending, drafter: Drafter, cache: List[KVCache]
     rows = v.logits[mx.array(keep)].astype(mx.float32)
     logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
     mx.async_eval(logprobs)  # computed now (no sync): the tree's logits are then released
-    result = StepResult(accepted + [int(p.correction.item())], len(path) - 1, v.plan.size, v.plan.tree.paths[path[-1]],
-                        logprobs)
+    result = StepResult(
+        accepted + [int(p.correction.item())], len(path) - 1, v.plan.size, v.plan.tree.paths[path[-1]], logprobs
+    )
     late = drafter.after_commit(accepted, result.tokens[-1])
     conf = None if p.conf is None or late is not None else np.array(p.conf)  # computed with ``best``: a read
     return result, late if late is not None else p.cand, conf
 
 
-def tree_step(model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache],
-              accept: Callable) -> Tuple[StepResult, mx.array]:
+def tree_step(
+    model: nn.Module, drafter: Drafter, plan: TreePlan, state: DraftState, cache: List[KVCache], accept: Callable
+) -> Tuple[StepResult, mx.array]:
     """One forward pass, launched and finished (for measurements)."""
     return finish_step(launch_step(model, drafter, plan, state, cache, accept), drafter, cache)[:2]
 

@@ -57,9 +57,14 @@ def fingerprint() -> dict:
     except (ValueError, OSError, AttributeError):
         pass
     return {
-        "backend": backend, "device": info.get("device_name") or info.get("architecture") or str(dev),
+        "backend": backend,
+        "device": info.get("device_name") or info.get("architecture") or str(dev),
         "device_info": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in info.items()},
-        "memory_gb": round(mem, 1) if mem else None, "os": platform.platform(), "python": platform.python_version(),
-        "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "blas": blas_in_use() if backend == "cpu" else None,
+        "memory_gb": round(mem, 1) if mem else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "blas": blas_in_use() if backend == "cpu" else None,
         "cpu_count": os.cpu_count(),
     }

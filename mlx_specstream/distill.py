@@ -48,8 +48,14 @@ def _functions(path: Path) -> Iterator[Dict[str, str]]:
                 continue
             args = ", ".join(a.arg for a in node.args.args)
             src = "\n".join(lines[node.lineno - 1 : min(node.lineno + 7, len(lines))])
-            yield {"name": node.name, "qual": f"{module}.{node.name}", "sig": f"({args})",
-                   "doc": doc[:DOC_CHARS], "first": doc.strip().splitlines()[0][:DOC_CHARS], "src": src}
+            yield {
+                "name": node.name,
+                "qual": f"{module}.{node.name}",
+                "sig": f"({args})",
+                "doc": doc[:DOC_CHARS],
+                "first": doc.strip().splitlines()[0][:DOC_CHARS],
+                "src": src,
+            }
 
 
 def instructions(files: Sequence[Path], n: int, seed: int = 0) -> List[str]:
@@ -65,13 +71,18 @@ def instructions(files: Sequence[Path], n: int, seed: int = 0) -> List[str]:
     return out
 
 
-def answer(lm_model, tokenizer, messages: Sequence[str], *, max_tokens: int, batch_size: int,
-           log=print, on_batch=None) -> List[dict]:
+def answer(
+    lm_model, tokenizer, messages: Sequence[str], *, max_tokens: int, batch_size: int, log=print, on_batch=None
+) -> List[dict]:
     """Greedy answers in batches by mlx-lm's batched generation (``lm_model``: mlx-lm's model of
     the weights): ``{"prompt_ids", "completion_ids"}`` records (chat template applied, the
     answer without the EOS). ``on_batch(records)`` receives each batch as it is done."""
-    prompts = [template_ids(tokenizer, [{"role": "user", "content": m}], add_generation_prompt=True)
-               if tokenizer.has_chat_template else tokenizer.encode(m) for m in messages]
+    prompts = [
+        template_ids(tokenizer, [{"role": "user", "content": m}], add_generation_prompt=True)
+        if tokenizer.has_chat_template
+        else tokenizer.encode(m)
+        for m in messages
+    ]
     records, tic = [], time.perf_counter()
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s : s + batch_size]
@@ -81,8 +92,10 @@ def answer(lm_model, tokenizer, messages: Sequence[str], *, max_tokens: int, bat
         if on_batch is not None:
             on_batch(new)
         n = sum(len(r["completion_ids"]) for r in records)
-        log(f"{progress_bar(len(records), len(prompts))} {len(records)}/{len(prompts)} prompts, "
-            f"{n} tokens, {n / (time.perf_counter() - tic):.0f} tok/s")
+        log(
+            f"{progress_bar(len(records), len(prompts))} {len(records)}/{len(prompts)} prompts, "
+            f"{n} tokens, {n / (time.perf_counter() - tic):.0f} tok/s"
+        )
     return records
 
 
@@ -95,26 +108,45 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompts", default=None, metavar="FILE.json",
-                    help='user messages to answer instead of the stdlib ones: {"train": [...], "valid": [...]} '
-                         "(e.g. written by --write-prompts on another machine: the stdlib differs between Pythons)")
-    ap.add_argument("--write-prompts", default=None, metavar="FILE.json",
-                    help="write the stdlib user messages to FILE.json and stop")
-    ap.add_argument("--dtype", default="float32", help="weights' dtype for answering (float32: the model's own answers)")
+    ap.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE.json",
+        help='user messages to answer instead of the stdlib ones: {"train": [...], "valid": [...]} '
+        "(e.g. written by --write-prompts on another machine: the stdlib differs between Pythons)",
+    )
+    ap.add_argument(
+        "--write-prompts",
+        default=None,
+        metavar="FILE.json",
+        help="write the stdlib user messages to FILE.json and stop",
+    )
+    ap.add_argument(
+        "--dtype", default="float32", help="weights' dtype for answering (float32: the model's own answers)"
+    )
     args = ap.parse_args(argv)
     if args.prompts:
         given = json.loads(Path(args.prompts).read_text(encoding="utf-8"))
-        if not (isinstance(given, dict) and all(isinstance(given.get(k, []), list) and
-                                                all(isinstance(m, str) for m in given.get(k, [])) for k in ("train", "valid"))):
-            raise SystemExit(f"{args.prompts}: expected {{\"train\": [strings], \"valid\": [strings]}}")
+        if not (
+            isinstance(given, dict)
+            and all(
+                isinstance(given.get(k, []), list) and all(isinstance(m, str) for m in given.get(k, []))
+                for k in ("train", "valid")
+            )
+        ):
+            raise SystemExit(f'{args.prompts}: expected {{"train": [strings], "valid": [strings]}}')
         messages = {k: given.get(k, [])[:n] for k, n in (("train", args.n_train), ("valid", args.n_valid))}
     else:
         train_files, valid_files = split_files()
-        messages = {"train": instructions(train_files, args.n_train, args.seed),
-                    "valid": instructions(valid_files, args.n_valid, args.seed)}
+        messages = {
+            "train": instructions(train_files, args.n_train, args.seed),
+            "valid": instructions(valid_files, args.n_valid, args.seed),
+        }
     if args.write_prompts:
         Path(args.write_prompts).write_text(json.dumps(messages), encoding="utf-8")
-        print(f"wrote {len(messages['train'])} train and {len(messages['valid'])} valid messages to {args.write_prompts}")
+        print(
+            f"wrote {len(messages['train'])} train and {len(messages['valid'])} valid messages to {args.write_prompts}"
+        )
         return 0
     _, tok = load(args.model, streams=False)
     lm_model = mlx_lm_model(resolve_model(args.model), args.dtype)
@@ -130,8 +162,15 @@ def main(argv=None) -> int:
             with open(file, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in recs)
 
-        answer(lm_model, tok, todo, max_tokens=args.max_tokens, batch_size=args.batch_size,
-               log=lambda m: print("\r" + m, end="", flush=True), on_batch=append)
+        answer(
+            lm_model,
+            tok,
+            todo,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            log=lambda m: print("\r" + m, end="", flush=True),
+            on_batch=append,
+        )
         print()
     return 0
 

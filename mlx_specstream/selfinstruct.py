@@ -40,10 +40,26 @@ from .tokenizer import chat_ids
 
 VALID_EVERY = 20
 KINDS = (
-    "explanation", "how-to question", "advice", "comparison", "short poem", "short story",
-    "email to write", "math word problem", "request for code", "trivia question", "definition",
-    "list of ideas", "summary request", "step-by-step instructions", "debugging question",
-    "opinion question", "plan to make", "recipe", "letter to write", "history question",
+    "explanation",
+    "how-to question",
+    "advice",
+    "comparison",
+    "short poem",
+    "short story",
+    "email to write",
+    "math word problem",
+    "request for code",
+    "trivia question",
+    "definition",
+    "list of ideas",
+    "summary request",
+    "step-by-step instructions",
+    "debugging question",
+    "opinion question",
+    "plan to make",
+    "recipe",
+    "letter to write",
+    "history question",
 )
 # Few-shot openings for the message writer (completion, not chat: the 135M model continues a list
 # far more reliably than it follows "write a question" instructions).
@@ -62,15 +78,23 @@ SHOTS = (
     "objects with a TypeError. How do I fix it?\n\n",
 )
 EDITS = (
-    "Add type hints to this function.", "Rewrite this function so that it is easier to read.",
-    "Add a docstring to this function.", "Rename the variables in this function to clearer names.",
-    "Make this function raise a ValueError on invalid input.", "Rewrite this function without using a loop.",
-    "Add comments that explain each step of this function.", "Convert this function into a method of a class.",
-    "Make this function handle None arguments.", "Simplify this function.",
-    "Rewrite this function to use a for loop instead.", "Add logging to this function.",
+    "Add type hints to this function.",
+    "Rewrite this function so that it is easier to read.",
+    "Add a docstring to this function.",
+    "Rename the variables in this function to clearer names.",
+    "Make this function raise a ValueError on invalid input.",
+    "Rewrite this function without using a loop.",
+    "Add comments that explain each step of this function.",
+    "Convert this function into a method of a class.",
+    "Make this function handle None arguments.",
+    "Simplify this function.",
+    "Rewrite this function to use a for loop instead.",
+    "Add logging to this function.",
 )
-FOLLOWUP_SHOT = ("Conversations between a user and an AI assistant. After the assistant answers, the user "
-                 "asks a short follow-up question about the answer.\n\n")
+FOLLOWUP_SHOT = (
+    "Conversations between a user and an AI assistant. After the assistant answers, the user "
+    "asks a short follow-up question about the answer.\n\n"
+)
 
 
 def _valid(topic: str) -> bool:
@@ -135,12 +159,26 @@ def plan(tokenizer, n: int, seed: int) -> List[dict]:
     for i in range(n):
         if funcs and rng.random() < 0.15:
             src = funcs[i % len(funcs)]
-            jobs.append({"id": i, "split": "valid" if _valid(src) else "train", "kind": "code edit", "topic": "",
-                         "message": f"{rng.choice(EDITS)}\n\n```python\n{src}\n```"})
+            jobs.append(
+                {
+                    "id": i,
+                    "split": "valid" if _valid(src) else "train",
+                    "kind": "code edit",
+                    "topic": "",
+                    "message": f"{rng.choice(EDITS)}\n\n```python\n{src}\n```",
+                }
+            )
         else:
             topic = rng.choice(pool)
-            jobs.append({"id": i, "split": "valid" if _valid(topic) else "train", "kind": rng.choice(KINDS),
-                         "topic": topic, "shot": rng.randrange(len(SHOTS))})
+            jobs.append(
+                {
+                    "id": i,
+                    "split": "valid" if _valid(topic) else "train",
+                    "kind": rng.choice(KINDS),
+                    "topic": topic,
+                    "shot": rng.randrange(len(SHOTS)),
+                }
+            )
     return jobs
 
 
@@ -188,8 +226,20 @@ class _StopAtNewline:
         return self.tokenizer.decode(ids)
 
 
-def run(model, tokenizer, out: Path, jobs: List[dict], *, seed: int, batch_size: int, max_tokens: int,
-        followup_every: int, chunk: int = 512, shard: tuple = (0, 1), log=print) -> None:
+def run(
+    model,
+    tokenizer,
+    out: Path,
+    jobs: List[dict],
+    *,
+    seed: int,
+    batch_size: int,
+    max_tokens: int,
+    followup_every: int,
+    chunk: int = 512,
+    shard: tuple = (0, 1),
+    log=print,
+) -> None:
     """The three stages over the planned ``jobs``, ``chunk`` jobs at a time (so a stopped run leaves
     every kind of record, and a resumed one redoes nothing it wrote). ``shard=(k, m)`` takes the
     jobs whose id is k mod m, so m single-threaded processes share a machine (two of them here make
@@ -216,11 +266,15 @@ def run(model, tokenizer, out: Path, jobs: List[dict], *, seed: int, batch_size:
             write = [j for j in batch if "message" not in j]
             if write:
                 mx.random.seed(seed * 1_000_003 + write[0]["id"])
-                prompts = [tokenizer.encode(SHOTS[j["shot"]] + f"Topic: {j['topic']}\nKind: {j['kind']}\nMessage:")
-                           for j in write]
+                prompts = [
+                    tokenizer.encode(SHOTS[j["shot"]] + f"Topic: {j['topic']}\nKind: {j['kind']}\nMessage:")
+                    for j in write
+                ]
                 res = batch_generate(model, one_line, prompts, max_tokens=64, sampler=sampler)
-                recs += [dict(j, messages=[{"role": "user", "content": m}] if (m := clean_message(t)) else None)
-                         for j, t in zip(write, res.texts)]
+                recs += [
+                    dict(j, messages=[{"role": "user", "content": m}] if (m := clean_message(t)) else None)
+                    for j, t in zip(write, res.texts)
+                ]
             recs.sort(key=lambda r: r["id"])
             _append(files["messages"], recs)
             msgs.update((r["id"], r) for r in recs)
@@ -229,28 +283,62 @@ def run(model, tokenizer, out: Path, jobs: List[dict], *, seed: int, batch_size:
         todo = [msgs[j["id"]] for j in part if j["id"] not in have["answers"] and msgs[j["id"]].get("messages")]
         for batch in _batches(todo, batch_size):
             prompts, ids = answer([r["messages"] for r in batch])
-            recs = [{"id": r["id"], "split": r["split"], "kind": r["kind"], "messages": r["messages"],
-                     "prompt_ids": p, "completion_ids": c} for r, p, c in zip(batch, prompts, ids)]
+            recs = [
+                {
+                    "id": r["id"],
+                    "split": r["split"],
+                    "kind": r["kind"],
+                    "messages": r["messages"],
+                    "prompt_ids": p,
+                    "completion_ids": c,
+                }
+                for r, p, c in zip(batch, prompts, ids)
+            ]
             _append(files["answers"], recs)
             answered.update((r["id"], r) for r in recs)
             have["answers"] |= {r["id"] for r in recs}
             ntok += sum(map(len, ids))
-            log(f"answers: {len(have['answers'])} ({len(have['messages'])}/{len(jobs)} planned jobs written), "
-                f"{ntok / (time.perf_counter() - tic):.0f} answer tok/s overall")
+            log(
+                f"answers: {len(have['answers'])} ({len(have['messages'])}/{len(jobs)} planned jobs written), "
+                f"{ntok / (time.perf_counter() - tic):.0f} answer tok/s overall"
+            )
         # 3. follow-ups: every k-th conversation gets a second user turn, written and answered
-        todo = [answered[j["id"]] for j in part if j["id"] % followup_every == 0 and j["id"] in answered
-                and j["id"] not in have["followups"] and answered[j["id"]]["completion_ids"]]
+        todo = [
+            answered[j["id"]]
+            for j in part
+            if j["id"] % followup_every == 0
+            and j["id"] in answered
+            and j["id"] not in have["followups"]
+            and answered[j["id"]]["completion_ids"]
+        ]
         for batch in _batches(todo, batch_size):
             mx.random.seed(seed * 1_000_003 + 7 + batch[0]["id"])
-            convs = [r["messages"] + [{"role": "assistant", "content": tokenizer.decode(r["completion_ids"])}]
-                     for r in batch]
-            prompts = [tokenizer.encode(FOLLOWUP_SHOT + f"User: {c[0]['content'][:600]}\nAssistant: "
-                                        f"{c[1]['content'][:600]}\nUser:") for c in convs]
+            convs = [
+                r["messages"] + [{"role": "assistant", "content": tokenizer.decode(r["completion_ids"])}] for r in batch
+            ]
+            prompts = [
+                tokenizer.encode(
+                    FOLLOWUP_SHOT + f"User: {c[0]['content'][:600]}\nAssistant: {c[1]['content'][:600]}\nUser:"
+                )
+                for c in convs
+            ]
             res = batch_generate(model, one_line, prompts, max_tokens=48, sampler=sampler)
-            keep = [(r, c + [{"role": "user", "content": m}]) for r, c, t in zip(batch, convs, res.texts)
-                    if (m := clean_message(t))]
-            recs = {r["id"]: {"id": r["id"], "split": r["split"], "kind": "follow-up", "messages": None,
-                              "prompt_ids": [], "completion_ids": []} for r in batch}  # tried, kept or not
+            keep = [
+                (r, c + [{"role": "user", "content": m}])
+                for r, c, t in zip(batch, convs, res.texts)
+                if (m := clean_message(t))
+            ]
+            recs = {
+                r["id"]: {
+                    "id": r["id"],
+                    "split": r["split"],
+                    "kind": "follow-up",
+                    "messages": None,
+                    "prompt_ids": [],
+                    "completion_ids": [],
+                }
+                for r in batch
+            }  # tried, kept or not
             if keep:
                 prompts, ids = answer([c for _, c in keep])
                 for (r, c), p, i in zip(keep, prompts, ids):
@@ -281,8 +369,9 @@ def pack(out: Path, dest: Path, held_out: Sequence[str]) -> Dict[str, int]:
             if banned and ngrams(" ".join(m["content"] for m in rec["messages"] if m["role"] == "user")) & banned:
                 counts["dropped"] += 1
                 continue
-            files[rec["split"]].write(json.dumps({"prompt_ids": rec["prompt_ids"],
-                                                  "completion_ids": rec["completion_ids"]}) + "\n")
+            files[rec["split"]].write(
+                json.dumps({"prompt_ids": rec["prompt_ids"], "completion_ids": rec["completion_ids"]}) + "\n"
+            )
             counts[rec["split"]] += 1
     finally:
         for f in files.values():
@@ -300,8 +389,13 @@ def main(argv=None) -> int:
     ap.add_argument("--followup-every", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=512, help="jobs taken through all stages at a time")
-    ap.add_argument("--shard", default="0/1", metavar="K/M", help="this process's share of the jobs (id mod M == K), "
-                    "written to OUT/shardK (run M processes with OPENBLAS_NUM_THREADS=1)")
+    ap.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/M",
+        help="this process's share of the jobs (id mod M == K), "
+        "written to OUT/shardK (run M processes with OPENBLAS_NUM_THREADS=1)",
+    )
     ap.add_argument("--pack", default=None, metavar="DIR", help="write train/valid.jsonl from the stages and stop")
     args = ap.parse_args(argv)
     if args.pack:
@@ -323,9 +417,19 @@ def main(argv=None) -> int:
         tmp = plan_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text("".join(json.dumps(j) + "\n" for j in jobs), encoding="utf-8")
         tmp.replace(plan_file)
-    run(model, tok, root / f"shard{k}" if m > 1 else root, jobs, shard=(k, m), seed=args.seed,
-        batch_size=args.batch_size, max_tokens=args.max_tokens, followup_every=args.followup_every, chunk=args.chunk,
-        log=lambda m: print(m, file=sys.stderr, flush=True))
+    run(
+        model,
+        tok,
+        root / f"shard{k}" if m > 1 else root,
+        jobs,
+        shard=(k, m),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        followup_every=args.followup_every,
+        chunk=args.chunk,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     return 0
 
 

@@ -54,8 +54,7 @@ def error_of(e: Exception, rid: str) -> "RequestError":
         return RequestError(400, str(e))
     print(f"[request {rid}: bug]", file=sys.stderr)
     traceback.print_exception(e, file=sys.stderr)
-    return RequestError(500, f"internal error (request {rid}; the server's log has the traceback)",
-                        code="server_error")
+    return RequestError(500, f"internal error (request {rid}; the server's log has the traceback)", code="server_error")
 
 
 class RequestError(Exception):
@@ -68,8 +67,12 @@ class RequestError(Exception):
 
 
 # Fields clients send by default: accepted at the value that changes nothing, refused otherwise
-IGNORED_UNLESS_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
-                          "response_format": {"type": "text"}}
+IGNORED_UNLESS_NEUTRAL = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "response_format": {"type": "text"},
+}
 MAX_TOP_LOGPROBS = 20  # OpenAI's bounds: chat top_logprobs, completions logprobs
 MAX_COMPLETION_LOGPROBS = 5
 UNSUPPORTED = ("echo", "tools", "tool_choice", "functions", "best_of", "suffix")
@@ -79,8 +82,9 @@ def _encodable(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise RequestError(400, f"{where} holds a lone surrogate (not valid Unicode text)",
-                           param=where.split("[")[0]) from None
+        raise RequestError(
+            400, f"{where} holds a lone surrogate (not valid Unicode text)", param=where.split("[")[0]
+        ) from None
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -120,9 +124,19 @@ class _Job:
 
 
 class ModelServer:
-    def __init__(self, model, tokenizer, model_id: str, *, api_key: Optional[str] = None,
-                 max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                 speculative: Optional[bool] = None, timeout: float = DEFAULT_TIMEOUT, kv=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_id: str,
+        *,
+        api_key: Optional[str] = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+        speculative: Optional[bool] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        kv=None,
+    ):
         self.model, self.tokenizer, self.model_id, self.kv = model, tokenizer, model_id, kv
         self.timeout = timeout
         self.api_key, self.max_body, self.max_tokens_limit = api_key, max_body, max_tokens_limit
@@ -153,8 +167,12 @@ class ModelServer:
         if not isinstance(model, str):
             raise RequestError(400, "'model' must be a string", param="model")
         if model not in (self.model_id, "default"):
-            raise RequestError(404, f"model {model!r} not found; this server serves {self.model_id!r}",
-                               code="model_not_found", param="model")
+            raise RequestError(
+                404,
+                f"model {model!r} not found; this server serves {self.model_id!r}",
+                code="model_not_found",
+                param="model",
+            )
 
         def number(name, default, lo, hi, kind=(int, float)):
             v = req.get(name, default)
@@ -170,8 +188,11 @@ class ModelServer:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise RequestError(400, "'max_tokens' must be a positive integer", param="max_tokens")
         if max_tokens > self.max_tokens_limit:
-            raise RequestError(400, f"'max_tokens' {max_tokens} exceeds this server's limit {self.max_tokens_limit}",
-                               param="max_tokens")
+            raise RequestError(
+                400,
+                f"'max_tokens' {max_tokens} exceeds this server's limit {self.max_tokens_limit}",
+                param="max_tokens",
+            )
         temp = number("temperature", 0.0, 0.0, 2.0)
         top_p = number("top_p", 1.0, 0.0, 1.0)
         top_k = number("top_k", 0, 0, self.model.args.vocab_size - 1, kind=int)  # mlx-lm's top-k needs k < V
@@ -194,8 +215,16 @@ class ModelServer:
                 raise RequestError(400, f"'{name}' is not supported by this server", param=name)
         for name, neutral in IGNORED_UNLESS_NEUTRAL.items():  # honoured at their neutral value, refused otherwise
             v = req.get(name)
-            if v is not None and v != neutral and not (isinstance(neutral, (int, float)) and not isinstance(v, bool)
-                                                       and isinstance(v, (int, float)) and v == neutral):
+            if (
+                v is not None
+                and v != neutral
+                and not (
+                    isinstance(neutral, (int, float))
+                    and not isinstance(v, bool)
+                    and isinstance(v, (int, float))
+                    and v == neutral
+                )
+            ):
                 raise RequestError(400, f"'{name}' is not supported by this server (only {neutral!r})", param=name)
         opts = req.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
@@ -213,12 +242,25 @@ class ModelServer:
         prompt = self._chat_prompt(req) if chat else self._completion_prompt(req)
         limit = context_limit(self.model)
         if limit is not None and len(prompt) >= limit:
-            raise RequestError(400, f"prompt is {len(prompt)} tokens; the model's context is {limit} tokens",
-                               code="context_length_exceeded", param="messages" if chat else "prompt")
-        return dict(prompt=prompt, max_tokens=max_tokens, stop=stop, stream=stream, seed=seed,
-                    sampling=SamplingParams(temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0,
-                                            top_k=int(top_k), min_p=float(min_p)),
-                    include_usage=bool((opts or {}).get("include_usage")), logprobs=logprobs, top_logprobs=top)
+            raise RequestError(
+                400,
+                f"prompt is {len(prompt)} tokens; the model's context is {limit} tokens",
+                code="context_length_exceeded",
+                param="messages" if chat else "prompt",
+            )
+        return dict(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            stop=stop,
+            stream=stream,
+            seed=seed,
+            sampling=SamplingParams(
+                temp=float(temp), top_p=float(top_p) if top_p < 1.0 else 0.0, top_k=int(top_k), min_p=float(min_p)
+            ),
+            include_usage=bool((opts or {}).get("include_usage")),
+            logprobs=logprobs,
+            top_logprobs=top,
+        )
 
     def _chat_prompt(self, req) -> List[int]:
         msgs = req.get("messages")
@@ -301,9 +343,17 @@ class ModelServer:
         if req["seed"] is not None:
             mx.random.seed(req["seed"])
         text, emitted, last, finish, entries = "", [], None, None, [] if req["logprobs"] else None
-        gen = cached_stream_generate(self.model, self.tokenizer, self.pcache, req["prompt"],
-                                     max_tokens=req["max_tokens"], sampling=req["sampling"], stop=req["stop"],
-                                     speculative=self.speculative, kv=self.kv)
+        gen = cached_stream_generate(
+            self.model,
+            self.tokenizer,
+            self.pcache,
+            req["prompt"],
+            max_tokens=req["max_tokens"],
+            sampling=req["sampling"],
+            stop=req["stop"],
+            speculative=self.speculative,
+            kv=self.kv,
+        )
         try:
             for r in gen:
                 text += r.text
@@ -320,11 +370,16 @@ class ModelServer:
         finally:
             gen.close()  # records what the cache kept
             mx.clear_cache()  # mlx-lm's practice between requests: the buffer cache back to the system
-        usage = {"prompt_tokens": len(req["prompt"]), "completion_tokens": len(emitted),
-                 "total_tokens": len(req["prompt"]) + len(emitted),
-                 "speculative": {"steps": last.steps if last else 0,
-                                 "mean_accepted_tokens": round(last.tokens_per_step, 4) if last else 0.0,
-                                 "acceptance_by_depth": last.acceptance_by_depth if last else []}}
+        usage = {
+            "prompt_tokens": len(req["prompt"]),
+            "completion_tokens": len(emitted),
+            "total_tokens": len(req["prompt"]) + len(emitted),
+            "speculative": {
+                "steps": last.steps if last else 0,
+                "mean_accepted_tokens": round(last.tokens_per_step, 4) if last else 0.0,
+                "acceptance_by_depth": last.acceptance_by_depth if last else [],
+            },
+        }
         return text, finish or "length", usage, entries
 
     def _entries(self, r, top: int) -> List[dict]:
@@ -360,9 +415,12 @@ def completion_logprobs(entries: Optional[List[dict]], offset: int = 0) -> Optio
     for e in entries:
         offsets.append(at)
         at += len(e["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def make_handler(server: ModelServer):
@@ -399,8 +457,9 @@ def make_handler(server: ModelServer):
             large 431, bad request line 400) as JSON like every other error, then close."""
             self.close_connection = True
             try:
-                self._send_json(code, RequestError(code, message or explain or "bad request",
-                                                   code="invalid_request_error").body())
+                self._send_json(
+                    code, RequestError(code, message or explain or "bad request", code="invalid_request_error").body()
+                )
             except _GONE:
                 pass
 
@@ -438,8 +497,20 @@ def make_handler(server: ModelServer):
             if not self._authorized():
                 return self._error(RequestError(401, "missing or wrong API key", code="invalid_api_key"))
             if self.path == "/v1/models":
-                return self._send_json(200, {"object": "list", "data": [
-                    {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "specstream"}]})
+                return self._send_json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": server.model_id,
+                                "object": "model",
+                                "created": server.created,
+                                "owned_by": "specstream",
+                            }
+                        ],
+                    },
+                )
             self._error(RequestError(404, f"unknown path {self.path}", code="not_found"))
 
         def do_POST(self):
@@ -452,15 +523,23 @@ def make_handler(server: ModelServer):
                     self.close_connection = True
                     raise RequestError(401, "missing or wrong API key", code="invalid_api_key")
                 lengths = self.headers.get_all("Content-Length") or []
-                if (len(lengths) != 1 or not lengths[0].strip().isdigit() or len(lengths[0].strip()) > 18
-                        or self.headers.get("Transfer-Encoding")):
+                if (
+                    len(lengths) != 1
+                    or not lengths[0].strip().isdigit()
+                    or len(lengths[0].strip()) > 18
+                    or self.headers.get("Transfer-Encoding")
+                ):
                     self.close_connection = True  # "3_6", "+36", duplicates, or with Transfer-Encoding: refused
-                    raise RequestError(411 if not lengths else 400,
-                                       "exactly one Content-Length of digits is required (no Transfer-Encoding)")
+                    raise RequestError(
+                        411 if not lengths else 400,
+                        "exactly one Content-Length of digits is required (no Transfer-Encoding)",
+                    )
                 length = int(lengths[0])
                 if length > server.max_body:
                     self.close_connection = True
-                    self._error(RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}"))
+                    self._error(
+                        RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}")
+                    )
                     self._drain(length)  # so the client, still sending, can read the 413 (not a reset)
                     return
                 try:
@@ -482,13 +561,27 @@ def make_handler(server: ModelServer):
             if finish == "cancelled":
                 self.close_connection = True
                 return
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                       "logprobs": chat_logprobs(entries)}
-                      if chat else {"index": 0, "text": text, "finish_reason": finish,
-                                    "logprobs": completion_logprobs(entries)})
-            self._send_json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                  "created": int(time.time()), "model": server.model_id,
-                                  "choices": [choice], "usage": usage})
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": chat_logprobs(entries),
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": finish, "logprobs": completion_logprobs(entries)}
+            )
+            self._send_json(
+                200,
+                {
+                    "id": rid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()),
+                    "model": server.model_id,
+                    "choices": [choice],
+                    "usage": usage,
+                },
+            )
 
         def _stream(self, req, chat, rid):
             self.send_response(200)
@@ -509,7 +602,9 @@ def make_handler(server: ModelServer):
                         delta["role"] = "assistant"
                     if delta_text is not None:
                         delta["content"] = delta_text
-                    choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(entries)}]
+                    choices = [
+                        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(entries)}
+                    ]
                 else:
                     lp = completion_logprobs(entries, offset[0])
                     offset[0] += len(delta_text or "")
@@ -531,7 +626,8 @@ def make_handler(server: ModelServer):
                 return
             try:
                 text, finish, usage, _ = server.generate(
-                    req, on_piece=lambda t, ents: send(chunk(delta_text=t, entries=ents)))
+                    req, on_piece=lambda t, ents: send(chunk(delta_text=t, entries=ents))
+                )
             except Exception as e:  # noqa: BLE001 - headers are sent: an SSE error event, then [DONE]
                 err = error_of(e, rid)
                 finish = usage = None
@@ -577,12 +673,17 @@ class _Server(ThreadingHTTPServer):
             full = self._open >= self.max_connections
             self._open += not full
         if full:  # answered here without a thread: a flood of connections cannot grow the thread count
-            body = json.dumps(RequestError(503, f"too many open connections (limit {self.max_connections})",
-                                           code="server_busy").body()).encode()
+            body = json.dumps(
+                RequestError(
+                    503, f"too many open connections (limit {self.max_connections})", code="server_busy"
+                ).body()
+            ).encode()
             try:
                 request.setblocking(False)
-                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                request.send(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -599,14 +700,18 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         e = sys.exc_info()[1]
         if isinstance(e, OSError):  # a socket error is a client that went away: one line, not a traceback
-            print(f"[client {client_address[0]}:{client_address[1]} disconnected: {type(e).__name__}]",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[client {client_address[0]}:{client_address[1]} disconnected: {type(e).__name__}]",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             super().handle_error(request, client_address)
 
 
-def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080,
-                max_connections: int = DEFAULT_MAX_CONNECTIONS) -> ThreadingHTTPServer:
+def make_server(
+    model_server: ModelServer, host: str = "127.0.0.1", port: int = 8080, max_connections: int = DEFAULT_MAX_CONNECTIONS
+) -> ThreadingHTTPServer:
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")
     if not 1 <= max_connections <= 100_000:
@@ -627,11 +732,19 @@ def setup_arg_parser(parser=None):
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT)
     p.add_argument("--no-speculate", action="store_true")
     add_cache_args(p)
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                   help="seconds a whole request may take to arrive, and a socket write may wait, "
-                        "before the connection is dropped")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                   help="open connections at once; more are answered 503")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds a whole request may take to arrive, and a socket write may wait, "
+        "before the connection is dropped",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open connections at once; more are answered 503",
+    )
     return p
 
 
@@ -643,10 +756,17 @@ def main(argv=None) -> int:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     model, tokenizer = load_from_args(args)
     model_id = args.model or "specstream-default"
-    ms = ModelServer(model, tokenizer, model_id, api_key=args.api_key, max_body=args.max_body,
-                     max_tokens_limit=args.max_tokens_limit, speculative=False if args.no_speculate else None,
-                     kv=kv_settings(args),
-                     timeout=args.timeout)
+    ms = ModelServer(
+        model,
+        tokenizer,
+        model_id,
+        api_key=args.api_key,
+        max_body=args.max_body,
+        max_tokens_limit=args.max_tokens_limit,
+        speculative=False if args.no_speculate else None,
+        kv=kv_settings(args),
+        timeout=args.timeout,
+    )
     httpd = make_server(ms, args.host, args.port, args.max_connections)
 
     def stop(*_):  # graceful: stop accepting, let the running requests finish

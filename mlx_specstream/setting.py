@@ -79,8 +79,12 @@ class DecodeSetting:
         return cls(tree, lookup, float(tau), tuned, None if temp is None else float(temp))
 
     def to_json(self) -> dict:
-        out = {"tree": self.tree if self.auto else [list(p) for p in self.tree], "lookup": self.lookup,
-               "prune_threshold": self.prune_threshold, "tuned_on": self.tuned_on}
+        out = {
+            "tree": self.tree if self.auto else [list(p) for p in self.tree],
+            "lookup": self.lookup,
+            "prune_threshold": self.prune_threshold,
+            "tuned_on": self.tuned_on,
+        }
         return out if self.temp is None else {"temp": self.temp, **out}
 
 

@@ -36,10 +36,16 @@ class CostCurve:
     cost: Tuple[float, ...]  # step time / AR step time
 
     def __post_init__(self):
-        if (not self.sizes or len(self.sizes) != len(self.cost) or list(self.sizes) != sorted(set(self.sizes))
-                or self.sizes[0] != 1 or not all(np.isfinite(c) and c > 0 for c in self.cost)):
-            raise UserError(f"a cost curve needs increasing sizes from 1 and positive finite costs, got "
-                            f"{self.sizes} / {self.cost}")
+        if (
+            not self.sizes
+            or len(self.sizes) != len(self.cost)
+            or list(self.sizes) != sorted(set(self.sizes))
+            or self.sizes[0] != 1
+            or not all(np.isfinite(c) and c > 0 for c in self.cost)
+        ):
+            raise UserError(
+                f"a cost curve needs increasing sizes from 1 and positive finite costs, got {self.sizes} / {self.cost}"
+            )
 
     def __call__(self, t: int) -> float:
         s, c = self.sizes, self.cost
@@ -141,8 +147,9 @@ class DraftStats:
             self.hit[key] = self.hit.get(key, 0.0) + 1
 
 
-def choose_tree(conf: Optional[np.ndarray], context: Sequence[float], cost: CostCurve, *,
-                max_nodes: int = 16) -> Tuple[Tuple[Path, ...], int]:
+def choose_tree(
+    conf: Optional[np.ndarray], context: Sequence[float], cost: CostCurve, *, max_nodes: int = 16
+) -> Tuple[Tuple[Path, ...], int]:
     """The nodes worth verifying: ``(drafter paths, context drafts)``.
 
     ``conf`` (levels, K): calibrated probability that the drafter's rank-r candidate at level g is
@@ -193,9 +200,17 @@ class AutoTree:
     ``next_plan`` picks the step's plan from the drafts; ``observe`` learns from what it accepted.
     """
 
-    def __init__(self, cost: CostCurve, *, width: int = 3, levels: int = 0, lookup: int = 0,
-                 max_nodes: int = 16, calibration: Calibration = Calibration(),
-                 context: Optional[ContextStats] = None):
+    def __init__(
+        self,
+        cost: CostCurve,
+        *,
+        width: int = 3,
+        levels: int = 0,
+        lookup: int = 0,
+        max_nodes: int = 16,
+        calibration: Calibration = Calibration(),
+        context: Optional[ContextStats] = None,
+    ):
         if width < 1 or levels < 0 or max_nodes < 1:
             raise UserError(f"auto tree: width {width}, levels {levels}, max_nodes {max_nodes} out of range")
         self.cost, self.calibration, self.max_nodes = cost, calibration, max_nodes
@@ -208,8 +223,14 @@ class AutoTree:
         self.sizes: Dict[int, int] = {}  # tree size -> steps (the bench's distribution)
 
     def plan(self, paths: Tuple[Path, ...], k: int):
-        return lru_get(self._plans, (paths, k), lambda: TreePlan(paths, lookup=k, width=self.width, levels=self.levels)
-                       if paths or k else self.layout.root_only, MAX_PLANS)
+        return lru_get(
+            self._plans,
+            (paths, k),
+            lambda: (
+                TreePlan(paths, lookup=k, width=self.width, levels=self.levels) if paths or k else self.layout.root_only
+            ),
+            MAX_PLANS,
+        )
 
     def next_plan(self, conf: Optional[np.ndarray], drafts: Sequence[int], match: int):
         """The step's plan: ``conf`` (levels, width) the drafter's raw candidate probabilities
@@ -217,7 +238,9 @@ class AutoTree:
         cal = None
         self._conf = conf
         if conf is not None and self.levels:
-            cal = np.stack([self.drafts(self.calibration(conf[g], g), g) for g in range(min(self.levels, conf.shape[0]))])
+            cal = np.stack(
+                [self.drafts(self.calibration(conf[g], g), g) for g in range(min(self.levels, conf.shape[0]))]
+            )
         ctx = self.context.estimate(match, min(len(drafts), self.lookup)) if drafts else []
         paths, k = choose_tree(cal, ctx, self.cost, max_nodes=self.max_nodes)
         plan = self.plan(paths, k)

@@ -122,8 +122,10 @@ def load_tokenizer(path: Path, config: Optional[dict] = None) -> TokenizerWrappe
     eos_ids = [eos] if isinstance(eos, int) else eos
     odd = [f for f in TOKENIZER_FILES if (path / f).exists() and not (path / f).is_file()]
     if odd:  # a FIFO blocks a read forever, a directory is a traceback deep in the tokenizer library
-        raise UserError(f"{path}: tokenizer files must be regular files: "
-                        + ", ".join(f"{f} ({'a directory' if (path / f).is_dir() else 'not a regular file'})" for f in odd))
+        raise UserError(
+            f"{path}: tokenizer files must be regular files: "
+            + ", ".join(f"{f} ({'a directory' if (path / f).is_dir() else 'not a regular file'})" for f in odd)
+        )
     hf_files = [f for f in ("tokenizer.json", "tokenizer_config.json") if (path / f).exists()]
     sp_file = path / "tokenizer.model"
     if hf_files:

@@ -27,9 +27,16 @@ class UnsafeCheckpointError(UserError):
 
 # storage type -> numpy dtype (bfloat16 is carried as uint16 bits and reinterpreted later)
 _STORAGES = {
-    "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": "bfloat16",
-    "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": np.float64,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 
 
@@ -70,18 +77,24 @@ class _Budget:
 
     def take(self, nbytes: int, what: str) -> None:
         if nbytes > self.left:
-            raise UnsafeCheckpointError(f"{what} would make {nbytes} bytes of tensors, more than the archive's "
-                                        "storages can hold: overlapping views (zero strides or one storage "
-                                        "repeated) of a crafted file")
+            raise UnsafeCheckpointError(
+                f"{what} would make {nbytes} bytes of tensors, more than the archive's "
+                "storages can hold: overlapping views (zero strides or one storage "
+                "repeated) of a crafted file"
+            )
         self.left -= nbytes
 
 
 def _ints(x, what: str):
-    if (not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in x)):
+    if (
+        not isinstance(x, (tuple, list))
+        or len(x) > MAX_DIMS
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in x)
+    ):
         # never repr() it: a crafted value may be nested thousands deep
-        raise UnsafeCheckpointError(f"tensor {what} is not a valid view: expected a tuple of at most {MAX_DIMS} "
-                                    "small non-negative integers")
+        raise UnsafeCheckpointError(
+            f"tensor {what} is not a valid view: expected a tuple of at most {MAX_DIMS} small non-negative integers"
+        )
     return tuple(x)
 
 
@@ -103,10 +116,13 @@ def _rebuild_tensor(storage, offset, size, stride, *_, budget: _Budget = None, *
     else:
         end = (offset + sum((d - 1) * st for d, st in zip(size, stride)) + 1) * item  # bytes, exact ints
         if end > data.nbytes:
-            raise UnsafeCheckpointError(f"tensor of size {size}, stride {stride}, offset {offset} reads byte "
-                                        f"{end} of a storage of {data.nbytes} bytes: outside its storage")
+            raise UnsafeCheckpointError(
+                f"tensor of size {size}, stride {stride}, offset {offset} reads byte "
+                f"{end} of a storage of {data.nbytes} bytes: outside its storage"
+            )
         arr = np.lib.stride_tricks.as_strided(
-            data[offset:], shape=size, strides=tuple(st * item for st in stride)).copy()
+            data[offset:], shape=size, strides=tuple(st * item for st in stride)
+        ).copy()
     return BF16(arr) if storage.is_bf16 else arr
 
 
@@ -135,7 +151,8 @@ class _SafeUnpickler(pickle.Unpickler):
             return _StorageType(name)
         raise UnsafeCheckpointError(
             f"{self.where}: refusing to load global {module}.{name} — a tensor state dict never needs it "
-            "(the file may be malicious); nothing was executed")
+            "(the file may be malicious); nothing was executed"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
@@ -152,8 +169,9 @@ class _SafeUnpickler(pickle.Unpickler):
         raw = self.zf.read(name)
         dtype = np.dtype(np.uint16 if st.dtype == "bfloat16" else st.dtype)
         if len(raw) % dtype.itemsize:
-            raise UnsafeCheckpointError(f"{self.where}: storage {key} ({len(raw)} bytes) is not a whole number of "
-                                        f"{st.name} elements")
+            raise UnsafeCheckpointError(
+                f"{self.where}: storage {key} ({len(raw)} bytes) is not a whole number of {st.name} elements"
+            )
         self.budget.take(len(raw), f"storage {key}")
         return _Storage(np.frombuffer(raw, dtype), st.dtype == "bfloat16")
 
@@ -162,8 +180,9 @@ def check_member(info: zipfile.ZipInfo, where: str) -> None:
     """Refuse a zip member that inflates far beyond its stored size (torch stores, never
     compresses): its declared size is checked before anything is read."""
     if info.file_size > max(16 * info.compress_size, 1 << 20):
-        raise UnsafeCheckpointError(f"{where}: {info.filename} inflates {info.compress_size} bytes to "
-                                    f"{info.file_size}: not a torch checkpoint")
+        raise UnsafeCheckpointError(
+            f"{where}: {info.filename} inflates {info.compress_size} bytes to {info.file_size}: not a torch checkpoint"
+        )
 
 
 def load_torch_file(path: Path) -> Dict[str, object]:
@@ -171,7 +190,8 @@ def load_torch_file(path: Path) -> Dict[str, object]:
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise UnsafeCheckpointError(
-            f"{path}: not a torch zip checkpoint (legacy or raw pickles are refused: they can run code)")
+            f"{path}: not a torch zip checkpoint (legacy or raw pickles are refused: they can run code)"
+        )
     try:
         with zipfile.ZipFile(path) as zf:
             pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]

@@ -81,7 +81,7 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{ln}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+                raise DataError(f"{path}:{ln}: not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -118,14 +118,20 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
                 ci = tokenizer.encode(c, add_special_tokens=False)
             elif "messages" in rec:
                 msgs = rec["messages"]
-                if (not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "content" in m for m in msgs)
-                        or msgs[-1].get("role") != "assistant"):
-                    raise DataError(f"{path}:{ln}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
+                if (
+                    not isinstance(msgs, list)
+                    or not msgs
+                    or not all(isinstance(m, dict) and "content" in m for m in msgs)
+                    or msgs[-1].get("role") != "assistant"
+                ):
+                    raise DataError(
+                        f"{path}:{ln}: 'messages' must be a list of {{role, content}} ending with an assistant turn"
+                    )
                 if not getattr(tokenizer, "has_chat_template", False):
                     raise DataError(f"{path}:{ln}: 'messages' records need a tokenizer with a chat template")
                 pi = template_ids(tokenizer, msgs[:-1], add_generation_prompt=True)
                 full = template_ids(tokenizer, msgs)
-                ci = full[len(pi):]
+                ci = full[len(pi) :]
             else:
                 raise DataError(f"{path}:{ln}: a record needs 'text', 'prompt'+'completion' or 'messages'")
             w = (pi + ci)[:L]
@@ -134,8 +140,10 @@ def read_jsonl(path: Path, tokenizer, seq_len: int) -> Tuple[np.ndarray, np.ndar
             rows.append(w)
             masks.append([0] * len(pi) + [1] * (len(w) - len(pi)))
     if not rows:
-        raise DataError(f"{path}: no usable records (every record lacks target tokens, e.g. empty completions, "
-                        "or its prompt fills the whole --seq-len)")
+        raise DataError(
+            f"{path}: no usable records (every record lacks target tokens, e.g. empty completions, "
+            "or its prompt fills the whole --seq-len)"
+        )
     toks = np.zeros((len(rows), L), np.int32)
     mask = np.zeros((len(rows), L), np.float32)
     for i, (r, m) in enumerate(zip(rows, masks)):
@@ -224,8 +232,10 @@ def bottom_states(model, streams: Optional[SpeculativeStreams], data, batch_size
         out[idx, :Lb] = np.array(h.astype(mx.float32))
         done += len(idx) * Lb
         if log and (s // batch_size) % 20 == 0:
-            log(f"{progress_bar(s + len(idx), N)} bottom states {s + len(idx)}/{N} "
-                f"({done / (time.perf_counter() - tic):.0f} tok/s)")
+            log(
+                f"{progress_bar(s + len(idx), N)} bottom states {s + len(idx)}/{N} "
+                f"({done / (time.perf_counter() - tic):.0f} tok/s)"
+            )
     return out
 
 
@@ -300,21 +310,40 @@ class TrainConfig:
     full_every: int = 0  # with head_sample: every this-many-th iteration over the full vocabulary (0: never)
 
     def __post_init__(self):
-        ints = {"iters": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "segment": 1, "warmup": 0, "seed": 0,
-                "val_every": 1, "val_batches": 1, "save_every": 1, "max_stream_positions": 0, "medusa": 0,
-                "head_sample": 0, "full_every": 0}
+        ints = {
+            "iters": 1,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "seq_len": 2,
+            "segment": 1,
+            "warmup": 0,
+            "seed": 0,
+            "val_every": 1,
+            "val_batches": 1,
+            "save_every": 1,
+            "max_stream_positions": 0,
+            "medusa": 0,
+            "head_sample": 0,
+            "full_every": 0,
+        }
         for name, lo in ints.items():
             v = getattr(self, name)
             hi = _INT_MAX.get(name, 2**31 - 1)  # MLX's schedules count steps in int32
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise DataError(f"--{name.replace('_', '-')} must be an integer in {lo}..{hi}, got {v!r}")
-        floats = {"lr": (0.0, False), "min_lr_ratio": (0.0, True), "weight_decay": (0.0, True), "alpha": (0.0, True),
-                  "time_limit": (0.0, True)}
+        floats = {
+            "lr": (0.0, False),
+            "min_lr_ratio": (0.0, True),
+            "weight_decay": (0.0, True),
+            "alpha": (0.0, True),
+            "time_limit": (0.0, True),
+        }
         for name, (lo, closed) in floats.items():
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= lo if closed else v > lo)):
-                raise DataError(f"--{name.replace('_', '-')} must be a finite number {'>=' if closed else '>'} {lo}, "
-                                f"got {v!r}")
+                raise DataError(
+                    f"--{name.replace('_', '-')} must be a finite number {'>=' if closed else '>'} {lo}, got {v!r}"
+                )
         if self.alpha0 is not None and not (math.isfinite(self.alpha0) and self.alpha0 >= 0):
             raise DataError(f"--alpha0 must be a finite number >= 0, got {self.alpha0!r}")
 
@@ -346,9 +375,19 @@ class _Job:
     frozen_by: Optional[SpeculativeStreams]  # kept states: these streams' bottom layers; None: final states
 
 
-def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
-          streams: Optional[SpeculativeStreams] = None, resume: bool = False, log=print,
-          stop_at: Optional[int] = None, name: Optional[str] = None):
+def train(
+    model,
+    tokenizer,
+    train_data,
+    valid_data,
+    cfg: TrainConfig,
+    out: Path,
+    streams: Optional[SpeculativeStreams] = None,
+    resume: bool = False,
+    log=print,
+    stop_at: Optional[int] = None,
+    name: Optional[str] = None,
+):
     """Train and write the stream file ``speculative_streams[-name]`` (and a resumable trainer
     state) to ``out``; with ``cfg.medusa``, Medusa-1 heads instead (the baseline).
 
@@ -381,16 +420,32 @@ def train(model, tokenizer, train_data, valid_data, cfg: TrainConfig, out: Path,
         it = (seed - cfg.seed * 1_000_003) // cfg.grad_accum + 1  # the iteration (1-based) this micro-batch is in
         if freq is not None and not (cfg.full_every and it % cfg.full_every == 0):
             vocab = head_vocabulary(np.array(toks[:, 1:])[np.array(mask[:, 1:]) > 0], freq, cfg.head_sample, seed)
-        return stream_loss(model, tr.streams, toks, mask, weights, cfg.segment, train_streams,
-                           max_positions=cfg.max_stream_positions or None, sample_seed=seed, bottom=bottom,
-                           vocab=vocab)[0]
+        return stream_loss(
+            model,
+            tr.streams,
+            toks,
+            mask,
+            weights,
+            cfg.segment,
+            train_streams,
+            max_positions=cfg.max_stream_positions or None,
+            sample_seed=seed,
+            bottom=bottom,
+            vocab=vocab,
+        )[0]
 
     def metrics(toks, mask, bottom):
         return stream_loss(model, streams, toks, mask, weights, cfg.segment, train_streams, bottom=bottom)[1]
 
-    job = _Job(trainable, loss, metrics, lambda: save_streams(out, streams, name),
-               _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base),
-               f"{cfg.mode} streams", streams)
+    job = _Job(
+        trainable,
+        loss,
+        metrics,
+        lambda: save_streams(out, streams, name),
+        _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base),
+        f"{cfg.mode} streams",
+        streams,
+    )
     return streams, _run(model, job, train_data, valid_data, cfg, out, resume, log, stop_at)
 
 
@@ -407,15 +462,23 @@ def _medusa_job(model, cfg: TrainConfig, out: Path):
     heads.init_from_lm_head(model)
 
     def loss(tr, toks, mask, hidden, seed):
-        return medusa_loss(model, tr.medusa, toks, mask, max_positions=cfg.max_stream_positions or None,
-                           sample_seed=seed, hidden=hidden)[0]
+        return medusa_loss(
+            model,
+            tr.medusa,
+            toks,
+            mask,
+            max_positions=cfg.max_stream_positions or None,
+            sample_seed=seed,
+            hidden=hidden,
+        )[0]
 
     def metrics(toks, mask, hidden):
         return medusa_loss(model, heads, toks, mask, hidden=hidden)[1]
 
     state = _State(out, MEDUSA_STEM, {"medusa": cfg.medusa}, base_fingerprint(model))
-    return heads, _Job(_Trainable(medusa=heads), loss, metrics, lambda: save_medusa(out, heads), state,
-                       "Medusa heads", None)
+    return heads, _Job(
+        _Trainable(medusa=heads), loss, metrics, lambda: save_medusa(out, heads), state, "Medusa heads", None
+    )
 
 
 def _run(model, job: _Job, train_data, valid_data, cfg: TrainConfig, out: Path, resume: bool, log, stop_at):
@@ -425,8 +488,19 @@ def _run(model, job: _Job, train_data, valid_data, cfg: TrainConfig, out: Path, 
     start = job.state.load(job.trainable, opt, log) if resume else 0
     train_frozen, valid_frozen = _frozen_states(model, job.frozen_by, train_data, valid_data, cfg, start, out, log)
     on_eval = None if valid_data is None else (lambda: evaluate(job.metrics, valid_data, cfg, valid_frozen))
-    return _loop(job, cfg, opt=opt, sched=sched, data=train_data, frozen=train_frozen, start=start, rng=rng,
-                 on_eval=on_eval, log=log, stop_at=stop_at)
+    return _loop(
+        job,
+        cfg,
+        opt=opt,
+        sched=sched,
+        data=train_data,
+        frozen=train_frozen,
+        start=start,
+        rng=rng,
+        on_eval=on_eval,
+        log=log,
+        stop_at=stop_at,
+    )
 
 
 def _frozen_states(model, streams, train_data, valid_data, cfg: TrainConfig, start: int, out: Path, log):
@@ -447,15 +521,30 @@ def _frozen_states(model, streams, train_data, valid_data, cfg: TrainConfig, sta
 
 def _optimizer(cfg: TrainConfig):
     sched = optim.join_schedules(
-        [optim.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(cfg.warmup, 1)),
-         optim.cosine_decay(cfg.lr, max(cfg.iters - cfg.warmup, 1), cfg.lr * cfg.min_lr_ratio)],
-        [max(cfg.warmup, 1)])
+        [
+            optim.linear_schedule(cfg.lr * 1e-2, cfg.lr, max(cfg.warmup, 1)),
+            optim.cosine_decay(cfg.lr, max(cfg.iters - cfg.warmup, 1), cfg.lr * cfg.min_lr_ratio),
+        ],
+        [max(cfg.warmup, 1)],
+    )
     # The rate is set each iteration from the schedule at the run's progress (iterations or time).
     return optim.AdamW(learning_rate=float(sched(0)), weight_decay=cfg.weight_decay), sched
 
 
-def _loop(job: _Job, cfg: TrainConfig, *, opt, sched, data, frozen, start: int, rng: random.Random,
-          on_eval: Optional[Callable], log, stop_at: Optional[int]) -> list:
+def _loop(
+    job: _Job,
+    cfg: TrainConfig,
+    *,
+    opt,
+    sched,
+    data,
+    frozen,
+    start: int,
+    rng: random.Random,
+    on_eval: Optional[Callable],
+    log,
+    stop_at: Optional[int],
+) -> list:
     trainable = job.trainable
     value_and_grad = nn.value_and_grad(trainable, job.loss)
     it = batches(data, cfg.batch_size, rng, frozen, skip=start * cfg.grad_accum)  # the order continues
@@ -486,12 +575,18 @@ def _loop(job: _Job, cfg: TrainConfig, *, opt, sched, data, frozen, start: int, 
         mx.eval(trainable.parameters(), opt.state, loss_acc, finite)
         if not (finite.item() and math.isfinite(float(loss_acc))):
             # never save a diverged adapter: it would break losslessness checks and decode nothing
-            raise DataError(f"training diverged at iteration {i + 1} (loss {float(loss_acc) / cfg.grad_accum}, "
-                            f"parameters {'finite' if finite.item() else 'not finite'}): nothing saved from it; "
-                            "lower --lr (the last saved adapter and state are kept)")
-        rec = {"iter": i + 1, "loss": round(float(loss_acc) / cfg.grad_accum, 4),
-               "lr": round(float(opt.learning_rate), 8), "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
-               "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
+            raise DataError(
+                f"training diverged at iteration {i + 1} (loss {float(loss_acc) / cfg.grad_accum}, "
+                f"parameters {'finite' if finite.item() else 'not finite'}): nothing saved from it; "
+                "lower --lr (the last saved adapter and state are kept)"
+            )
+        rec = {
+            "iter": i + 1,
+            "loss": round(float(loss_acc) / cfg.grad_accum, 4),
+            "lr": round(float(opt.learning_rate), 8),
+            "tok_s": round(tokens_seen / (time.perf_counter() - tic)),
+            "peak_gb": round(mx.get_peak_memory() / 1e9, 2),
+        }
         if on_eval is not None and ((i + 1) % cfg.val_every == 0 or final):
             rec["valid"] = on_eval()
         history.append(rec)
@@ -512,7 +607,9 @@ def evaluate(metrics_of: Callable, data, cfg: TrainConfig, bottom: Optional[np.n
     n = 0
     for s in range(0, min(len(toks), cfg.val_batches * cfg.batch_size), cfg.batch_size):
         b = None if bottom is None else mx.array(bottom[s : s + cfg.batch_size])
-        for k, v in metrics_of(mx.array(toks[s : s + cfg.batch_size]), mx.array(mask[s : s + cfg.batch_size]), b).items():
+        for k, v in metrics_of(
+            mx.array(toks[s : s + cfg.batch_size]), mx.array(mask[s : s + cfg.batch_size]), b
+        ).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     return {k: round(v / max(n, 1), 4) for k, v in sums.items()}
@@ -520,12 +617,22 @@ def evaluate(metrics_of: Callable, data, cfg: TrainConfig, bottom: Optional[np.n
 
 def _progress(rec, total, log):
     extra = f" valid {rec['valid']}" if "valid" in rec else ""
-    log(f"{progress_bar(rec['iter'], total)} {rec['iter']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tok_s']} target tok/s peak {rec['peak_gb']} GB{extra}")
+    log(
+        f"{progress_bar(rec['iter'], total)} {rec['iter']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tok_s']} target tok/s peak {rec['peak_gb']} GB{extra}"
+    )
 
 
 # What a resumed run must share with the run that saved the state (else its parameters do not fit)
-_SHAPE_KEYS = ("num_streams", "num_msa_layers", "lora_rank", "lora_targets", "mode", "main_sees_streams",
-               "pruning_rank", "stream_positions")
+_SHAPE_KEYS = (
+    "num_streams",
+    "num_msa_layers",
+    "lora_rank",
+    "lora_targets",
+    "mode",
+    "main_sees_streams",
+    "pruning_rank",
+    "stream_positions",
+)
 
 
 class _State:
@@ -551,11 +658,13 @@ class _State:
         save_safetensors_atomically(self._weights(step), flat)
         write_atomically(self.history_file, json.dumps(history, indent=1))
         # The data order is replayed from the seed on resume, so no RNG state is needed.
-        write_atomically(self.manifest, json.dumps({"step": step, "state": self._weights(step).name,
-                                                    "shape": self.shape, "base": self.base}))
+        write_atomically(
+            self.manifest,
+            json.dumps({"step": step, "state": self._weights(step).name, "shape": self.shape, "base": self.base}),
+        )
         prefix = f"{self.stem}.trainer_state-"
         for old in self.out.iterdir():  # exact names: another adapter's states are never touched
-            rest = old.name[len(prefix):] if old.name.startswith(prefix) else ""
+            rest = old.name[len(prefix) :] if old.name.startswith(prefix) else ""
             if rest.removesuffix(".safetensors").isdigit() and old.name != self._weights(step).name:
                 old.unlink(missing_ok=True)
 
@@ -566,26 +675,37 @@ class _State:
         adapter = self.out / f"{self.stem}.json"
         if not self.manifest.exists():
             if adapter.exists():
-                raise UserError(f"--resume: {adapter} exists but its trainer state ({self.manifest.name}) does not: "
-                                "it cannot be resumed (--force trains it again from the start)")
+                raise UserError(
+                    f"--resume: {adapter} exists but its trainer state ({self.manifest.name}) does not: "
+                    "it cannot be resumed (--force trains it again from the start)"
+                )
             log(f"--resume: no trainer state for {self.stem} in {self.out}: starting at iteration 0")
             return 0
         meta = read_json(self.manifest)
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("state"), str):
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("step"), int)
+            or not isinstance(meta.get("state"), str)
+        ):
             raise UserError(f"{self.manifest} is not a trainer state manifest")
         if meta.get("shape") != self.shape:
-            diff = sorted(k for k in set(self.shape) | set(meta.get("shape") or {})
-                          if (meta.get("shape") or {}).get(k) != self.shape.get(k))
-            raise UserError(f"--resume: {self.manifest.name} was saved by a run with other settings ({', '.join(diff)}: "
-                            f"{[(meta.get('shape') or {}).get(k) for k in diff]} there, {[self.shape.get(k) for k in diff]} "
-                            "now): pass the same settings, or --force to start again")
+            diff = sorted(
+                k
+                for k in set(self.shape) | set(meta.get("shape") or {})
+                if (meta.get("shape") or {}).get(k) != self.shape.get(k)
+            )
+            raise UserError(
+                f"--resume: {self.manifest.name} was saved by a run with other settings ({', '.join(diff)}: "
+                f"{[(meta.get('shape') or {}).get(k) for k in diff]} there, {[self.shape.get(k) for k in diff]} "
+                "now): pass the same settings, or --force to start again"
+            )
         if meta.get("base") != self.base:
             raise UserError(f"--resume: {self.manifest.name} was trained on another base model")
         flat = read_safetensors(self.out / Path(meta["state"]).name)
         params = [(k, v) for k, v in flat.items() if not k.startswith("__opt__.")]
         trainable.load_weights(params, strict=True)
         opt.init(trainable.trainable_parameters())
-        opt.state = tree_unflatten([(k[len("__opt__."):], v) for k, v in flat.items() if k.startswith("__opt__.")])
+        opt.state = tree_unflatten([(k[len("__opt__.") :], v) for k, v in flat.items() if k.startswith("__opt__.")])
         log(f"resumed at iteration {meta['step']}")
         return meta["step"]
 

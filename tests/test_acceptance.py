@@ -1,7 +1,6 @@
 """Acceptance rules: greedy exactness and a statistical test that tree sampling preserves the
 target distribution — with the paper's per-path rule as a negative control that must fail it."""
 
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -179,12 +178,30 @@ def test_sampling_params_pick_rules():
 
 # --- Filters: the tree's law must be the plain sampler's, tested against mlx-lm's own draws. ---
 # 5% of the critical values of chi-square at p = 0.001 by degrees of freedom (two-sample test).
-CHI2_CRIT_P001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
-                  10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
-FILTERS = {"top-p": dict(top_p=0.75), "min-p": dict(min_p=0.25), "top-k": dict(top_k=2),
-           "mix": dict(top_p=0.9, min_p=0.1, top_k=3)}
-FILTER_TREES = {"children": TREES["plain"], "duplicate siblings": TREES["duplicate siblings"],
-                "no children": ((), [0])}
+CHI2_CRIT_P001 = {
+    1: 10.83,
+    2: 13.82,
+    3: 16.27,
+    4: 18.47,
+    5: 20.52,
+    6: 22.46,
+    7: 24.32,
+    8: 26.12,
+    9: 27.88,
+    10: 29.59,
+    11: 31.26,
+    12: 32.91,
+    13: 34.53,
+    14: 36.12,
+    15: 37.70,
+}
+FILTERS = {
+    "top-p": dict(top_p=0.75),
+    "min-p": dict(min_p=0.25),
+    "top-k": dict(top_k=2),
+    "mix": dict(top_p=0.9, min_p=0.1, top_k=3),
+}
+FILTER_TREES = {"children": TREES["plain"], "duplicate siblings": TREES["duplicate siblings"], "no children": ((), [0])}
 
 
 def log_softmax(z):
@@ -195,8 +212,9 @@ def log_softmax(z):
 def mlx_lm_sampler(temp, **filters):
     from mlx_lm.sample_utils import make_sampler
 
-    return make_sampler(temp, top_p=filters.get("top_p", 0.0), min_p=filters.get("min_p", 0.0),
-                        top_k=filters.get("top_k", 0))
+    return make_sampler(
+        temp, top_p=filters.get("top_p", 0.0), min_p=filters.get("min_p", 0.0), top_k=filters.get("top_k", 0)
+    )
 
 
 def plain_pairs(n, temp, seed, root, **filters):
@@ -316,8 +334,7 @@ def shape_per_step(temp, rule, trees, rng_seed, **filters):
     return step
 
 
-PER_STEP_TREES = [TREES["plain"], TREES["duplicate siblings"], TREES["three levels"], ((), [0]),
-                  (((0,),), [0, 2])]
+PER_STEP_TREES = [TREES["plain"], TREES["duplicate siblings"], TREES["three levels"], ((), [0]), (((0,),), [0, 2])]
 
 
 @pytest.mark.parametrize("temp,filt", [(0.7, "mix"), (1.5, "top-p"), (1.0, None)])

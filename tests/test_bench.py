@@ -27,16 +27,37 @@ def bench_result(hf_model, tmp_path_factory):
     heads.init_from_lm_head(base)
     save_medusa(d / "medusa", heads)
     draft = hf_model("llama_linear_rope")[0]  # any model with the same vocabulary
-    res = run_bench(str(d), trees=["default", "chain"], prompts="random:12", n_prompts=2, max_tokens=16,
-                    trials=2, warmup=1, draft=str(draft), medusa=str(d / "medusa"), progress=False, lookups=[3])
+    res = run_bench(
+        str(d),
+        trees=["default", "chain"],
+        prompts="random:12",
+        n_prompts=2,
+        max_tokens=16,
+        trials=2,
+        warmup=1,
+        draft=str(draft),
+        medusa=str(d / "medusa"),
+        progress=False,
+        lookups=[3],
+    )
     return res, d
 
 
 def test_every_method_and_metric_present(bench_result):
     res, _ = bench_result
-    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[chain]", "medusa", "medusa[chain]",
-                                   "mlx_lm_draft[3]", "draft[3]",
-                                   "ss[default]+lookup[3]", "ss[chain]+lookup[3]", "lookup[3]"}
+    assert set(res["methods"]) == {
+        "ours_ar",
+        "mlx_lm_ar",
+        "ss[default]",
+        "ss[chain]",
+        "medusa",
+        "medusa[chain]",
+        "mlx_lm_draft[3]",
+        "draft[3]",
+        "ss[default]+lookup[3]",
+        "ss[chain]+lookup[3]",
+        "lookup[3]",
+    }
     for name, m in res["methods"].items():
         for f in METHOD_FIELDS:
             assert f in m, (name, f)
@@ -54,7 +75,9 @@ def test_every_method_and_metric_present(bench_result):
     # a row's peak memory counts the weights it uses, not every peer's loaded beside it
     ms = res["methods"]
     assert ms["ours_ar"]["peak_memory_gb"] < ms["ours_ar"]["peak_process_gb"]
-    assert ms["medusa"]["peak_memory_gb"] - ms["ours_ar"]["peak_memory_gb"] > 0.5 * ms["medusa"]["extra_params"] * 2 / 1e9
+    assert (
+        ms["medusa"]["peak_memory_gb"] - ms["ours_ar"]["peak_memory_gb"] > 0.5 * ms["medusa"]["extra_params"] * 2 / 1e9
+    )
     assert res["methods"]["ours_ar"]["mean_accepted"] == 1.0
     json.dumps(res)  # serialisable
 
@@ -136,8 +159,17 @@ def test_tune_for_sampling_writes_the_sampled_setting_and_keeps_greedys(bench_re
     cfg = json.loads((m / "speculative_streams.json").read_text())
     assert {k: v for k, v in cfg.items() if k != "sampled"} == {k: v for k, v in before.items() if k != "sampled"}
     s = cfg["sampled"]
-    assert s == {"temp": 0.7, "tree": res["tree"], "lookup": res["lookup"], "prune_threshold": res["prune_threshold"],
-                 "tuned_on": res["tuned_on"]} and res["temp"] == 0.7
+    assert (
+        s
+        == {
+            "temp": 0.7,
+            "tree": res["tree"],
+            "lookup": res["lookup"],
+            "prune_threshold": res["prune_threshold"],
+            "tuned_on": res["tuned_on"],
+        }
+        and res["temp"] == 0.7
+    )
     plain = res["measured_tps"]["tree=[] lookup=0 tau=0.0"]
     chosen = res["measured_tps"][f"tree={res['tree']} lookup={res['lookup']} tau={res['prune_threshold']}"]
     if res["beats_plain_beyond_noise"]:
@@ -159,8 +191,19 @@ def test_bench_config_row_is_the_setting_a_user_gets(bench_result, tmp_path):
     cfg = json.loads((m / "speculative_streams.json").read_text())
     cfg.update(tree=[[0], [1], [0, 0]], lookup=2, sampled={"temp": 1.5, "tree": [[0]], "lookup": 0})
     (m / "speculative_streams.json").write_text(json.dumps(cfg))
-    res = run_bench(str(m), trees=["config"], prompts="random:12", n_prompts=2, max_tokens=12, trials=1, warmup=0,
-                    temps=[1.5], temp_methods=["ss[config]"], progress=False, lookups=[])
+    res = run_bench(
+        str(m),
+        trees=["config"],
+        prompts="random:12",
+        n_prompts=2,
+        max_tokens=12,
+        trials=1,
+        warmup=0,
+        temps=[1.5],
+        temp_methods=["ss[config]"],
+        progress=False,
+        lookups=[],
+    )
     ms = res["methods"]
     assert set(ms) == {"ours_ar", "mlx_lm_ar", "ss[config]", "ss[config]@1.5", "lookup[2]"}
     assert ms["ss[config]"]["equal_to_ar"] and 4 <= ms["ss[config]"]["tree_size"] <= 4 + 2
@@ -173,10 +216,24 @@ def test_the_stream_configs_own_context_drafts_run_with_its_tree_and_alone(bench
     shutil.copytree(d, m)
     cfg = json.loads((m / "speculative_streams.json").read_text())
     (m / "speculative_streams.json").write_text(json.dumps({**cfg, "lookup": 2}))
-    res = run_bench(str(m), trees=["default", "chain"], prompts="random:12", n_prompts=1, max_tokens=8, trials=1,
-                    warmup=0, progress=False)
-    assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[default]", "ss[default]+lookup[2]", "ss[chain]",
-                                   "lookup[2]"}
+    res = run_bench(
+        str(m),
+        trees=["default", "chain"],
+        prompts="random:12",
+        n_prompts=1,
+        max_tokens=8,
+        trials=1,
+        warmup=0,
+        progress=False,
+    )
+    assert set(res["methods"]) == {
+        "ours_ar",
+        "mlx_lm_ar",
+        "ss[default]",
+        "ss[default]+lookup[2]",
+        "ss[chain]",
+        "lookup[2]",
+    }
 
 
 def test_tune_measures_the_adapter_it_writes(bench_result, tmp_path):
@@ -207,8 +264,18 @@ def test_bench_shared_adapter_against_its_fused_model(bench_result, tmp_path):
     s = SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=2, mode="shared", lora_rank=4), base)
     s.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, s.parameters()))
     save_streams(m, s, name="shared")
-    res = run_bench(str(m), trees=["chain"], prompts="random:12", n_prompts=2, max_tokens=16, trials=1,
-                    warmup=0, progress=False, lookups=[2], streams_name="shared")
+    res = run_bench(
+        str(m),
+        trees=["chain"],
+        prompts="random:12",
+        n_prompts=2,
+        max_tokens=16,
+        trials=1,
+        warmup=0,
+        progress=False,
+        lookups=[2],
+        streams_name="shared",
+    )
     assert set(res["methods"]) == {"ours_ar", "mlx_lm_ar", "ss[chain]", "ss[chain]+lookup[2]", "lookup[2]"}
     for name, r in res["methods"].items():
         assert r["equal_to_ar"], name
@@ -222,13 +289,48 @@ def test_several_prompt_sets_and_sampled_rows_in_one_run(bench_result, tmp_path,
 
     _, d = bench_result
     out = tmp_path / "r.json"
-    assert main(["--model", str(d), "--prompts", "random:12", "--prompts", "random:7", "--n-prompts", "2", "-m", "12",
-                 "--trials", "2", "--warmup", "0", "--tree", "chain", "--lookup", "2", "--temp", "1.5",
-                 "--json", str(out), "--csv", str(tmp_path / "r.csv")]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(d),
+                "--prompts",
+                "random:12",
+                "--prompts",
+                "random:7",
+                "--n-prompts",
+                "2",
+                "-m",
+                "12",
+                "--trials",
+                "2",
+                "--warmup",
+                "0",
+                "--tree",
+                "chain",
+                "--lookup",
+                "2",
+                "--temp",
+                "1.5",
+                "--json",
+                str(out),
+                "--csv",
+                str(tmp_path / "r.csv"),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     ms = res["methods"]
-    assert set(ms) == {"ours_ar", "mlx_lm_ar", "ss[chain]", "ss[chain]+lookup[2]", "lookup[2]",
-                       "ours_ar@1.5", "mlx_lm_ar@1.5"}  # the sampled rows: AR baselines and the default tree
+    assert set(ms) == {
+        "ours_ar",
+        "mlx_lm_ar",
+        "ss[chain]",
+        "ss[chain]+lookup[2]",
+        "lookup[2]",
+        "ours_ar@1.5",
+        "mlx_lm_ar@1.5",
+    }  # the sampled rows: AR baselines and the default tree
     assert res["config"]["n_prompts_by_set"] == {"random:12": 2, "random:7": 2}
     for name, m in ms.items():
         assert set(m["by_set"]) == {"random:12", "random:7"}
@@ -251,18 +353,34 @@ def test_several_prompt_sets_and_sampled_rows_in_one_run(bench_result, tmp_path,
     assert md[0].startswith("| method |") and "(random:12 / random:7)" in md[0] and len(md) == 2 + 7
     line = next(l for l in md if l.startswith("| ss[chain]+lookup[2] |")).split(" | ")
     acc = ms["ss[chain]+lookup[2]"]
-    assert line[2] == f"{acc['mean_accepted']:.2f} ({acc['by_set']['random:12']['mean_accepted']:.2f} / " \
-                      f"{acc['by_set']['random:7']['mean_accepted']:.2f})"
+    assert (
+        line[2] == f"{acc['mean_accepted']:.2f} ({acc['by_set']['random:12']['mean_accepted']:.2f} / "
+        f"{acc['by_set']['random:7']['mean_accepted']:.2f})"
+    )
     assert main(["show", str(out)]) == 0 and "prompt set random:7" in capsys.readouterr().out
 
 
 def test_sampled_rows_include_the_stream_configs_tree(bench_result):
     _, d = bench_result
-    res = run_bench(str(d), trees=["default"], prompts="random:12", n_prompts=1, max_tokens=8, trials=1, warmup=0,
-                    progress=False, temps=[0.7], methods=["ours_ar", "ss"])
+    res = run_bench(
+        str(d),
+        trees=["default"],
+        prompts="random:12",
+        n_prompts=1,
+        max_tokens=8,
+        trials=1,
+        warmup=0,
+        progress=False,
+        temps=[0.7],
+        methods=["ours_ar", "ss"],
+    )
     assert set(res["methods"]) == {"ours_ar", "ss[default]", "ours_ar@0.7", "ss[default]@0.7"}
-    assert res["methods"]["ss[default]@0.7"]["speedup"] == {"ours_ar": pytest.approx(
-        res["methods"]["ss[default]@0.7"]["decode_tps_by_trial"][0] / res["methods"]["ours_ar@0.7"]["decode_tps_by_trial"][0])}
+    assert res["methods"]["ss[default]@0.7"]["speedup"] == {
+        "ours_ar": pytest.approx(
+            res["methods"]["ss[default]@0.7"]["decode_tps_by_trial"][0]
+            / res["methods"]["ours_ar@0.7"]["decode_tps_by_trial"][0]
+        )
+    }
     with pytest.raises(ValueError, match="temperatures"):
         run_bench(str(d), prompts="random:12", n_prompts=1, temps=[0.0], progress=False)
 
@@ -276,11 +394,13 @@ def test_chat_and_code_prompt_sets_use_the_chat_template():
         special_tokens_map = {}
 
         def get_chat_template(self, chat_template=None, tools=None):
-            return "{{ messages[0]['role'] }}|{% if add_generation_prompt %}G|{% endif %}{{ messages[0]['content'][:5] }}"
+            return (
+                "{{ messages[0]['role'] }}|{% if add_generation_prompt %}G|{% endif %}{{ messages[0]['content'][:5] }}"
+            )
 
         def encode(self, t, add_special_tokens=True):
             assert not add_special_tokens and t.startswith("user|G|"), "chat sets go through the template"
-            return [7] + [ord(c) % 100 for c in t[len("user|G|"):]]
+            return [7] + [ord(c) % 100 for c in t[len("user|G|") :]]
 
     for spec in ("chat", "code", "everyday", "code-edit"):
         ids = load_prompts(spec, 8, Tok(), 100)
@@ -308,7 +428,9 @@ def test_prompt_files_take_texts_or_chat_messages(tmp_path):
             return [7, int(t[1:])] if t.startswith("T") else [1, len(t)]
 
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"prompt": "abc"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    f.write_text(
+        json.dumps({"prompt": "abc"}) + "\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n"
+    )
     assert load_prompts(str(f), 5, Tok(), 100) == [[1, 3], [7, 1]]
     f.write_text(json.dumps({"text": "abc"}) + "\n")
     with pytest.raises(ValueError, match="p.jsonl:1: records need a 'prompt' string or a 'messages' list"):

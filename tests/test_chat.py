@@ -27,9 +27,11 @@ def test_chat_reuses_kv_across_turns(hf_model):
 
 def test_chat_repl_in_a_pty(hf_model):
     import pexpect
+
     path, _ = hf_model("llama")
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_specstream", "chat", "--model", str(path), "-m", "8"],
-                          encoding="utf-8", timeout=120)
+    child = pexpect.spawn(
+        sys.executable, ["-m", "mlx_specstream", "chat", "--model", str(path), "-m", "8"], encoding="utf-8", timeout=120
+    )
     child.expect(">> ")
     child.sendline("def f():")
     child.expect(">> ")
@@ -58,8 +60,12 @@ def _free_port():
 def test_serve_cli_sigterm_is_graceful(hf_model):
     path, _ = hf_model("llama")
     port = _free_port()
-    p = subprocess.Popen([sys.executable, "-m", "mlx_specstream", "serve", "--model", str(path), "--port", str(port)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mlx_specstream", "serve", "--model", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = p.stdout.readline()
         while line.startswith("["):  # one-line notes on stderr (e.g. which BLAS is in use) come first
@@ -67,9 +73,11 @@ def test_serve_cli_sigterm_is_graceful(hf_model):
         assert "serving" in line, line
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
             assert json.loads(r.read())["status"] == "ok"
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
-                                     data=json.dumps({"prompt": "def", "max_tokens": 5}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps({"prompt": "def", "max_tokens": 5}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.loads(r.read())["usage"]["completion_tokens"] == 5
         p.send_signal(signal.SIGTERM)

@@ -68,8 +68,14 @@ def test_wrong_shapes_and_missing_tensors_are_named(hf_model, tmp_path):
     assert "model.layers.1.self_attn.k_proj.weight" in msg
 
 
-@pytest.mark.parametrize("name,dtype", [("model.embed_tokens.weight", mx.int32), ("model.norm.weight", mx.uint32),
-                                        ("model.layers.0.mlp.up_proj.weight", mx.bool_)])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("model.embed_tokens.weight", mx.int32),
+        ("model.norm.weight", mx.uint32),
+        ("model.layers.0.mlp.up_proj.weight", mx.bool_),
+    ],
+)
 def test_a_weight_of_a_dtype_the_model_cannot_use_is_named(hf_model, tmp_path, name, dtype):
     """A float weight declared as integers (same byte count: the header's dtype is all that says
     so) or booleans loaded with exit 0 into an integer embedding before."""
@@ -187,17 +193,20 @@ def test_quantized_output_loads_in_mlx_lm(hf_model, tmp_path, name):
     np.testing.assert_allclose(np.array(theirs(ids)), np.array(model(ids)), atol=1e-4)
 
 
-@pytest.mark.parametrize("key,value,msg", [
-    ("num_attention_heads", 0, "num_attention_heads = 0 is out of range"),
-    ("head_dim", 0, "head_dim = 0 is out of range"),
-    ("hidden_size", "64", "hidden_size must be an integer"),
-    ("hidden_size", 64.5, "hidden_size must be an integer"),
-    ("rope_scaling", "linear", "rope_scaling must be an object"),
-    ("rms_norm_eps", float("nan"), "rms_norm_eps must be a positive finite number"),
-    ("num_hidden_layers", 10**7, "num_hidden_layers = 10000000 is out of range"),
-    ("quantization", "4bit", "quantization '4bit' is not"),
-    ("eos_token_id", "2", "eos_token_id must be a token id"),
-])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("num_attention_heads", 0, "num_attention_heads = 0 is out of range"),
+        ("head_dim", 0, "head_dim = 0 is out of range"),
+        ("hidden_size", "64", "hidden_size must be an integer"),
+        ("hidden_size", 64.5, "hidden_size must be an integer"),
+        ("rope_scaling", "linear", "rope_scaling must be an object"),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps must be a positive finite number"),
+        ("num_hidden_layers", 10**7, "num_hidden_layers = 10000000 is out of range"),
+        ("quantization", "4bit", "quantization '4bit' is not"),
+        ("eos_token_id", "2", "eos_token_id must be a token id"),
+    ],
+)
 def test_config_values_of_the_wrong_type_or_range_are_named(hf_model, tmp_path, key, value, msg):
     import shutil
 
@@ -210,8 +219,9 @@ def test_config_values_of_the_wrong_type_or_range_are_named(hf_model, tmp_path, 
         load_model(d)
 
 
-@pytest.mark.parametrize("content,msg", [("[1, 2]", "must hold a JSON object"),
-                                         ('{"num_streams": 2.5}', "num_streams must be int")])
+@pytest.mark.parametrize(
+    "content,msg", [("[1, 2]", "must hold a JSON object"), ('{"num_streams": 2.5}', "num_streams must be int")]
+)
 def test_stream_files_of_the_wrong_shape_are_named(hf_model, tmp_path, content, msg):
     import shutil
 
@@ -223,16 +233,29 @@ def test_stream_files_of_the_wrong_shape_are_named(hf_model, tmp_path, content, 
         load(str(d))
 
 
-@pytest.mark.parametrize("header,data,msg", [
-    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
-     '"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', 16, "names \\['a'\\] more than once"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "'b' overlaps the one before it"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4, "do not hold its shape"),
-    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "do not hold its shape"),
-    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, 8, "malformed"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap"),
-])
+@pytest.mark.parametrize(
+    "header,data,msg",
+    [
+        (
+            '{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+            '"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}',
+            16,
+            "names \\['a'\\] more than once",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            12,
+            "'b' overlaps the one before it",
+        ),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 4, "do not hold its shape"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "do not hold its shape"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, 8, "malformed"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "leaves a gap"),
+    ],
+)
 def test_safetensors_headers_are_checked_before_any_byte_is_viewed(tmp_path, header, data, msg):
     from mlx_specstream.checkpoint import read_safetensors
 
@@ -296,8 +319,9 @@ def test_config_nonsense_is_refused_by_name(hf_model, tmp_path, change, named):
     cfg.pop("rope_parameters", None)
     cfg.update(change)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError if "quantiz" in named or named in ("eos_token_id", "torch_dtype") else Exception,
-                       match=named):
+    with pytest.raises(
+        CheckpointError if "quantiz" in named or named in ("eos_token_id", "torch_dtype") else Exception, match=named
+    ):
         load_model(d)
 
 
@@ -311,8 +335,9 @@ def test_json_with_a_huge_integer_names_the_file(hf_model, tmp_path):
         load_model(d)
 
 
-@pytest.mark.parametrize("change", [{"pruning_rank": 0}, {"lora_targets": [["x"]]}, {"lora_targets": []},
-                                    {"lora_scale": float("inf")}])
+@pytest.mark.parametrize(
+    "change", [{"pruning_rank": 0}, {"lora_targets": [["x"]]}, {"lora_targets": []}, {"lora_scale": float("inf")}]
+)
 def test_stream_config_nonsense_is_refused_by_name(change):
     from mlx_specstream.errors import UserError
     from mlx_specstream.streams import StreamConfig

@@ -11,7 +11,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from convert.pytorch_reference import SpeculativeStreamsTorch, forward_with_streams, save_streams_torch, speculative_greedy  # noqa: E402
+from convert.pytorch_reference import (
+    SpeculativeStreamsTorch,
+    forward_with_streams,
+    save_streams_torch,
+    speculative_greedy,
+)  # noqa: E402
 from hf_models import CONFIGS, make_hf_model  # noqa: E402
 from mlx_specstream.convert import convert  # noqa: E402
 from mlx_specstream.decode import tree_generate_step  # noqa: E402
@@ -103,8 +108,13 @@ def test_peft_lora_merged_and_kept(tmp_path, sp_model_file, keep, rslora):
     src = tmp_path / "src"
     hf = make_hf_model("llama", src)
     shutil.copy(sp_model_file, src / "tokenizer.model")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          layers_to_transform=[2, 3], use_rslora=rslora)  # rsLoRA: alpha / sqrt(r)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        layers_to_transform=[2, 3],
+        use_rslora=rslora,
+    )  # rsLoRA: alpha / sqrt(r)
     pm = peft.get_peft_model(hf, cfg)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -140,11 +150,17 @@ def test_peft_config_values_and_shapes_are_checked_before_any_arithmetic(tmp_pat
 
     src, adapter = _peft_adapter(tmp_path, sp_model_file)
     good = json.loads((adapter / "adapter_config.json").read_text())
-    for change, named in [({"r": 0}, "r must be an integer"), ({"r": True}, "r must be an integer"),
-                          ({"lora_alpha": "8"}, "lora_alpha must be"), ({"lora_alpha": [8]}, "lora_alpha must be"),
-                          ({"lora_alpha": 0}, "lora_alpha must be"), ({"use_dora": True}, "use_dora"),
-                          ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"), ({"use_rslora": "yes"}, "use_rslora"),
-                          ({"r": 8}, "do not fit r = 8")]:
+    for change, named in [
+        ({"r": 0}, "r must be an integer"),
+        ({"r": True}, "r must be an integer"),
+        ({"lora_alpha": "8"}, "lora_alpha must be"),
+        ({"lora_alpha": [8]}, "lora_alpha must be"),
+        ({"lora_alpha": 0}, "lora_alpha must be"),
+        ({"use_dora": True}, "use_dora"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+        ({"r": 8}, "do not fit r = 8"),
+    ]:
         (adapter / "adapter_config.json").write_text(json.dumps({**good, **change}))
         for keep in (False, True):
             dst = tmp_path / f"dst-{keep}"
@@ -168,7 +184,12 @@ def test_verify_flag_reports_small_difference(tmp_path, sp_model_file, capsys):
     src = tmp_path / "src"
     make_hf_model("phi", src)
     shutil.copy(sp_model_file, src / "tokenizer.model")
-    assert main(["convert", "--torch-path", str(src), "--mlx-path", str(tmp_path / "dst"), "--verify", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            ["convert", "--torch-path", str(src), "--mlx-path", str(tmp_path / "dst"), "--verify", "--dtype", "float32"]
+        )
+        == 0
+    )
     line = [l for l in capsys.readouterr().out.splitlines() if "max |logit difference|" in l][0]
     assert float(line.split(":")[-1]) < 1e-4
 
@@ -233,8 +254,13 @@ def test_hostile_pickle_is_refused_and_nothing_runs_or_is_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dst")] == []
 
 
-@pytest.mark.parametrize("name,cast", [("model.embed_tokens.weight", lambda t: t.view(torch.int32)),
-                                       ("model.layers.0.mlp.up_proj.weight", lambda t: t > 0)])
+@pytest.mark.parametrize(
+    "name,cast",
+    [
+        ("model.embed_tokens.weight", lambda t: t.view(torch.int32)),
+        ("model.layers.0.mlp.up_proj.weight", lambda t: t > 0),
+    ],
+)
 def test_a_bin_weight_of_a_dtype_the_model_cannot_use_is_named(tmp_path, name, cast):
     """A torch ``.bin`` whose float weight is stored as an Int or Bool storage converted with exit
     0 into an integer embedding before."""
@@ -277,7 +303,9 @@ def test_broken_inputs_are_named(tmp_path):
     save_file(w, str(f))
     with pytest.raises(CheckpointError) as e:
         convert(src, tmp_path / "d2")
-    assert "model.layers.0.mlp.up_proj.weight" in str(e.value) and "model.layers.1.self_attn.q_proj.weight" in str(e.value)
+    assert "model.layers.0.mlp.up_proj.weight" in str(e.value) and "model.layers.1.self_attn.q_proj.weight" in str(
+        e.value
+    )
     f.write_bytes(good)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "bloom"}))
@@ -326,14 +354,17 @@ def _crafted_bin(path, size, stride, offset=0, n_floats=4, storage_bytes=None):
     return path
 
 
-@pytest.mark.parametrize("size,stride,offset,storage_bytes,msg", [
-    ((1000,), (1,), 0, None, "outside its storage"),          # reads past the end: heap bytes before the fix
-    ((2, 2), (1, 10**12), 0, None, "outside its storage"),    # huge stride: a segfault before the fix
-    ((4,), (-1,), 3, None, "not a valid view"),                # negative stride
-    ((4,), (1,), -2, None, "not a valid view"),                # negative offset
-    ((2,), (1,), 3, None, "outside its storage"),              # offset + size past the end
-    ((4,), (1,), 0, b"\0" * 15, "whole number"),               # storage not a multiple of the element size
-])
+@pytest.mark.parametrize(
+    "size,stride,offset,storage_bytes,msg",
+    [
+        ((1000,), (1,), 0, None, "outside its storage"),  # reads past the end: heap bytes before the fix
+        ((2, 2), (1, 10**12), 0, None, "outside its storage"),  # huge stride: a segfault before the fix
+        ((4,), (-1,), 3, None, "not a valid view"),  # negative stride
+        ((4,), (1,), -2, None, "not a valid view"),  # negative offset
+        ((2,), (1,), 3, None, "outside its storage"),  # offset + size past the end
+        ((4,), (1,), 0, b"\0" * 15, "whole number"),  # storage not a multiple of the element size
+    ],
+)
 def test_unpickler_refuses_views_outside_their_storage(tmp_path, size, stride, offset, storage_bytes, msg):
     from mlx_specstream.torch_pickle import load_torch_file
 
@@ -382,17 +413,21 @@ def test_unpickler_refuses_a_view_of_a_view(tmp_path):
     element-count check passed and the view read heap bytes (or segfaulted)."""
     from mlx_specstream.torch_pickle import load_torch_file
 
-    f = _crafted_views(tmp_path / "w.bin", {"a": ("storage", 0, (2, 8), (8, 1)), "b": ("a", 1, (16,), (1,))},
-                       n_floats=16)
+    f = _crafted_views(
+        tmp_path / "w.bin", {"a": ("storage", 0, (2, 8), (8, 1)), "b": ("a", 1, (16,), (1,))}, n_floats=16
+    )
     with pytest.raises(UnsafeCheckpointError, match="view of a view"):
         load_torch_file(f)
 
 
-@pytest.mark.parametrize("views,msg", [
-    ({"a": ("storage", 0, (16384, 32768), (0, 0))}, "overlapping views"),       # 2 GiB from 16 bytes
-    ({f"w{i}": ("storage", 0, (1 << 18,), (0,)) for i in range(4000)}, "overlapping views"),  # one storage 4000x
-    ({"a": ("storage", 0, (2, 2), (1, 1 << 63))}, "not a valid view"),           # strides past 2**63
-])
+@pytest.mark.parametrize(
+    "views,msg",
+    [
+        ({"a": ("storage", 0, (16384, 32768), (0, 0))}, "overlapping views"),  # 2 GiB from 16 bytes
+        ({f"w{i}": ("storage", 0, (1 << 18,), (0,)) for i in range(4000)}, "overlapping views"),  # one storage 4000x
+        ({"a": ("storage", 0, (2, 2), (1, 1 << 63))}, "not a valid view"),  # strides past 2**63
+    ],
+)
 def test_unpickler_bounds_what_it_builds(tmp_path, views, msg):
     from mlx_specstream.torch_pickle import load_torch_file
 
@@ -423,8 +458,11 @@ def test_unpickler_refuses_a_deeply_nested_size(tmp_path):
 def test_unpickler_loads_tied_views_of_one_storage(tmp_path):
     from mlx_specstream.torch_pickle import load_torch_file
 
-    f = _crafted_views(tmp_path / "w.bin", {"a": ("storage", 0, (2, 4), (4, 1)), "b": ("storage", 0, (2, 4), (4, 1)),
-                                            "t": ("storage", 0, (4, 2), (1, 4))}, n_floats=8)
+    f = _crafted_views(
+        tmp_path / "w.bin",
+        {"a": ("storage", 0, (2, 4), (4, 1)), "b": ("storage", 0, (2, 4), (4, 1)), "t": ("storage", 0, (4, 2), (1, 4))},
+        n_floats=8,
+    )
     got = load_torch_file(f)
     np.testing.assert_array_equal(got["a"], np.arange(8).reshape(2, 4))
     np.testing.assert_array_equal(got["t"], np.arange(8).reshape(2, 4).T)
@@ -473,7 +511,9 @@ def test_convert_never_deletes_the_source_and_leaves_no_hidden_partials(tmp_path
     assert not (tmp_path / "evil-out").exists()
     (evil / "tokenizer_config.json").unlink()
     shard = next(evil.glob("*.safetensors"))
-    (evil / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"x": "/etc/passwd", "y": shard.name}}))
+    (evil / "model.safetensors.index.json").write_text(
+        _json.dumps({"weight_map": {"x": "/etc/passwd", "y": shard.name}})
+    )
     with pytest.raises(CheckpointError, match="outside its folder"):
         convert(evil, tmp_path / "evil-out")
     assert not (tmp_path / "evil-out").exists()
@@ -514,8 +554,11 @@ def test_convert_destinations_that_would_lose_data_are_refused(tmp_path, monkeyp
     # another destination's partial ("outX"), a glob-like name, and a running conversion's: kept
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        theirs = [tmp_path / ".specstream-partial-outX-abc", tmp_path / ".specstream-partial-out-x-abc",
-                  tmp_path / ".specstream-partial-out-running"]
+        theirs = [
+            tmp_path / ".specstream-partial-outX-abc",
+            tmp_path / ".specstream-partial-out-x-abc",
+            tmp_path / ".specstream-partial-out-running",
+        ]
         for d in theirs:
             d.mkdir()
         (theirs[2] / ".pid").write_text(str(sleeper.pid))

@@ -60,8 +60,13 @@ CASES = [
 @pytest.mark.parametrize("name,gamma,ns,tree,tau,mode,plen", CASES)
 def test_greedy_speculative_equals_plain_greedy(hf_model, name, gamma, ns, tree, tau, mode, plen):
     model, _ = load_model(hf_model(name)[0])
-    cfg = StreamConfig(num_streams=gamma, num_msa_layers=ns, mode=mode, prune_threshold=tau,
-                       tree=[list(p) for p in tree] if tree else None)
+    cfg = StreamConfig(
+        num_streams=gamma,
+        num_msa_layers=ns,
+        mode=mode,
+        prune_threshold=tau,
+        tree=[list(p) for p in tree] if tree else None,
+    )
     streams = randomize(SpeculativeStreams(cfg, model), seed=plen)
     prompt = _prompt(plen, seed=plen)
     if streams.changes_main:  # shared-mode LoRA: the model's own one-token-per-step decoding
@@ -78,8 +83,9 @@ def test_shared_main_sees_streams_equals_its_own_ar(hf_model, name, ns):
     """When main rows see streams the model itself changes; speculative greedy must equal that
     model's own one-token-per-step decoding."""
     model, _ = load_model(hf_model(name)[0])
-    cfg = StreamConfig(num_streams=3, num_msa_layers=ns, mode="shared", main_sees_streams=True,
-                       tree=[list(p) for p in cartesian(3, 2)])
+    cfg = StreamConfig(
+        num_streams=3, num_msa_layers=ns, mode="shared", main_sees_streams=True, tree=[list(p) for p in cartesian(3, 2)]
+    )
     streams = randomize(SpeculativeStreams(cfg, model), scale=0.3)
     prompt = _prompt(11, seed=4)
     ar, ar_steps = spec_tokens(model, streams, prompt, 120, tree=())
@@ -102,8 +108,14 @@ def test_long_generation_and_acceptance(hf_model):
 @pytest.mark.parametrize("mode,main_sees", [("lossless", False), ("shared", True)])
 def test_kv_cache_equals_plain_decoding_cache(hf_model, mode, main_sees):
     model, _ = load_model(hf_model("llama")[0])
-    cfg = StreamConfig(num_streams=3, num_msa_layers=2, mode=mode, main_sees_streams=main_sees,
-                       prune_threshold=0.02, tree=[list(p) for p in cartesian(3, 2)])
+    cfg = StreamConfig(
+        num_streams=3,
+        num_msa_layers=2,
+        mode=mode,
+        main_sees_streams=main_sees,
+        prune_threshold=0.02,
+        tree=[list(p) for p in cartesian(3, 2)],
+    )
     streams = randomize(SpeculativeStreams(cfg, model), scale=0.3)
     prompt = _prompt(9, seed=2)
     cache = make_cache(model)
@@ -251,12 +263,15 @@ def test_context_drafts_copy_the_latest_longest_match():
     assert cd.propose() == [8, 7]
 
 
-@pytest.mark.parametrize("name,tree,lookup,tau,sampled", [
-    ("llama", None, 3, 0.0, False),
-    ("qwen3", chain(2), 5, 0.05, False),
-    ("phi", cartesian(2, 2), 2, 0.0, True),
-    ("llama", [], 4, 0.0, False),  # no stream drafts: the verify-only step
-])
+@pytest.mark.parametrize(
+    "name,tree,lookup,tau,sampled",
+    [
+        ("llama", None, 3, 0.0, False),
+        ("qwen3", chain(2), 5, 0.05, False),
+        ("phi", cartesian(2, 2), 2, 0.0, True),
+        ("llama", [], 4, 0.0, False),  # no stream drafts: the verify-only step
+    ],
+)
 def test_context_drafts_join_the_tree_and_keep_greedy_output(hf_model, name, tree, lookup, tau, sampled):
     model, tok = _ss_model(hf_model, name, num_streams=3, num_msa_layers=2, prune_threshold=tau)
     prompt = [5, 6, 7, 8] * 6  # a repetitive prompt: the context drafts get accepted
@@ -271,13 +286,16 @@ def test_context_drafts_join_the_tree_and_keep_greedy_output(hf_model, name, tre
     if sampled:  # sampling acceptance takes context drafts too (and stays seeded)
         sp = SamplingParams(temp=0.7)
         mx.random.seed(1)
-        a = [t for r in stream_generate(model, tok, prompt, max_tokens=20, sampling=sp, lookup=lookup) for t in r.tokens]
+        a = [
+            t for r in stream_generate(model, tok, prompt, max_tokens=20, sampling=sp, lookup=lookup) for t in r.tokens
+        ]
         mx.random.seed(1)
-        b = [t for r in stream_generate(model, tok, prompt, max_tokens=20, sampling=sp, lookup=lookup) for t in r.tokens]
+        b = [
+            t for r in stream_generate(model, tok, prompt, max_tokens=20, sampling=sp, lookup=lookup) for t in r.tokens
+        ]
         assert a == b and len(a) == 20
     with pytest.raises(ValueError, match="lookup"):
         list(stream_generate(model, tok, prompt, max_tokens=4, lookup=-1))
-
 
 
 def test_context_drafts_copy_from_the_cached_history(hf_model, monkeypatch):
@@ -297,8 +315,11 @@ def test_context_drafts_copy_from_the_cached_history(hf_model, monkeypatch):
     monkeypatch.setattr(decode, "ContextDrafts", spy)
     cache = make_cache(model)
     model(mx.array(first)[None], cache=cache)
-    out = [t for r in stream_generate(model, tok, second, max_tokens=24, prompt_cache=cache, cached_tokens=first, lookup=3)
-           for t in r.tokens]
+    out = [
+        t
+        for r in stream_generate(model, tok, second, max_tokens=24, prompt_cache=cache, cached_tokens=first, lookup=3)
+        for t in r.tokens
+    ]
     assert out == ref
     assert built == [first + second]
 
@@ -315,8 +336,9 @@ def test_logits_processors_are_refused_by_every_tree_decoder(hf_model):
     assert list(stream_generate(model, tok, "x", max_tokens=4, logits_processors=proc, speculative=False))
 
 
-@pytest.mark.parametrize("dtype,bits", [("float16", None), ("bfloat16", None), ("float32", 4), ("float32", 8),
-                                        ("float16", 4)])
+@pytest.mark.parametrize(
+    "dtype,bits", [("float16", None), ("bfloat16", None), ("float32", 4), ("float32", 8), ("float16", 4)]
+)
 def test_greedy_speculative_equals_plain_greedy_in_half_precision_and_quantized(hf_model, dtype, bits):
     """Tree rows and single rows go through different kernels; on the CPU the greedy tokens must
     still be the model's own (float16/bfloat16 weights, 4- and 8-bit quantized)."""
@@ -342,8 +364,13 @@ def test_the_overlapped_loop_gives_the_sequential_loops_tokens_and_cache(hf_mode
     runs = []
     for overlap in (True, False):
         cache = make_cache(model)
-        toks = [t for r in tree_generate_step(prompt, model, StreamDrafter(streams), max_tokens=40, overlap=overlap,
-                                              prompt_cache=cache) for t in r.tokens]
+        toks = [
+            t
+            for r in tree_generate_step(
+                prompt, model, StreamDrafter(streams), max_tokens=40, overlap=overlap, prompt_cache=cache
+            )
+            for t in r.tokens
+        ]
         runs.append((toks, [np.array(c.keys[..., : c.offset, :]) for c in cache]))
     assert runs[0][0] == runs[1][0] == ar_tokens(model, prompt, 40)
     for a, b in zip(runs[0][1], runs[1][1]):
@@ -418,8 +445,25 @@ def test_tree_auto_through_stream_generate_and_the_cli(hf_model, tmp_path, monke
         list(stream_generate(model, tok, prompt, max_tokens=4, tree="big"))
     capsys.readouterr()
     path = str(hf_model("llama")[0])
-    assert cli.main(["generate", "--model", path, "--tree", "auto", "--lookup", "3", "-m", "8", "--prompt", "a b a b a",
-                     "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                path,
+                "--tree",
+                "auto",
+                "--lookup",
+                "3",
+                "-m",
+                "8",
+                "--prompt",
+                "a b a b a",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert '"speculative"' in capsys.readouterr().out
     assert "measuring" not in capsys.readouterr().err  # the curve was kept: measured once
 

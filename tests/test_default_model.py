@@ -22,8 +22,14 @@ def test_assets_are_small_and_complete():
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total <= 25 * 2**20, f"default assets are {total / 2**20:.1f} MB"
     base = default_model_path()
-    for f in ("config.json", "model.safetensors", "tokenizer.model", "speculative_streams.json",
-              "speculative_streams.safetensors", "speculative_streams-shared.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "speculative_streams.json",
+        "speculative_streams.safetensors",
+        "speculative_streams-shared.json",
+    ):
         assert (base / f).exists(), f
     assert (root / "draft" / "config.json").exists()
 
@@ -97,6 +103,7 @@ def test_reference_blas_means_plain_decoding_by_default(monkeypatch, capsys, not
     r = list(stream_generate(model, tok, "def f(x):", max_tokens=8))
     assert r[-1].mean_accepted == 1.0  # plain decoding
     from mlx_specstream.cli import main
+
     assert main(["generate", "--prompt", "def f(x):", "-m", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["speculative"] is False  # says it decoded plainly
 
@@ -153,16 +160,19 @@ def test_sampling_uses_the_setting_tuned_for_sampling(notices):
         d.sampled = None
 
 
-@pytest.mark.parametrize("sampled, msg", [
-    ([1], "sampled must be an object"),
-    ({"tree": []}, "needs tree and lookup"),
-    ({"tree": [], "lookup": 0, "bogus": 1}, "needs tree and lookup"),
-    ({"tree": [[1, 0]], "lookup": 0}, "sampled.tree"),
-    ({"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], "lookup": 0}, "deeper than the 3 levels"),
-    ({"tree": [], "lookup": 99}, "sampled.lookup"),
-    ({"tree": [], "lookup": 0, "prune_threshold": 1.5}, "sampled.prune_threshold"),
-    ({"tree": [], "lookup": 0, "temp": 0}, "sampled.temp"),
-])
+@pytest.mark.parametrize(
+    "sampled, msg",
+    [
+        ([1], "sampled must be an object"),
+        ({"tree": []}, "needs tree and lookup"),
+        ({"tree": [], "lookup": 0, "bogus": 1}, "needs tree and lookup"),
+        ({"tree": [[1, 0]], "lookup": 0}, "sampled.tree"),
+        ({"tree": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]], "lookup": 0}, "deeper than the 3 levels"),
+        ({"tree": [], "lookup": 99}, "sampled.lookup"),
+        ({"tree": [], "lookup": 0, "prune_threshold": 1.5}, "sampled.prune_threshold"),
+        ({"tree": [], "lookup": 0, "temp": 0}, "sampled.temp"),
+    ],
+)
 def test_a_malformed_sampled_setting_is_a_named_error(sampled, msg):
     from mlx_specstream.streams import StreamConfig
 

@@ -36,12 +36,15 @@ def draft_tokens(model, drafter, prompt, n, **kw):
     return out[:n], steps
 
 
-@pytest.mark.parametrize("target,draft,k,tree,lookup", [
-    ("llama", "llama_linear_rope", 3, None, 0),
-    ("llama", "llama_linear_rope", 1, None, 0),
-    ("qwen2", "qwen3", 4, cartesian(2, 2), 0),
-    ("llama", "mistral", 2, None, 3),
-])
+@pytest.mark.parametrize(
+    "target,draft,k,tree,lookup",
+    [
+        ("llama", "llama_linear_rope", 3, None, 0),
+        ("llama", "llama_linear_rope", 1, None, 0),
+        ("qwen2", "qwen3", 4, cartesian(2, 2), 0),
+        ("llama", "mistral", 2, None, 3),
+    ],
+)
 def test_draft_model_greedy_equals_plain_greedy(hf_model, target, draft, k, tree, lookup):
     model, _ = load_model(hf_model(target)[0])
     drafter = load_draft_model(hf_model(draft)[0], model, num_draft=k)

@@ -116,17 +116,20 @@ def test_cli_reports_bad_model_cleanly(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--no-speculate", "--tree", "chain"], "--no-speculate turns it off"),
-    (["--no-speculate", "--lookup", "3"], "--no-speculate turns it off"),
-    (["--prune-threshold", "0.1", "--streams", "nonexistent.json"], "not found"),
-    (["-m", "0"], "--max-tokens must be at least 1"),
-    (["--temp", "nan"], "--temp must be a finite number"),
-    (["--temp", "-1"], "--temp must be a finite number"),
-    (["--top-p", "1.5"], "--top-p must be in"),
-    (["--top-k", "-2"], "--top-k must be"),
-    (["--seed", "-1"], "--seed must be in"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--no-speculate", "--tree", "chain"], "--no-speculate turns it off"),
+        (["--no-speculate", "--lookup", "3"], "--no-speculate turns it off"),
+        (["--prune-threshold", "0.1", "--streams", "nonexistent.json"], "not found"),
+        (["-m", "0"], "--max-tokens must be at least 1"),
+        (["--temp", "nan"], "--temp must be a finite number"),
+        (["--temp", "-1"], "--temp must be a finite number"),
+        (["--top-p", "1.5"], "--top-p must be in"),
+        (["--top-k", "-2"], "--top-k must be"),
+        (["--seed", "-1"], "--seed must be in"),
+    ],
+)
 def test_generate_refuses_nonsense_options(hf_model, capsys, extra, msg):
     from mlx_specstream.cli import main
 
@@ -163,12 +166,14 @@ def test_generate_flags_out_of_bounds_are_refused_before_work(hf_model, capsys, 
 
     path = str(hf_model("llama")[0])
     base = ["generate", "--model", path, "-m", "2"]
-    cases = [(["--prompt", "x", "--prune-threshold", "1.5", "--lookup", "2"], "prune_threshold"),
-             (["--prompt", "x", "--prune-threshold", "nan", "--lookup", "2"], "prune_threshold"),
-             (["--prompt", "x", "--num-draft", "1000000"], "num-draft"),
-             (["--prompt", "x", "--tree", "[" * 50000 + "]" * 50000], "--tree"),
-             (["--prompt", "caf\udce9"], "not UTF-8"),
-             (["--prompt", "a" * (128 * 512 + 1), "--ignore-chat-template"], "context")]
+    cases = [
+        (["--prompt", "x", "--prune-threshold", "1.5", "--lookup", "2"], "prune_threshold"),
+        (["--prompt", "x", "--prune-threshold", "nan", "--lookup", "2"], "prune_threshold"),
+        (["--prompt", "x", "--num-draft", "1000000"], "num-draft"),
+        (["--prompt", "x", "--tree", "[" * 50000 + "]" * 50000], "--tree"),
+        (["--prompt", "caf\udce9"], "not UTF-8"),
+        (["--prompt", "a" * (128 * 512 + 1), "--ignore-chat-template"], "context"),
+    ]
     for extra, named in cases:
         assert main(base + extra) == 1, extra[:3]
         err = capsys.readouterr().err

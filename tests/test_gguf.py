@@ -26,8 +26,15 @@ from mlx_specstream.gguf import GGUFError, read_gguf  # noqa: E402
 from mlx_specstream.loading import resolve_model  # noqa: E402
 
 IDS = [[1, 40, 7, 99, 12, 300, 5, 77, 2, 8]]
-TEXTS = ["def add(a, b):\n    return a + b\n", "    \t  \n\n   x  =  1", "naïve café — 東京 ßtraße",
-         "emoji 🙂🚀 end", "<|im_start|>user\nhi<|im_end|>\n", "  leading and trailing  ", "a" * 40 + " 12345 3.14"]
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "    \t  \n\n   x  =  1",
+    "naïve café — 東京 ßtraße",
+    "emoji 🙂🚀 end",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "  leading and trailing  ",
+    "a" * 40 + " 12345 3.14",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,14 @@ def transformers_gguf(path: Path):
 
 
 CASES = [("llama", q) for q in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")] + [
-    ("qwen2", "F32"), ("qwen2", "Q4_1"), ("qwen3", "F16"), ("qwen3", "Q8_0"), ("mistral", "Q4_0"),
-    ("phi", "F32"), ("phi", "Q8_0")]
+    ("qwen2", "F32"),
+    ("qwen2", "Q4_1"),
+    ("qwen3", "F16"),
+    ("qwen3", "Q8_0"),
+    ("mistral", "Q4_0"),
+    ("phi", "F32"),
+    ("phi", "Q8_0"),
+]
 
 
 def source_with_gguf_weights(hf, path: Path):
@@ -110,7 +123,10 @@ def test_quantized_tensors_kept_and_dequantized_exactly(gguf_file, qtype, bits):
     reader = gguf.GGUFReader(str(path))
     model, _ = load(str(path), dequantize=False, streams=False)
     layer = model.model.layers[1]
-    for gname, module in (("blk.1.ffn_down.weight", layer.mlp.down_proj), ("blk.1.attn_v.weight", layer.self_attn.v_proj)):
+    for gname, module in (
+        ("blk.1.ffn_down.weight", layer.mlp.down_proj),
+        ("blk.1.attn_v.weight", layer.self_attn.v_proj),
+    ):
         t = next(t for t in reader.tensors if t.name == gname)
         want = gguf.quants.dequantize(t.data, t.tensor_type)
         assert module.bits == bits and module.group_size == 32
@@ -141,7 +157,8 @@ def test_tokenizer_ids_and_chat_template_equal_transformers(gguf_file):
         assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
     assert tok.has_chat_template
     assert tok.apply_chat_template(msgs, add_generation_prompt=True) == ref.apply_chat_template(
-        msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def test_convert_gguf_writes_a_folder_mlx_lm_loads(gguf_file, tmp_path):
@@ -167,9 +184,14 @@ def mlx_lm_greedy(model, prompt, n):
     from mlx_lm.generate import generate_step as lm_step
     from mlx_lm.sample_utils import make_sampler
 
-    model.update(__import__("mlx.utils").utils.tree_map(
-        lambda p: p.astype(mx.float32) if p.dtype == mx.float16 else p, model.parameters()))
-    return [int(t) for t, _ in zip((t for t, _ in lm_step(mx.array(prompt), model, sampler=make_sampler(0.0))), range(n))]
+    model.update(
+        __import__("mlx.utils").utils.tree_map(
+            lambda p: p.astype(mx.float32) if p.dtype == mx.float16 else p, model.parameters()
+        )
+    )
+    return [
+        int(t) for t, _ in zip((t for t, _ in lm_step(mx.array(prompt), model, sampler=make_sampler(0.0))), range(n))
+    ]
 
 
 # ---------------------------------------------------------------- hostile and unsupported files
@@ -283,7 +305,7 @@ def test_smollm2_gguf_answers_as_transformers_does():
     ref = transformers_gguf(path)
     with torch.no_grad():
         out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
-    assert ours == out[0, len(ids):].tolist()
+    assert ours == out[0, len(ids) :].tolist()
     assert "def reverse_string" in tok.decode(ours)
 
 
@@ -294,14 +316,21 @@ def test_sentencepiece_style_tokenizer_equals_transformers(sp_model_file, hf_mod
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
     tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(tokens))]
+    types = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(tokens))
+    ]
     hf = make_hf_model("llama", tmp_path / "hf")
     path = tmp_path / "spm.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     c = hf.config
-    for add, v in ((w.add_block_count, c.num_hidden_layers), (w.add_embedding_length, c.hidden_size),
-                   (w.add_feed_forward_length, c.intermediate_size), (w.add_head_count, c.num_attention_heads),
-                   (w.add_head_count_kv, c.num_key_value_heads), (w.add_context_length, 512)):
+    for add, v in (
+        (w.add_block_count, c.num_hidden_layers),
+        (w.add_embedding_length, c.hidden_size),
+        (w.add_feed_forward_length, c.intermediate_size),
+        (w.add_head_count, c.num_attention_heads),
+        (w.add_head_count_kv, c.num_key_value_heads),
+        (w.add_context_length, 512),
+    ):
         add(v)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_tokenizer_model("llama")
@@ -317,8 +346,11 @@ def test_sentencepiece_style_tokenizer_equals_transformers(sp_model_file, hf_mod
         parts = name.split(".")
         from gguf_files import LAYER, TOP
 
-        g = (f"blk.{parts[2]}.{LAYER['.'.join(parts[3:-1])]}.{parts[-1]}" if name.startswith("model.layers.")
-             else f"{TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}")
+        g = (
+            f"blk.{parts[2]}.{LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
+            if name.startswith("model.layers.")
+            else f"{TOP[name.rsplit('.', 1)[0]]}.{parts[-1]}"
+        )
         w.add_tensor(g, t.detach().float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -360,13 +392,26 @@ def test_every_type_decodes_as_the_gguf_package(qtype):
     np.testing.assert_array_equal(got, want)
     if t.affine_bits is not None:
         q, sc, b = affine(t, raw.reshape(-1, t.nbytes))
-        w = mx.dequantize(mx.array(pack(q.reshape(8, -1), t.affine_bits)), mx.array(sc.reshape(8, -1)),
-                          mx.array(b.reshape(8, -1)), group_size=32, bits=t.affine_bits)
+        w = mx.dequantize(
+            mx.array(pack(q.reshape(8, -1), t.affine_bits)),
+            mx.array(sc.reshape(8, -1)),
+            mx.array(b.reshape(8, -1)),
+            group_size=32,
+            bits=t.affine_bits,
+        )
         np.testing.assert_array_equal(np.array(w), want)
 
 
-Q4_K_M = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q5_0", "ffn_gate": "Q5_0",
-          "ffn_up": "Q5_0", "ffn_down": ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_NL"], "token_embd": "Q8_0"}
+Q4_K_M = {
+    "attn_q": "Q5_0",
+    "attn_k": "Q5_0",
+    "attn_v": "Q8_0",
+    "attn_output": "Q5_0",
+    "ffn_gate": "Q5_0",
+    "ffn_up": "Q5_0",
+    "ffn_down": ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_NL"],
+    "token_embd": "Q8_0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -382,8 +427,11 @@ def mixed_gguf(tmp_path_factory, vocab):
 
 def test_q4_k_m_style_file_decodes_like_transformers_gguf_loader(mixed_gguf, capsys):
     path, _ = mixed_gguf
-    types = {t.name.split(".")[-2] + "." + t.name.split(".")[1]: t.tensor_type.name
-             for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.")}
+    types = {
+        t.name.split(".")[-2] + "." + t.name.split(".")[1]: t.tensor_type.name
+        for t in gguf.GGUFReader(str(path)).tensors
+        if t.name.startswith("blk.")
+    }
     assert {types[f"ffn_down.{i}"] for i in range(4)} == {"Q4_K", "Q6_K", "Q5_K", "Q3_K"}
     ref = transformers_gguf(path)
     with torch.no_grad():
@@ -413,7 +461,9 @@ def test_k_quant_tensors_kept_exact(mixed_gguf):
     for i in (0, 2):
         t = next(t for t in reader.tensors if t.name == f"blk.{i}.ffn_down.weight")
         m = kept.model.layers[i].mlp.down_proj
-        got = mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=32, bits=m.bits)
+        got = mx.dequantize(
+            m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), group_size=32, bits=m.bits
+        )
         np.testing.assert_array_equal(np.array(got), gguf.quants.dequantize(t.data, t.tensor_type))
 
 

@@ -100,8 +100,12 @@ def test_each_default_declared_once():
     import re
 
     src = {name: p.read_text() for name, p, _ in _modules()}
-    for const, where in (("DEFAULT_PREFILL_STEP", "mlx_specstream.cache"), ("DEFAULT_TREE_BUDGET", "mlx_specstream.tree"),
-                         ("DEFAULT_MAX_TOKENS", "mlx_specstream.decode"), ("DEFAULT_NUM_DRAFT", "mlx_specstream.drafters.draft_model")):
+    for const, where in (
+        ("DEFAULT_PREFILL_STEP", "mlx_specstream.cache"),
+        ("DEFAULT_TREE_BUDGET", "mlx_specstream.tree"),
+        ("DEFAULT_MAX_TOKENS", "mlx_specstream.decode"),
+        ("DEFAULT_NUM_DRAFT", "mlx_specstream.drafters.draft_model"),
+    ):
         assert [n for n, s in src.items() if re.search(rf"^{const} = ", s, re.M)] == [where], const
     literal = re.compile(r"\b(prefill_step_size|tree_budget|num_draft)\s*(:\s*\w+)?\s*=\s*\d")
     assert not [(n, m.group(0)) for n, s in src.items() for m in literal.finditer(s)]

@@ -34,8 +34,11 @@ def test_tree_logprobs_equal_plain_decodings_and_drafts_are_marked():
 def test_sampled_tree_logprobs_are_the_untempered_targets():
     model, tok = load()
     mx.random.seed(0)
-    rs = list(stream_generate(model, tok, "import os\n", max_tokens=24, sampling=SamplingParams(temp=0.7),
-                              tree=((0,), (1,)), lookup=3))
+    rs = list(
+        stream_generate(
+            model, tok, "import os\n", max_tokens=24, sampling=SamplingParams(temp=0.7), tree=((0,), (1,)), lookup=3
+        )
+    )
     lp, toks = rows(rs)
     ref = np.array(model.base(mx.array([tok.encode("import os\n") + toks]))[0].astype(mx.float32))
     ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)

@@ -52,7 +52,9 @@ def test_speculative_equals_mlx_lm_generate(name):
     assert [t for t, _ in generate_step(prompt, model, max_tokens=N)] == ref
     assert _tree_tokens(model, prompt, Verifier(), N, lookup=4)[0] == ref  # context drafts
     streams = _streams(model, "lossless", seed=1)
-    got, steps = _tree_tokens(model, prompt, StreamDrafter(streams), N, tree=[list(p) for p in cartesian(3, 2)], lookup=3)
+    got, steps = _tree_tokens(
+        model, prompt, StreamDrafter(streams), N, tree=[list(p) for p in cartesian(3, 2)], lookup=3
+    )
     assert got == ref  # stream trees with context drafts
     assert _tree_tokens(model, prompt, StreamDrafter(streams), N, tree=[list(p) for p in chain(3)])[0] == ref
 
@@ -126,15 +128,21 @@ def test_quantized_kv_cache_decodes_as_mlx_lm_quantized_cache(bits, start):
     model = tiny_model("qwen3")  # head_dim 32: one group of 32
     prompt = _prompt(11)
     greedy = lambda lp: mx.argmax(lp, -1)  # noqa: E731
-    ref = [int(t) for t, _ in mlx_lm_generate_step(prompt, model, max_tokens=N, sampler=greedy, kv_bits=bits,
-                                                    kv_group_size=32, quantized_kv_start=start)]
+    ref = [
+        int(t)
+        for t, _ in mlx_lm_generate_step(
+            prompt, model, max_tokens=N, sampler=greedy, kv_bits=bits, kv_group_size=32, quantized_kv_start=start
+        )
+    ]
     kv = KVSettings(bits, 32, start)
     cache = make_cache(model)
     assert [t for t, _ in generate_step(prompt, model, max_tokens=N, kv=kv, prompt_cache=cache)] == ref
     assert all(isinstance(c, QuantizedKVCache) for c in cache)
     assert _tree_tokens(model, prompt, Verifier(), N, lookup=4, kv=kv)[0] == ref
     streams = _streams(model, "lossless", seed=4)
-    assert _tree_tokens(model, prompt, StreamDrafter(streams), N, tree=[list(p) for p in cartesian(3, 2)], kv=kv)[0] == ref
+    assert (
+        _tree_tokens(model, prompt, StreamDrafter(streams), N, tree=[list(p) for p in cartesian(3, 2)], kv=kv)[0] == ref
+    )
     if bits == 4:
         assert ref != _mlx_lm_greedy(model, prompt, N)
 
@@ -147,7 +155,9 @@ def test_quantized_kv_cache_compacts_rows_of_all_three_arrays():
     c.update_and_fetch(k, k)
     c.compact(2, [0, 3])
     ref = QuantizedKVCache(group_size=32, bits=8)
-    ref.update_and_fetch(mx.concatenate([k[:, :, :3], k[:, :, 5:6]], axis=2), mx.concatenate([k[:, :, :3], k[:, :, 5:6]], axis=2))
+    ref.update_and_fetch(
+        mx.concatenate([k[:, :, :3], k[:, :, 5:6]], axis=2), mx.concatenate([k[:, :, :3], k[:, :, 5:6]], axis=2)
+    )
     assert c.offset == 4
     for a, b in zip(c.state[0], ref.state[0]):
         np.testing.assert_array_equal(np.array(a), np.array(b))
@@ -158,8 +168,14 @@ def test_kv_settings_refuse_nonsense_and_local_plugins(hf_model):
     from mlx_specstream.checkpoint import load_model
     from mlx_specstream.errors import UserError
 
-    for bad in (dict(bits=7), dict(bits=4, group_size=48), dict(bits=4, quantized_start=-1), dict(max_size=5),
-                dict(max_size=True), dict(max_size=64, keep=-1)):
+    for bad in (
+        dict(bits=7),
+        dict(bits=4, group_size=48),
+        dict(bits=4, quantized_start=-1),
+        dict(max_size=5),
+        dict(max_size=True),
+        dict(max_size=64, keep=-1),
+    ):
         with pytest.raises(UserError):
             KVSettings(**bad)
     opt, _ = load_model(hf_model("opt")[0])
@@ -169,8 +185,9 @@ def test_kv_settings_refuse_nonsense_and_local_plugins(hf_model):
         list(generate_step(mx.array([3, 4, 5]), opt, max_tokens=2, kv=KVSettings(max_size=64)))
 
 
-@pytest.mark.parametrize("name,window,bits", [("qwen3", 20, None), ("qwen3", 16, 8), ("qwen2_moe", 18, None),
-                                              ("gemma3_text", 20, None)])
+@pytest.mark.parametrize(
+    "name,window,bits", [("qwen3", 20, None), ("qwen3", 16, 8), ("qwen2_moe", 18, None), ("gemma3_text", 20, None)]
+)
 def test_max_kv_size_window_trees_equal_plain_and_mlx_lm(monkeypatch, name, window, bits):
     """``--max-kv-size``: a token at position p sees the 4 first tokens and the positions up to p
     that fit the window; rows are evicted only between steps. Trees (context drafts, stream trees)
@@ -189,13 +206,19 @@ def test_max_kv_size_window_trees_equal_plain_and_mlx_lm(monkeypatch, name, wind
     if not hasattr(model, "make_cache") and bits is None:
         from mlx_lm.generate import generate_step as mlx_lm_generate_step
 
-        ref = [int(t) for t, _ in mlx_lm_generate_step(prompt, model, max_tokens=3 * N, max_kv_size=window,
-                                                        sampler=lambda lp: mx.argmax(lp, -1))]
+        ref = [
+            int(t)
+            for t, _ in mlx_lm_generate_step(
+                prompt, model, max_tokens=3 * N, max_kv_size=window, sampler=lambda lp: mx.argmax(lp, -1)
+            )
+        ]
         assert plain == ref
     assert _tree_tokens(model, prompt, Verifier(), 3 * N, lookup=4, kv=kv)[0] == plain
     streams = _streams(model, "lossless", seed=5)
-    assert _tree_tokens(model, prompt, StreamDrafter(streams), 3 * N, tree=[list(p) for p in cartesian(3, 2)],
-                        kv=kv)[0] == plain
+    assert (
+        _tree_tokens(model, prompt, StreamDrafter(streams), 3 * N, tree=[list(p) for p in cartesian(3, 2)], kv=kv)[0]
+        == plain
+    )
 
 
 def test_windowed_prompt_cache_restarts_when_the_prefix_was_evicted(monkeypatch):

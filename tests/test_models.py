@@ -75,9 +75,12 @@ def test_explicit_positions_and_mask_equal_causal_path(hf_model, name):
     # Two siblings a, b at the same depth after the prefix: each sees the prefix and itself only.
     a, b = ids[:, 12:13], ids[:, 13:14]
     c1 = _prefilled(model, prefix)
-    sib = model(mx.concatenate([a, b], axis=1), cache=c1,
-                mask=mx.array([[True] * 12 + [True, False], [True] * 12 + [False, True]]),
-                positions=mx.array([12, 12]))
+    sib = model(
+        mx.concatenate([a, b], axis=1),
+        cache=c1,
+        mask=mx.array([[True] * 12 + [True, False], [True] * 12 + [False, True]]),
+        positions=mx.array([12, 12]),
+    )
     ra = model(a, cache=_prefilled(model, prefix))
     rb = model(b, cache=_prefilled(model, prefix))
     np.testing.assert_allclose(np.array(sib[:, 0]), np.array(ra[:, 0]), atol=1e-5, rtol=1e-4)
@@ -117,7 +120,8 @@ def test_rope_parameters_and_old_keys_load_the_same(hf_model, tmp_path):
 
 
 def test_normalize_rope_config_partial_rotary():
-    cfg = normalize_rope_config({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.4,
-                                                     "rope_type": "default"}})
+    cfg = normalize_rope_config(
+        {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.4, "rope_type": "default"}}
+    )
     assert cfg["rope_theta"] == 1e4 and cfg["partial_rotary_factor"] == 0.4
     assert cfg.get("rope_scaling") is None

@@ -12,8 +12,9 @@ def test_held_out_sets_exist_and_share_no_8gram_with_the_training_generators():
     assert len(heldout_prompts("humaneval", 1000)) == 164
     assert len(EVERYDAY) >= 30 and len(set(EVERYDAY)) == len(EVERYDAY)
     edits = heldout_prompts("code-edit", 20)
-    assert len(edits) == 20 and all("```python\ndef " in e or "```python\nfrom" in e or "```python\nimport" in e
-                                    for e in edits)
+    assert len(edits) == 20 and all(
+        "```python\ndef " in e or "```python\nfrom" in e or "```python\nimport" in e for e in edits
+    )
     generators = [*si.SHOTS, *si.EDITS, si.FOLLOWUP_SHOT, *instructions(split_files()[0], 300)]
     train_grams = set().union(*(si.ngrams(t) for t in generators))
     for name in HELDOUT_SETS:
@@ -32,12 +33,27 @@ def test_pack_drops_records_that_overlap_a_held_out_set(tmp_path):
     (out / "shard1").mkdir(parents=True)
     overlap = EVERYDAY[0]  # a held-out question, verbatim inside a training message
     recs = [
-        {"id": 0, "split": "train", "messages": [{"role": "user", "content": "Tell me about otters."}],
-         "prompt_ids": [1, 2], "completion_ids": [3, 4]},
-        {"id": 1, "split": "valid", "messages": [{"role": "user", "content": "What do owls eat at night?"}],
-         "prompt_ids": [1], "completion_ids": [5]},
-        {"id": 2, "split": "train", "messages": [{"role": "user", "content": f"Please answer: {overlap}"}],
-         "prompt_ids": [1], "completion_ids": [6]},
+        {
+            "id": 0,
+            "split": "train",
+            "messages": [{"role": "user", "content": "Tell me about otters."}],
+            "prompt_ids": [1, 2],
+            "completion_ids": [3, 4],
+        },
+        {
+            "id": 1,
+            "split": "valid",
+            "messages": [{"role": "user", "content": "What do owls eat at night?"}],
+            "prompt_ids": [1],
+            "completion_ids": [5],
+        },
+        {
+            "id": 2,
+            "split": "train",
+            "messages": [{"role": "user", "content": f"Please answer: {overlap}"}],
+            "prompt_ids": [1],
+            "completion_ids": [6],
+        },
         {"id": 3, "split": "train", "messages": None, "prompt_ids": [], "completion_ids": []},  # a failed follow-up
     ]
     (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))

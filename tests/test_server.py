@@ -67,12 +67,18 @@ def test_openai_chat_and_completion_stream_and_not(served):
     assert 1 <= spec["steps"] <= 40 and spec["mean_accepted_tokens"] >= 40 / spec["steps"] - 1e-3
     # the plain fallback (no chat template): contents joined by newlines, ending with one
     assert text == generate(model, tok, "def add(a, b):\n", max_tokens=40)
-    streamed = "".join(c.choices[0].delta.content or "" for c in cl.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=40, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0, stream=True)
+        if c.choices
+    )
     assert streamed == text
     comp = cl.completions.create(model="tiny", prompt="import os\n", max_tokens=30, temperature=0)
-    sc = "".join(c.choices[0].text for c in cl.completions.create(
-        model="tiny", prompt="import os\n", max_tokens=30, temperature=0, stream=True) if c.choices)
+    sc = "".join(
+        c.choices[0].text
+        for c in cl.completions.create(model="tiny", prompt="import os\n", max_tokens=30, temperature=0, stream=True)
+        if c.choices
+    )
     assert comp.choices[0].text == sc == generate(model, tok, "import os\n", max_tokens=30)
     assert comp.choices[0].finish_reason == "length"
 
@@ -83,8 +89,9 @@ def test_logprobs_for_chat_and_completions_streamed_and_not(served):
     port, model, tok = served
     cl = client(port)
     msgs = [{"role": "user", "content": "def add(a, b):"}]
-    full = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0, logprobs=True,
-                                      top_logprobs=3)
+    full = cl.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = full.choices[0].logprobs.content
     assert len(content) == full.usage.completion_tokens == 24
     joined, text = "".join(e.token for e in content), full.choices[0].message.content
@@ -93,8 +100,13 @@ def test_logprobs_for_chat_and_completions_streamed_and_not(served):
         assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
         assert e.top_logprobs[0].logprob == e.logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
         assert bytes(e.bytes).decode() == e.token
-    chunks = [c for c in cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0,
-                                                   logprobs=True, top_logprobs=3, stream=True) if c.choices]
+    chunks = [
+        c
+        for c in cl.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+        if c.choices
+    ]
     streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
     plain = cl.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
@@ -104,8 +116,13 @@ def test_logprobs_for_chat_and_completions_streamed_and_not(served):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 16
     assert "".join(lp.tokens) in (comp.choices[0].text, " " + comp.choices[0].text) and lp.text_offset[0] == 0
     assert all(len(d) <= 2 and max(d.values()) == v for d, v in zip(lp.top_logprobs, lp.token_logprobs))
-    sc = [c.choices[0].logprobs for c in cl.completions.create(model="tiny", prompt="import os\n", max_tokens=16,
-                                                              temperature=0, logprobs=2, stream=True) if c.choices]
+    sc = [
+        c.choices[0].logprobs
+        for c in cl.completions.create(
+            model="tiny", prompt="import os\n", max_tokens=16, temperature=0, logprobs=2, stream=True
+        )
+        if c.choices
+    ]
     assert [t for x in sc if x for t in x.tokens] == lp.tokens
     assert [o for x in sc if x for o in x.text_offset] == lp.text_offset
 
@@ -120,8 +137,11 @@ def test_stop_seed_and_usage_in_stream(served):
     a = cl.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=1.0, seed=7).choices[0].text
     b = cl.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=1.0, seed=7).choices[0].text
     assert a == b
-    chunks = list(cl.completions.create(model="tiny", prompt="x", max_tokens=10, stream=True,
-                                        stream_options={"include_usage": True}))
+    chunks = list(
+        cl.completions.create(
+            model="tiny", prompt="x", max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage.completion_tokens == 10
 
 
@@ -134,7 +154,8 @@ def test_auth_and_bad_requests(served):
     st, _ = raw(port, "GET", "/health", headers={"Authorization": ""})
     assert st == 200
     cases = [
-        (b"{not json", 400), (b"[1,2]", 400),
+        (b"{not json", 400),
+        (b"[1,2]", 400),
         (json.dumps({"messages": "hi"}).encode(), 400),
         (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}).encode(), 400),
@@ -151,7 +172,12 @@ def test_auth_and_bad_requests(served):
     assert st == 413
     st, data = raw(port, "POST", "/v1/nope", b"{}")
     assert st == 404
-    st, data = raw(port, "POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x " * 4000}]}).encode())
+    st, data = raw(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "x " * 4000}]}).encode(),
+    )
     assert json.loads(data)["error"]["code"] == "context_length_exceeded"
 
 
@@ -160,8 +186,14 @@ def test_concurrent_clients_and_disconnect(served):
     # A client that disconnects mid-stream.
     s = socket.create_connection(("127.0.0.1", port))
     body = json.dumps({"prompt": "def", "max_tokens": 300, "stream": True}).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
-              + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + API_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     s.recv(200)
     s.close()
     refs = {i: generate(model, tok, f"v{i} = ", max_tokens=12) for i in range(4)}
@@ -201,13 +233,17 @@ def test_valid_json_with_bad_values_gets_a_named_400(served):
     port, _, _ = served
     m = [{"role": "user", "content": "x"}]
     cases = [
-        ({"messages": m, "seed": -1}, "seed"), ({"messages": m, "seed": 2**64}, "seed"),
-        ({"messages": m, "seed": 10**30}, "seed"), ({"messages": m, "stream_options": "yes"}, "stream_options"),
+        ({"messages": m, "seed": -1}, "seed"),
+        ({"messages": m, "seed": 2**64}, "seed"),
+        ({"messages": m, "seed": 10**30}, "seed"),
+        ({"messages": m, "stream_options": "yes"}, "stream_options"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
-        ({"messages": m, "logprobs": "yes"}, "logprobs"), ({"messages": m, "top_logprobs": 3}, "top_logprobs"),
+        ({"messages": m, "logprobs": "yes"}, "logprobs"),
+        ({"messages": m, "top_logprobs": 3}, "top_logprobs"),
         ({"messages": m, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": m, "tools": [{"type": "function"}]}, "tools"),
-        ({"messages": m, "top_k": -1}, "top_k"), ({"messages": m, "min_p": 2}, "min_p"),
+        ({"messages": m, "top_k": -1}, "top_k"),
+        ({"messages": m, "min_p": 2}, "min_p"),
     ]
     for req, param in cases:
         st, data = raw(port, "POST", "/v1/chat/completions", json.dumps(req).encode())
@@ -232,11 +268,14 @@ def test_valid_json_with_bad_values_gets_a_named_400(served):
 def test_strict_content_length_and_case_insensitive_bearer(served):
     port, _, _ = served
     body = json.dumps({"prompt": "def", "max_tokens": 2}).encode()
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: %s\r\n%s\r\n")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: %s\r\n%s\r\n"
     auth = f"Bearer {API_KEY}".encode()
-    for extra in (b"Content-Length: 3_6\r\n", b"Content-Length: +36\r\n",
-                  b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body)),
-                  b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(body)):
+    for extra in (
+        b"Content-Length: 3_6\r\n",
+        b"Content-Length: +36\r\n",
+        b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body)),
+        b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(body),
+    ):
         st, _ = _raw_request(port, head % (auth, extra), body)
         assert st in (400, 411), extra
     st, _ = _raw_request(port, head % (f"bearer {API_KEY}".encode(), b"Content-Length: %d\r\n" % len(body)), body)
@@ -306,8 +345,10 @@ def test_a_failed_request_leaves_sampling_working_for_the_next(small_server, ser
 
 def test_an_error_after_the_headers_is_an_sse_error_event_then_done(small_server):
     port, _, _ = small_server
-    st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 13, "stream": True}).encode())
-    events = [e[len("data: "):] for e in data.decode().split("\n\n") if e]
+    st, data = _plain(
+        port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 13, "stream": True}).encode()
+    )
+    events = [e[len("data: ") :] for e in data.decode().split("\n\n") if e]
     assert st == 200 and json.loads(events[-2])["error"]["code"] == "server_error" and events[-1] == "[DONE]"
     st, data = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 13}).encode())
     assert st == 500 and "request cmpl-" in json.loads(data)["error"]["message"]  # the traceback is in the log
@@ -315,8 +356,10 @@ def test_an_error_after_the_headers_is_an_sse_error_event_then_done(small_server
 
 def test_stalled_clients_time_out_and_free_their_thread(small_server):
     port, _, _ = small_server
-    for partial in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",  # headers never finished
-                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\""):  # short body
+    for partial in (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+        b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"',
+    ):  # short body
         s = socket.create_connection(("127.0.0.1", port), timeout=20)
         s.sendall(partial)
         while s.recv(65536):  # the server closes it after its 1 s timeout (else: socket.timeout at 20 s)
@@ -473,8 +516,13 @@ def _serve_process(*args):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_specstream.cli", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ},
+    )
     line = proc.stdout.readline()
     while "serving" not in line:
         assert line, "the server did not start"
@@ -490,7 +538,9 @@ def test_sigterm_refuses_new_connections_and_finishes_the_request_in_flight(tmp_
     result = {}
 
     def long_request():
-        result["r"] = _plain(port, "POST", "/v1/completions", json.dumps({"prompt": "def", "max_tokens": 1500}).encode())
+        result["r"] = _plain(
+            port, "POST", "/v1/completions", json.dumps({"prompt": "def", "max_tokens": 1500}).encode()
+        )
         result["done_at"] = time.time()
 
     t = threading.Thread(target=long_request)
@@ -519,19 +569,29 @@ def test_every_request_gets_a_json_answer_and_every_field_is_checked(small_serve
     each gets a JSON error body naming the problem."""
     port = small_server[0]
     m = [{"role": "user", "content": "x"}]
-    for body, named in [(b'{"messages": [{"role": "user", "content": "x"}], "unknown": ' + b"9" * 5000 + b"}", "cannot read"),
-                        (b'{"messages": [{"role": "us\\ud800er", "content": "x"}]}', "surrogate"),
-                        (json.dumps({"messages": m, "presence_penalty": 0.5}).encode(), "presence_penalty"),
-                        (json.dumps({"messages": m, "logit_bias": {"5": 3}}).encode(), "logit_bias"),
-                        (json.dumps({"messages": m, "response_format": {"type": "json_object"}}).encode(), "response_format"),
-                        (json.dumps({"messages": m, "stop": {}}).encode(), "stop"),
-                        (json.dumps({"messages": m, "stop": 0}).encode(), "stop"),
-                        (json.dumps({"messages": m, "stop": False}).encode(), "stop"),
-                        (json.dumps({"messages": m, "n": True}).encode(), "n=1")]:
+    for body, named in [
+        (b'{"messages": [{"role": "user", "content": "x"}], "unknown": ' + b"9" * 5000 + b"}", "cannot read"),
+        (b'{"messages": [{"role": "us\\ud800er", "content": "x"}]}', "surrogate"),
+        (json.dumps({"messages": m, "presence_penalty": 0.5}).encode(), "presence_penalty"),
+        (json.dumps({"messages": m, "logit_bias": {"5": 3}}).encode(), "logit_bias"),
+        (json.dumps({"messages": m, "response_format": {"type": "json_object"}}).encode(), "response_format"),
+        (json.dumps({"messages": m, "stop": {}}).encode(), "stop"),
+        (json.dumps({"messages": m, "stop": 0}).encode(), "stop"),
+        (json.dumps({"messages": m, "stop": False}).encode(), "stop"),
+        (json.dumps({"messages": m, "n": True}).encode(), "n=1"),
+    ]:
         st, data = _plain(port, "POST", "/v1/chat/completions", body)
         assert st == 400 and named in json.loads(data)["error"]["message"], (body[:80], data[:200])
-    ok = {"messages": m, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
-          "response_format": {"type": "text"}, "n": 1, "stop": None}
+    ok = {
+        "messages": m,
+        "max_tokens": 2,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "n": 1,
+        "stop": None,
+    }
     assert _plain(port, "POST", "/v1/chat/completions", json.dumps(ok).encode())[0] == 200
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n"
     st, data = _raw_request(port, head)

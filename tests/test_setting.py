@@ -19,11 +19,14 @@ def test_a_setting_is_frozen_and_replaced_not_patched():
     assert not DecodeSetting("auto").drafts_nothing and DecodeSetting("auto").paths == ()
 
 
-@pytest.mark.parametrize("setting", [
-    DecodeSetting(((0,), (0, 0), (1,)), 3, 0.1, {"backend": "cpu"}),  # greedy
-    DecodeSetting("auto:context", 8),  # greedy, sized every step
-    DecodeSetting(((0,),), 2, 0.0, {"backend": "cpu"}, 0.7),  # sampling's
-])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        DecodeSetting(((0,), (0, 0), (1,)), 3, 0.1, {"backend": "cpu"}),  # greedy
+        DecodeSetting("auto:context", 8),  # greedy, sized every step
+        DecodeSetting(((0,),), 2, 0.0, {"backend": "cpu"}, 0.7),  # sampling's
+    ],
+)
 def test_a_setting_round_trips_through_the_stream_config(setting):
     cfg = StreamConfig(num_streams=3, tree=[[0]], lookup=1)
     written = StreamConfig.from_dict(cfg.with_setting(setting).to_dict())

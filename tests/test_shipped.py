@@ -54,8 +54,24 @@ def test_a_trained_adapter_records_its_base(hf_model, tmp_path):
     path = hf_model("llama")[0]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": "def f(x):\n    return x + %d\n" % i}) + "\n" for i in range(8)))
-    train_main(["--model", str(path), "--data", str(data), "--out", str(tmp_path / "o"), "--iters", "2",
-                "--batch-size", "4", "--seq-len", "32", "--msa-layers", "1"])
+    train_main(
+        [
+            "--model",
+            str(path),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--iters",
+            "2",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--msa-layers",
+            "1",
+        ]
+    )
     cfg = json.loads((tmp_path / "o" / "speculative_streams.json").read_text())
     model, _ = load(str(path), streams=False)
     assert cfg["base"] == json.loads(json.dumps(base_fingerprint(model)))

@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_specstream.streams import (SpeculativeStreams, StreamConfig, forward_with_streams, load_streams,
-                                    msa_mask, save_streams)
+from mlx_specstream.streams import (
+    SpeculativeStreams,
+    StreamConfig,
+    forward_with_streams,
+    load_streams,
+    msa_mask,
+    save_streams,
+)
 from mlx_specstream import load
 from mlx_specstream.checkpoint import CheckpointError, load_model
 from mlx_specstream.drafters import StreamDrafter
@@ -19,10 +25,7 @@ def randomize(streams, scale=0.1, seed=0):
 def test_msa_mask_by_hand():
     anc = mx.array([[1, 0], [1, 1]], dtype=mx.bool_)
     m = np.array(msa_mask(anc, mx.array([1]), 2, False)).astype(int)
-    np.testing.assert_array_equal(m, [[1, 0, 0, 0],
-                                      [1, 1, 0, 0],
-                                      [1, 1, 1, 0],
-                                      [1, 1, 1, 1]])
+    np.testing.assert_array_equal(m, [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
     m = np.array(msa_mask(anc, mx.array([1]), 2, True)).astype(int)
     np.testing.assert_array_equal(m[1], [1, 1, 1, 1])
     np.testing.assert_array_equal(m[0], [1, 0, 0, 0])
@@ -103,8 +106,9 @@ def test_first_streams_alone_equal_their_rows_among_all(hf_model, mode):
     for g in (1, 2):
         mg, sg = msa_forward(model, s, h, anc=anc, owners=pos, positions=pos, num_streams=g)
         np.testing.assert_allclose(np.array(mg), np.array(m3), atol=1e-5)
-        np.testing.assert_allclose(np.array(sg.reshape(1, L, g, -1)), np.array(s3.reshape(1, L, 3, -1)[:, :, :g]),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.array(sg.reshape(1, L, g, -1)), np.array(s3.reshape(1, L, 3, -1)[:, :, :g]), atol=1e-5
+        )
 
 
 def test_stream_lora_applies_to_stream_rows_only(hf_model):
@@ -134,8 +138,11 @@ def test_stream_files_round_trip_and_swap(hf_model, tmp_path):
     model_b, _ = load(str(d), streams="task-b")
     assert model_b.drafter.streams.config.num_streams == 3
     for k, v in tree_flatten(b.parameters()):
-        np.testing.assert_allclose(np.array(dict(tree_flatten(model_b.drafter.streams.parameters()))[k]),
-                                   np.array(v.astype(mx.float16)), atol=0)
+        np.testing.assert_allclose(
+            np.array(dict(tree_flatten(model_b.drafter.streams.parameters()))[k]),
+            np.array(v.astype(mx.float16)),
+            atol=0,
+        )
     # Swap adapters over the same base at run time.
     base_params = model.base.parameters()
     model.drafter = StreamDrafter(load_streams(d / "speculative_streams-task-b.json", model.base))

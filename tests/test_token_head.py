@@ -33,7 +33,9 @@ def test_lossless_token_conditioned_streams_decode_exactly_the_base(name, topk):
     s = _streams(model, token_head_topk=topk)
     for tree in (cartesian(3, 2), chain(3)):
         out = []
-        for r in tree_generate_step(prompt, model, StreamDrafter(s), max_tokens=30, tree=[list(p) for p in tree], lookup=2):
+        for r in tree_generate_step(
+            prompt, model, StreamDrafter(s), max_tokens=30, tree=[list(p) for p in tree], lookup=2
+        ):
             out += r.tokens
         assert out[:30] == ref
 
@@ -53,8 +55,9 @@ def test_conditioned_drafts_follow_the_chain_and_head_scores_equal_a_head_pass()
     ids = mx.array([[3, 9, 100], [5, 5, 2]])
     h = model.final_norm(mx.random.normal((2, 64)))
     full = model.head(h)
-    np.testing.assert_allclose(np.array(head_scores(model, h, ids)), np.array(mx.take_along_axis(full, ids, -1)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(head_scores(model, h, ids)), np.array(mx.take_along_axis(full, ids, -1)), rtol=1e-5, atol=1e-5
+    )
     k = _streams(model, token_head_topk=16)
     topk = conditioned_drafts(model, k, states, free, mx.array(7))
     for j in range(3):  # the top-16 re-scored, the rest below them
@@ -68,8 +71,9 @@ def test_training_reports_top1_per_stream_and_the_head_learns():
 
     model = tiny_model("llama")
     model.freeze()
-    s = SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=2, lora_rank=4, token_head_rank=16,
-                                        token_head_topk=8), model)
+    s = SpeculativeStreams(
+        StreamConfig(num_streams=2, num_msa_layers=2, lora_rank=4, token_head_rank=16, token_head_topk=8), model
+    )
     rng = np.random.RandomState(0)
     motif = rng.randint(3, 250, size=6)
     toks = mx.array(np.stack([np.tile(np.roll(motif, i), 6)[:33] for i in range(8)]))

@@ -7,8 +7,10 @@ import pytest
 from mlx_specstream.errors import UserError
 from mlx_specstream.tokenizer import chat_ids, load_tokenizer
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +21,16 @@ def chat_tok(tmp_path_factory):
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(["hello world, the system says you are a helpful user assistant"] * 20, trainer)
     tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": TEMPLATE, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": TEMPLATE, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
     return load_tokenizer(folder)
 
 
@@ -55,9 +61,9 @@ class _Templated:
 
 HOSTILE = {  # each from a model folder, each bounded: time, memory, output
     "loops 10^15 times": "{% for a in range(99999) %}{% for b in range(99999) %}{% for c in range(99999) %}"
-                         "{% endfor %}{% endfor %}{% endfor %}",
+    "{% endfor %}{% endfor %}{% endfor %}",
     "doubles a string to 4 GB": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s }}{% endif %}"
-                                "{% endmacro %}{{ d('x', 32) }}",
+    "{% endmacro %}{{ d('x', 32) }}",
     "writes 5 MB": "{% for i in range(99999) %}{{ 'x' * 50 }}{% endfor %}",
 }
 
@@ -86,4 +92,5 @@ def test_a_template_error_is_named_and_the_text_is_transformers_own(chat_tok):
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     for gen in (True, False):
         assert render(chat_tok, msgs, add_generation_prompt=gen) == chat_tok._tokenizer.apply_chat_template(
-            msgs, add_generation_prompt=gen, tokenize=False)
+            msgs, add_generation_prompt=gen, tokenize=False
+        )

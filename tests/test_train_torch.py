@@ -21,8 +21,14 @@ def hf_tokenizer(path: Path, corpus: str):
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.train_from_iterator(
+        [corpus],
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok.save_pretrained(path)
 
@@ -39,9 +45,32 @@ def test_trainer_script_then_convert(tmp_path, mode, peft_rank):
     hf_tokenizer(src, text)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(8)))
-    losses = train_main(["--model", str(src), "--data", str(data), "--out", str(tmp_path / "ss"), "--mode", mode,
-                         "--num-streams", "2", "--msa-layers", "2", "--steps", "12", "--batch-size", "2",
-                         "--seq-len", "32", "--lr", "5e-3", "--peft-rank", str(peft_rank)])
+    losses = train_main(
+        [
+            "--model",
+            str(src),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "ss"),
+            "--mode",
+            mode,
+            "--num-streams",
+            "2",
+            "--msa-layers",
+            "2",
+            "--steps",
+            "12",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "5e-3",
+            "--peft-rank",
+            str(peft_rank),
+        ]
+    )
     assert losses[-1] < losses[0]
     assert (tmp_path / "ss" / "speculative_streams.json").exists()
     assert (tmp_path / "ss" / "adapter_config.json").exists() == bool(peft_rank)

@@ -55,7 +55,9 @@ def test_prompt_completion_streams_only_on_completion(tiny):
     f.write_text(json.dumps({"prompt": "abc", "completion": "def g():"}) + "\n")
     toks, mask = read_jsonl(f, tok, 32)
     n_prompt = len(tok.encode("abc"))
-    assert mask[0, :n_prompt].sum() == 0 and mask[0, n_prompt:].sum() == len(tok.encode("def g():", add_special_tokens=False))
+    assert mask[0, :n_prompt].sum() == 0 and mask[0, n_prompt:].sum() == len(
+        tok.encode("def g():", add_special_tokens=False)
+    )
 
 
 def test_resume_continues_identically(tiny):
@@ -68,19 +70,22 @@ def test_resume_continues_identically(tiny):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("line,msg", [
-    ("{not json", "train.jsonl:2: not valid JSON"),
-    ('{"foo": 1}', "train.jsonl:2: a record needs"),
-    ('{"text": 5}', "train.jsonl:2: 'text' must be a string"),
-    ('[1, 2]', "train.jsonl:2: expected a JSON object"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:2: 'messages'"),
-    ('{"prompt_ids": 5, "completion_ids": [1]}', "train.jsonl:2: 'prompt_ids' and 'completion_ids' must be lists"),
-    ('{"prompt_ids": [1], "completion_ids": [true]}', "train.jsonl:2: token ids must be integers"),
-    ('{"text": "a\\ud800b"}', "train.jsonl:2: .* lone surrogate"),
-    ('{"prompt": "x", "completion": ["\\udfff"]}', "train.jsonl:2: .* lone surrogate"),
-    ("[" * 100_000 + "]" * 100_000, "train.jsonl:2: JSON nested too deeply"),
-    (b'{"text": "caf\xe9"}', r"train.jsonl:2: not UTF-8 \(byte 13"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ("{not json", "train.jsonl:2: not valid JSON"),
+        ('{"foo": 1}', "train.jsonl:2: a record needs"),
+        ('{"text": 5}', "train.jsonl:2: 'text' must be a string"),
+        ("[1, 2]", "train.jsonl:2: expected a JSON object"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:2: 'messages'"),
+        ('{"prompt_ids": 5, "completion_ids": [1]}', "train.jsonl:2: 'prompt_ids' and 'completion_ids' must be lists"),
+        ('{"prompt_ids": [1], "completion_ids": [true]}', "train.jsonl:2: token ids must be integers"),
+        ('{"text": "a\\ud800b"}', "train.jsonl:2: .* lone surrogate"),
+        ('{"prompt": "x", "completion": ["\\udfff"]}', "train.jsonl:2: .* lone surrogate"),
+        ("[" * 100_000 + "]" * 100_000, "train.jsonl:2: JSON nested too deeply"),
+        (b'{"text": "caf\xe9"}', r"train.jsonl:2: not UTF-8 \(byte 13"),
+    ],
+)
 def test_malformed_records_name_the_line(tiny, line, msg):
     _, tok, _, tmp = tiny
     f = tmp / "bad" / "train.jsonl"
@@ -100,9 +105,19 @@ def test_cached_bottom_states_train_exactly_like_recomputing_them(tiny, mode):
     stream = StreamConfig(num_streams=2, num_msa_layers=1, mode="lossless" if mode == "medusa" else mode, lora_rank=4)
     runs = []
     for cache in (True, False):
-        cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, val_every=6, streams=stream,
-                          mode=stream.mode, cache_bottom=cache, medusa=2 if mode == "medusa" else 0,
-                          max_stream_positions=8)
+        cfg = TrainConfig(
+            iters=6,
+            batch_size=4,
+            seq_len=48,
+            lr=5e-3,
+            warmup=2,
+            val_every=6,
+            streams=stream,
+            mode=stream.mode,
+            cache_bottom=cache,
+            medusa=2 if mode == "medusa" else 0,
+            max_stream_positions=8,
+        )
         s, hist = train(model, tok, data, data, cfg, tmp / f"out-{mode}-{cache}", log=lambda *_: None)
         runs.append((dict(tree_flatten(s.parameters())), hist))
     (a, ha), (b, hb) = runs
@@ -124,8 +139,23 @@ def test_train_verb_never_overwrites(hf_model, tmp_path, capsys):
     shutil.copytree(hf_model("llama")[0], model)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": "def f(x):\n    return x\n" * 4}) + "\n" for _ in range(8)))
-    base = ["train", "--data", str(data), "--iters", "1", "--batch-size", "2", "--seq-len", "24", "--num-streams", "2",
-            "--msa-layers", "1", "--val-every", "100"]
+    base = [
+        "train",
+        "--data",
+        str(data),
+        "--iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--num-streams",
+        "2",
+        "--msa-layers",
+        "1",
+        "--val-every",
+        "100",
+    ]
     assets = sorted(p.name for p in default_model_path().iterdir())
     before = {p: p.read_bytes() for p in default_model_path().glob("speculative_streams*")}
     assert main(base) == 1 and "inside the installed package" in capsys.readouterr().err  # no --model, no --out
@@ -164,7 +194,10 @@ def test_a_resumed_run_keeps_the_whole_history(tiny):
     assert [h["iter"] for h in hist] == [1, 2, 3, 4, 5, 6]
     logged = []  # resuming a finished run (a rerun recipe) computes nothing and keeps everything
     s = train(model, tok, data, None, cfg, tmp / "r", resume=True, log=logged.append)[0]
-    assert not any("bottom states" in m for m in logged) and json.loads((tmp / "r" / "speculative_streams.train_history.json").read_text()) == hist
+    assert (
+        not any("bottom states" in m for m in logged)
+        and json.loads((tmp / "r" / "speculative_streams.train_history.json").read_text()) == hist
+    )
     assert s.config.base is not None
 
 
@@ -178,15 +211,35 @@ def test_a_killed_run_keeps_its_history_up_to_the_last_checkpoint(tiny):
 
     with pytest.raises(KeyboardInterrupt):
         train(model, tok, data, None, cfg, tmp / "k", log=killed)
-    assert [h["iter"] for h in json.loads((tmp / "k" / "speculative_streams.train_history.json").read_text())] == [1, 2, 3]
+    assert [h["iter"] for h in json.loads((tmp / "k" / "speculative_streams.train_history.json").read_text())] == [
+        1,
+        2,
+        3,
+    ]
     train(model, tok, data, None, cfg, tmp / "k", resume=True, log=lambda *_: None)
-    assert [h["iter"] for h in json.loads((tmp / "k" / "speculative_streams.train_history.json").read_text())] == [1, 2, 3, 4, 5, 6]
+    assert [h["iter"] for h in json.loads((tmp / "k" / "speculative_streams.train_history.json").read_text())] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 def test_a_time_limit_ends_the_run_with_its_schedule_decayed_and_saved(tiny):
     model, tok, data, tmp = tiny
-    cfg = TrainConfig(iters=100_000, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=100_000, val_every=100_000,
-                      min_lr_ratio=0.1, time_limit=1.0)
+    cfg = TrainConfig(
+        iters=100_000,
+        batch_size=4,
+        seq_len=48,
+        lr=5e-3,
+        warmup=2,
+        save_every=100_000,
+        val_every=100_000,
+        min_lr_ratio=0.1,
+        time_limit=1.0,
+    )
     _, hist = train(model, tok, data, data, cfg, tmp / "t", log=lambda *_: None)
     assert 1 < len(hist) < 100_000
     assert hist[-1]["lr"] == pytest.approx(5e-4, rel=0.05)  # the cosine's end, reached by the clock
@@ -206,8 +259,19 @@ def test_kept_states_are_read_back_by_a_resumed_run(tiny, medusa):
 
     model, tok, data, tmp = tiny
     stream = StreamConfig(num_streams=2, num_msa_layers=1, lora_rank=4)
-    cfg = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=2, save_every=3, val_every=100,
-                      streams=stream, keep_states=True, medusa=medusa, max_stream_positions=8)
+    cfg = TrainConfig(
+        iters=6,
+        batch_size=4,
+        seq_len=48,
+        lr=5e-3,
+        warmup=2,
+        save_every=3,
+        val_every=100,
+        streams=stream,
+        keep_states=True,
+        medusa=medusa,
+        max_stream_positions=8,
+    )
     out = tmp / f"k{medusa}"
     train(model, tok, data, None, cfg, out, log=lambda *_: None, stop_at=3)
     files = list(out.glob("states-*.npy"))
@@ -254,10 +318,22 @@ def test_an_adapter_with_non_finite_values_is_refused_at_load(hf_model, tmp_path
         load_streams(folder / "speculative_streams.json", model)
 
 
-
-@pytest.mark.parametrize("field,value", [("batch_size", -1), ("batch_size", 0), ("val_every", 0), ("save_every", 0),
-                                         ("grad_accum", 0), ("iters", 0), ("lr", float("nan")), ("lr", 0.0),
-                                         ("warmup", -1), ("seq_len", 1), ("time_limit", float("inf"))])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("batch_size", -1),
+        ("batch_size", 0),
+        ("val_every", 0),
+        ("save_every", 0),
+        ("grad_accum", 0),
+        ("iters", 0),
+        ("lr", float("nan")),
+        ("lr", 0.0),
+        ("warmup", -1),
+        ("seq_len", 1),
+        ("time_limit", float("inf")),
+    ],
+)
 def test_nonsense_training_settings_are_named(field, value):
     """--batch-size -1 looped forever; --val-every 0, --save-every 0, --grad-accum 0 were tracebacks."""
     with pytest.raises(DataError, match=f"--{field.replace('_', '-')} must be"):
@@ -299,8 +375,16 @@ def test_trainer_state_is_per_adapter_and_refuses_mismatches(tiny):
     (out / "speculative_streams-b.trainer_state.json").unlink()
     with pytest.raises(UserError, match="exists but its trainer state"):
         train(model, tok, data, None, cfg, out, resume=True, log=lambda *_: None, name="b")
-    other = TrainConfig(iters=6, batch_size=4, seq_len=48, lr=5e-3, warmup=1, save_every=2, val_every=100,
-                        streams=StreamConfig(num_streams=2))
+    other = TrainConfig(
+        iters=6,
+        batch_size=4,
+        seq_len=48,
+        lr=5e-3,
+        warmup=1,
+        save_every=2,
+        val_every=100,
+        streams=StreamConfig(num_streams=2),
+    )
     with pytest.raises(UserError, match="num_streams"):
         train(model, tok, data, None, other, out, resume=True, log=lambda *_: None, name="a")
 
@@ -344,12 +428,15 @@ def test_frozen_states_are_computed_for_the_records_the_run_reads_only(tiny, mon
     model, tok, data, tmp = tiny
     sizes = []
     real = trainer_mod.bottom_states
-    monkeypatch.setattr(trainer_mod, "bottom_states", lambda m, s, d, *a, **k: sizes.append(len(d[0])) or real(m, s, d, *a, **k))
+    monkeypatch.setattr(
+        trainer_mod, "bottom_states", lambda m, s, d, *a, **k: sizes.append(len(d[0])) or real(m, s, d, *a, **k)
+    )
     cfg = TrainConfig(iters=2, batch_size=4, seq_len=48, lr=5e-3, warmup=1, save_every=2, val_every=100)
     cached, _ = train(model, tok, data, None, cfg, tmp / "c", log=lambda *_: None)
     assert len(data[0]) > 40 and sizes == [8]  # 2 iterations x 4 records, not the whole set
-    plain, _ = train(model, tok, data, None, TrainConfig(**{**cfg.__dict__, "cache_bottom": False}), tmp / "p",
-                     log=lambda *_: None)
+    plain, _ = train(
+        model, tok, data, None, TrainConfig(**{**cfg.__dict__, "cache_bottom": False}), tmp / "p", log=lambda *_: None
+    )
     for k, v in _params(plain).items():
         np.testing.assert_allclose(_params(cached)[k], v, rtol=1e-4, atol=1e-6)
 

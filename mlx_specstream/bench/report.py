@@ -25,7 +25,8 @@ def _rows(methods: dict) -> List[str]:
             f"{name:<24}{d['median']:>8.1f} ({d['min']:.0f}-{d['max']:.0f}){m['ttft_s']['median'] * 1e3:>9.1f}"
             f"{step.get('p50', 0):>9.2f}{itl.get('p99', 0):>8.2f}{m['mean_accepted']:>9.2f}"
             f"{_ratio(m['speedup'].get('ours_ar')):>7}{_ratio(m['speedup'].get('mlx_lm_ar')):>10}"
-            f"{_fmt_equal(m.get('equal_to_ar')):>7}{m['extra_params']:>13}{m['peak_memory_gb']:>8.3f}")
+            f"{_fmt_equal(m.get('equal_to_ar')):>7}{m['extra_params']:>13}{m['peak_memory_gb']:>8.3f}"
+        )
         if m["acceptance_by_depth"]:
             lines.append(f"{'':<24}levels reached: " + " ".join(f"{a:.2f}" for a in m["acceptance_by_depth"]))
         worst = (m.get("worst_prompt") or {}).get("mlx_lm_ar")
@@ -33,8 +34,13 @@ def _rows(methods: dict) -> List[str]:
             lines.append(f"{'':<24}worst prompt: {worst['speedup']:.2f}x mlx-lm (prompt {worst['prompt']})")
         if m.get("tree_sizes") and len(m["tree_sizes"]) > 1:
             total = sum(m["tree_sizes"].values())
-            lines.append(f"{'':<24}tree sizes: " + " ".join(f"{t}:{c / total:.0%}" for t, c in sorted(
-                m["tree_sizes"].items(), key=lambda kv: int(kv[0]))) + f" (plain steps {m['plain_step_share']:.0%})")
+            lines.append(
+                f"{'':<24}tree sizes: "
+                + " ".join(
+                    f"{t}:{c / total:.0%}" for t, c in sorted(m["tree_sizes"].items(), key=lambda kv: int(kv[0]))
+                )
+                + f" (plain steps {m['plain_step_share']:.0%})"
+            )
     return lines
 
 
@@ -43,8 +49,10 @@ def table(result: dict) -> str:
     Sampled rows (``name@T``) compare with the AR baselines at the same temperature."""
     fp = result["fingerprint"]
     cfg = result.get("config", {})
-    lines = [f"{fp['backend']} | {fp['device']} | mlx {fp['mlx']} | mlx-lm {fp['mlx_lm']}"
-             + (f" | BLAS {fp['blas']}" if fp.get("blas") else "")]
+    lines = [
+        f"{fp['backend']} | {fp['device']} | mlx {fp['mlx']} | mlx-lm {fp['mlx_lm']}"
+        + (f" | BLAS {fp['blas']}" if fp.get("blas") else "")
+    ]
     sets = cfg.get("n_prompts_by_set") or {}
     if len(sets) > 1:
         lines.append("all prompts (" + ", ".join(f"{k}: {v}" for k, v in sets.items()) + ")")
@@ -66,9 +74,11 @@ def markdown(result: dict) -> str:
         return v + (" (" + " / ".join(fmt(get(m["by_set"][s])) for s in sets) + ")" if sets else "")
 
     where = f" ({' / '.join(sets)})" if sets else ""
-    lines = [f"| method | decode tok/s | tokens/step{where} | vs our AR | vs mlx-lm AR{where} "
-             "| equal to AR | peak memory GB | extra params |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| method | decode tok/s | tokens/step{where} | vs our AR | vs mlx-lm AR{where} "
+        "| equal to AR | peak memory GB | extra params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in result["methods"].items():
         d = m["decode_tps"]
         lines.append(
@@ -76,15 +86,35 @@ def markdown(result: dict) -> str:
             f"| {per_set(m, lambda x: x['mean_accepted'], lambda v: f'{v:.2f}')} "
             f"| {_ratio(m['speedup'].get('ours_ar'))} "
             f"| {per_set(m, lambda x: x['speedup'].get('mlx_lm_ar'), _ratio)} "
-            f"| {_fmt_equal(m.get('equal_to_ar'))} | {m['peak_memory_gb']:.3f} | {m['extra_params']:,} |")
+            f"| {_fmt_equal(m.get('equal_to_ar'))} | {m['peak_memory_gb']:.3f} | {m['extra_params']:,} |"
+        )
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["set", "method", "temperature", "decode_tps_median", "decode_tps_min", "decode_tps_max", "ttft_s",
-              "prompt_tps", "step_p50_ms", "step_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "mean_accepted",
-              "acceptance_by_depth", "speedup_vs_ours_ar", "speedup_vs_mlx_lm_ar", "peak_memory_gb", "peak_process_gb",
-              "extra_params",
-              "equal_to_ar", "divergence_rate"]
+CSV_FIELDS = [
+    "set",
+    "method",
+    "temperature",
+    "decode_tps_median",
+    "decode_tps_min",
+    "decode_tps_max",
+    "ttft_s",
+    "prompt_tps",
+    "step_p50_ms",
+    "step_p99_ms",
+    "itl_p50_ms",
+    "itl_p90_ms",
+    "itl_p99_ms",
+    "mean_accepted",
+    "acceptance_by_depth",
+    "speedup_vs_ours_ar",
+    "speedup_vs_mlx_lm_ar",
+    "peak_memory_gb",
+    "peak_process_gb",
+    "extra_params",
+    "equal_to_ar",
+    "divergence_rate",
+]
 
 
 def write_csv(result: dict, path: Path) -> None:
@@ -95,13 +125,32 @@ def write_csv(result: dict, path: Path) -> None:
         for name, top in result["methods"].items():
             for spec, m in [("all", top)] + list(top.get("by_set", {}).items()):
                 step, itl = m["step_latency_ms"] or {}, m["inter_token_latency_ms"] or {}
-                w.writerow([spec, name, m.get("temperature", 0.0), m["decode_tps"]["median"], m["decode_tps"]["min"],
-                            m["decode_tps"]["max"], m["ttft_s"]["median"], m["prompt_tps"]["median"], step.get("p50"),
-                            step.get("p99"), itl.get("p50"), itl.get("p90"), itl.get("p99"), m["mean_accepted"],
-                            " ".join(f"{a:.3f}" for a in m["acceptance_by_depth"]), m["speedup"].get("ours_ar"),
-                            m["speedup"].get("mlx_lm_ar"), m["peak_memory_gb"], m.get("peak_process_gb"),
-                            m["extra_params"],
-                            m.get("equal_to_ar"), m.get("divergence_rate")])
+                w.writerow(
+                    [
+                        spec,
+                        name,
+                        m.get("temperature", 0.0),
+                        m["decode_tps"]["median"],
+                        m["decode_tps"]["min"],
+                        m["decode_tps"]["max"],
+                        m["ttft_s"]["median"],
+                        m["prompt_tps"]["median"],
+                        step.get("p50"),
+                        step.get("p99"),
+                        itl.get("p50"),
+                        itl.get("p90"),
+                        itl.get("p99"),
+                        m["mean_accepted"],
+                        " ".join(f"{a:.3f}" for a in m["acceptance_by_depth"]),
+                        m["speedup"].get("ours_ar"),
+                        m["speedup"].get("mlx_lm_ar"),
+                        m["peak_memory_gb"],
+                        m.get("peak_process_gb"),
+                        m["extra_params"],
+                        m.get("equal_to_ar"),
+                        m.get("divergence_rate"),
+                    ]
+                )
 
 
 def plots(result: dict, out: Path) -> List[Path]:
@@ -130,8 +179,13 @@ def plots(result: dict, out: Path) -> List[Path]:
     save(fig, "speedup.png")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, [(ms[n]["step_latency_ms"] or {}).get("p50", 0) for n in names], label="step p50")
-    ax.scatter(names, [(ms[n]["inter_token_latency_ms"] or {}).get("p99", 0) for n in names], color="tab:red",
-               label="inter-token p99", zorder=3)
+    ax.scatter(
+        names,
+        [(ms[n]["inter_token_latency_ms"] or {}).get("p99", 0) for n in names],
+        color="tab:red",
+        label="inter-token p99",
+        zorder=3,
+    )
     ax.set_ylabel("latency (ms)")
     ax.legend()
     ax.tick_params(axis="x", labelrotation=20)
@@ -162,7 +216,9 @@ def compare(a: dict, b: dict) -> str:
             lines.append(f"{name:<22}{'only in ' + ('B' if ma is None else 'A'):>20}")
             continue
         ta, tb = ma["decode_tps"]["median"], mb["decode_tps"]["median"]
-        lines.append(f"{name:<22}{ta:>10.1f}{tb:>10.1f}{tb / ta:>7.2f}{ma['mean_accepted']:>7.2f}{mb['mean_accepted']:>7.2f}")
+        lines.append(
+            f"{name:<22}{ta:>10.1f}{tb:>10.1f}{tb / ta:>7.2f}{ma['mean_accepted']:>7.2f}{mb['mean_accepted']:>7.2f}"
+        )
         if ma.get("equal_to_ar") != mb.get("equal_to_ar"):
             lines.append(f"{'':<22}equal_to_ar: {ma.get('equal_to_ar')} -> {mb.get('equal_to_ar')}")
     return "\n".join(lines)

@@ -36,9 +36,26 @@ from ..tree import parse_tree_spec
 from .prompts import load_prompts
 from ..errors import UserError
 
-METHOD_FIELDS = ("decode_tps", "prompt_tps", "ttft_s", "step_latency_ms", "inter_token_latency_ms", "mean_accepted", "acceptance_by_depth",
-                 "speedup", "worst_prompt", "plain_step_share", "tree_sizes", "peak_memory_gb", "peak_process_gb", "extra_params", "equal_to_ar", "divergence_rate", "tree_size",
-                 "generated_tokens")
+METHOD_FIELDS = (
+    "decode_tps",
+    "prompt_tps",
+    "ttft_s",
+    "step_latency_ms",
+    "inter_token_latency_ms",
+    "mean_accepted",
+    "acceptance_by_depth",
+    "speedup",
+    "worst_prompt",
+    "plain_step_share",
+    "tree_sizes",
+    "peak_memory_gb",
+    "peak_process_gb",
+    "extra_params",
+    "equal_to_ar",
+    "divergence_rate",
+    "tree_size",
+    "generated_tokens",
+)
 # Sampled rows (``temps``): what a chat user gets — the AR baselines and the stream config's own
 # tree, alone and with its context drafts.
 DEFAULT_TEMP_METHODS = ("ours_ar", "mlx_lm_ar", "ss[default]")
@@ -70,8 +87,14 @@ def _ours(model, tok, prompt, max_tokens, temp=0.0, **kw) -> Run:
         sizes.append(last.tree_size)
     # depth of each step's last accepted node: accepted drafts = tokens - 1 (correction)
     depths = [max(n - 1, 0) for _, n in arr[1:]]
-    return Run(toks, arr, depths, max(sizes, default=1), last.tokens_per_step * last.steps if last is not None else 0.0,
-               sizes[1:])
+    return Run(
+        toks,
+        arr,
+        depths,
+        max(sizes, default=1),
+        last.tokens_per_step * last.steps if last is not None else 0.0,
+        sizes[1:],
+    )
 
 
 def _mlx_lm(model, tok, prompt, max_tokens, draft=None, num_draft=DEFAULT_NUM_DRAFT, temp=0.0) -> Run:
@@ -150,20 +173,40 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     return {
         "tree_sizes": {int(t): int(c) for t, c in zip(*np.unique(sizes, return_counts=True))} if sizes else None,
         "plain_step_share": sum(t == 1 for t in sizes) / len(sizes) if sizes else None,
-        "decode_tps": spread(decode), "decode_tps_by_trial": decode, "prompt_tps": spread(prefill_tps),
+        "decode_tps": spread(decode),
+        "decode_tps_by_trial": decode,
+        "prompt_tps": spread(prefill_tps),
         "ttft_s": spread(ttft),
-        "step_latency_ms": pct(step_ms), "inter_token_latency_ms": pct(itl_ms),
-        "mean_accepted": produced / max(steps, 1), "acceptance_by_depth": hist,
-        "tree_size": max(r.tree_size for r in runs), "generated_tokens": total,
+        "step_latency_ms": pct(step_ms),
+        "inter_token_latency_ms": pct(itl_ms),
+        "mean_accepted": produced / max(steps, 1),
+        "acceptance_by_depth": hist,
+        "tree_size": max(r.tree_size for r in runs),
+        "generated_tokens": total,
     }
 
 
-def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees: Sequence[str] = ("default",),
-              prompts: Union[str, Sequence[str]] = "heldout", n_prompts: int = 8, max_tokens: int = 128,
-              trials: int = 3, warmup: int = 1, draft: Optional[str] = None, num_draft: int = DEFAULT_NUM_DRAFT,
-              medusa: Optional[str] = None, seed: int = 0, progress=True, dtype: Optional[str] = None,
-              lookups: Sequence[int] = (), streams_name: Optional[str] = None, temps: Sequence[float] = (),
-              temp_methods: Sequence[str] = DEFAULT_TEMP_METHODS) -> dict:
+def run_bench(
+    model_path=None,
+    *,
+    methods: Optional[Sequence[str]] = None,
+    trees: Sequence[str] = ("default",),
+    prompts: Union[str, Sequence[str]] = "heldout",
+    n_prompts: int = 8,
+    max_tokens: int = 128,
+    trials: int = 3,
+    warmup: int = 1,
+    draft: Optional[str] = None,
+    num_draft: int = DEFAULT_NUM_DRAFT,
+    medusa: Optional[str] = None,
+    seed: int = 0,
+    progress=True,
+    dtype: Optional[str] = None,
+    lookups: Sequence[int] = (),
+    streams_name: Optional[str] = None,
+    temps: Sequence[float] = (),
+    temp_methods: Sequence[str] = DEFAULT_TEMP_METHODS,
+) -> dict:
     """Every method on the same weights and prompts, interleaved; see the module docstring.
     ``prompts``: one set or several (``n_prompts`` from each); ``temps``: also run the
     ``temp_methods`` rows sampled at each temperature (rows ``name@T``, compared with the AR
@@ -210,17 +253,31 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
             if spec == "config":  # the adapter as a user gets it: its own setting, greedy or sampled
                 plan.append(("ss[config]", lambda p, t: _ours(model, tok, p, max_tokens, t), streams.num_params))
                 continue
-            paths = None if spec == "default" else AUTO if spec == AUTO else parse_tree_spec(
-                spec, streams.config.num_streams)
+            paths = (
+                None
+                if spec == "default"
+                else AUTO
+                if spec == AUTO
+                else parse_tree_spec(spec, streams.config.num_streams)
+            )
             # ss[...] rows: the streams' drafts alone; +lookup[n] rows add n context drafts (the
             # stream config's own number joins the default tree — what a user of it gets — and
             # runs alone below, so the shipped setting always has its two components beside it)
-            plan.append((f"ss[{spec}]", lambda p, t, paths=paths: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=0),
-                         streams.num_params))
+            plan.append(
+                (
+                    f"ss[{spec}]",
+                    lambda p, t, paths=paths: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=0),
+                    streams.num_params,
+                )
+            )
             for n in list(lookups) + (own if spec == "default" else []):
-                plan.append((f"ss[{spec}]+lookup[{n}]",
-                             lambda p, t, paths=paths, n=n: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=n),
-                             streams.num_params))
+                plan.append(
+                    (
+                        f"ss[{spec}]+lookup[{n}]",
+                        lambda p, t, paths=paths, n=n: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=n),
+                        streams.num_params,
+                    )
+                )
     for n in list(lookups) + own:  # context drafts alone (prompt lookup decoding): no trained parameters
         plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
     if AUTO in trees:  # context drafts alone, each step's chain sized from their running acceptance
@@ -229,23 +286,33 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
         for spec in (t for t in trees if t != "config"):  # the streams' trees: tokens per step compare like for like
             paths = None if spec == "default" else AUTO if spec == AUTO else parse_tree_spec(spec, md.levels)
-            plan.append(("medusa" if spec == "default" else f"medusa[{spec}]",
-                         lambda p, t, paths=paths: _ours(base, tok, p, max_tokens, t, drafter=md, tree=paths),
-                         md.num_params))
+            plan.append(
+                (
+                    "medusa" if spec == "default" else f"medusa[{spec}]",
+                    lambda p, t, paths=paths: _ours(base, tok, p, max_tokens, t, drafter=md, tree=paths),
+                    md.num_params,
+                )
+            )
     if draft:
         # Two-model decoding: our loop with the draft model as its drafter, beside mlx-lm's own.
         dd = load_draft_model(draft, base, num_draft=num_draft)
         plan.append((f"draft[{num_draft}]", lambda p, t: _ours(base, tok, p, max_tokens, t, drafter=dd), dd.num_params))
         d_model = mlx_lm_model(resolve_model(draft), dtype)
-        plan.append((f"mlx_lm_draft[{num_draft}]",
-                     lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft, temp=t), dd.num_params))
+        plan.append(
+            (
+                f"mlx_lm_draft[{num_draft}]",
+                lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft, temp=t),
+                dd.num_params,
+            )
+        )
     if methods:
         plan = [x for x in plan if any(x[0].startswith(m) for m in methods)]
     # (row name, fn, extra params, temperature)
     rows = [(name, fn, extra, 0.0) for name, fn, extra in plan]
     for t in temps:
-        rows += [(f"{name}@{t:g}", fn, extra, t) for name, fn, extra in plan
-                 if any(name.startswith(m) for m in temp_methods)]
+        rows += [
+            (f"{name}@{t:g}", fn, extra, t) for name, fn, extra in plan if any(name.startswith(m) for m in temp_methods)
+        ]
     results = {}
     npt = [len(p) for p in ids]
     total_runs = len(rows) * (warmup + trials)
@@ -264,8 +331,9 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
     peak: Dict[str, float] = {}
     process_peak: Dict[str, float] = {}
     itemsize = next(v for _, v in tree_flatten(base.parameters())).dtype.size
-    own_bytes = {name: _nbytes(lm_model if name.startswith("mlx_lm") else base) + extra * itemsize
-                 for name, _, extra, _ in rows}
+    own_bytes = {
+        name: _nbytes(lm_model if name.startswith("mlx_lm") else base) + extra * itemsize for name, _, extra, _ in rows
+    }
     for k in range(trials):
         for name in trial_runs:
             trial_runs[name].append([])
@@ -282,8 +350,12 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         for name, _, _, _ in rows:
             done += 1
             if progress:
-                print(f"\r{progress_bar(done, total_runs)} trial {k + 1}/{trials} {name:<28}", end="",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\r{progress_bar(done, total_runs)} trial {k + 1}/{trials} {name:<28}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if progress:
         print(file=sys.stderr)
     temp_of = {name: t for name, _, _, t in rows}
@@ -294,26 +366,50 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         out = {}
         for name in trial_runs:
             res = summarize([[runs[i] for i in idx] for runs in trial_runs[name]], [npt[i] for i in idx])
-            res["peak_memory_gb"], res["peak_process_gb"], res["extra_params"] = peak[name], process_peak[name], extra_of[name]
+            res["peak_memory_gb"], res["peak_process_gb"], res["extra_params"] = (
+                peak[name],
+                process_peak[name],
+                extra_of[name],
+            )
             out[name] = res
         for name, res in out.items():
             t = temp_of[name]
             suffix = f"@{t:g}" if t else ""
-            d = divergence([trial_runs[name][0][i].tokens for i in idx],
-                           [trial_runs["ours_ar"][0][i].tokens for i in idx]) if "ours_ar" in out else {}
+            d = (
+                divergence(
+                    [trial_runs[name][0][i].tokens for i in idx], [trial_runs["ours_ar"][0][i].tokens for i in idx]
+                )
+                if "ours_ar" in out
+                else {}
+            )
             if not t:  # greedy rows must reproduce our AR exactly
                 res.update(d)
             else:  # sampled rows follow other random paths: equality does not apply
                 res.update({"equal_to_ar": None, "divergence_rate": None, "left_greedy_path": d.get("divergence_rate")})
-            res["speedup"] = {b: statistics.median(a / c for a, c in zip(res["decode_tps_by_trial"],
-                                                                          out[b + suffix]["decode_tps_by_trial"]))
-                              for b in ("ours_ar", "mlx_lm_ar") if b + suffix in out}
+            res["speedup"] = {
+                b: statistics.median(
+                    a / c for a, c in zip(res["decode_tps_by_trial"], out[b + suffix]["decode_tps_by_trial"])
+                )
+                for b in ("ours_ar", "mlx_lm_ar")
+                if b + suffix in out
+            }
             # per prompt: the median over trials of this prompt's paired ratio; the worst one named
-            res["speedup_by_prompt"] = {b: [statistics.median(
-                trial_runs[name][k][i].decode_tps / max(trial_runs[b + suffix][k][i].decode_tps, 1e-9)
-                for k in range(trials)) for i in idx] for b in ("ours_ar", "mlx_lm_ar") if b + suffix in out}
-            res["worst_prompt"] = {b: {"speedup": min(v), "prompt": idx[int(np.argmin(v))]}
-                                   for b, v in res["speedup_by_prompt"].items() if v}
+            res["speedup_by_prompt"] = {
+                b: [
+                    statistics.median(
+                        trial_runs[name][k][i].decode_tps / max(trial_runs[b + suffix][k][i].decode_tps, 1e-9)
+                        for k in range(trials)
+                    )
+                    for i in idx
+                ]
+                for b in ("ours_ar", "mlx_lm_ar")
+                if b + suffix in out
+            }
+            res["worst_prompt"] = {
+                b: {"speedup": min(v), "prompt": idx[int(np.argmin(v))]}
+                for b, v in res["speedup_by_prompt"].items()
+                if v
+            }
             res["temperature"] = t
         return out
 
@@ -322,10 +418,20 @@ def run_bench(model_path=None, *, methods: Optional[Sequence[str]] = None, trees
         per_set = {spec: report([i for i, s in enumerate(set_of) if s == spec]) for spec in sets}
         for name, res in results.items():
             res["by_set"] = {spec: per_set[spec][name] for spec in sets}
-    return {"fingerprint": fingerprint(), "model": str(path),
-            "config": {"prompts": sets if len(sets) > 1 else sets[0], "n_prompts": len(ids),
-                       "n_prompts_by_set": {spec: set_of.count(spec) for spec in sets},
-                       "max_tokens": max_tokens, "trials": trials,
-                       "warmup": warmup, "seed": seed, "greedy": True, "temperatures": list(temps),
-                       "stream_config": streams.config.to_dict() if streams is not None else None},
-            "methods": results}
+    return {
+        "fingerprint": fingerprint(),
+        "model": str(path),
+        "config": {
+            "prompts": sets if len(sets) > 1 else sets[0],
+            "n_prompts": len(ids),
+            "n_prompts_by_set": {spec: set_of.count(spec) for spec in sets},
+            "max_tokens": max_tokens,
+            "trials": trials,
+            "warmup": warmup,
+            "seed": seed,
+            "greedy": True,
+            "temperatures": list(temps),
+            "stream_config": streams.config.to_dict() if streams is not None else None,
+        },
+        "methods": results,
+    }

@@ -68,8 +68,9 @@ def choose_tree(cost_ms: Dict[int, float], rank_accept, num_streams: int, max_no
     return best[1], best[0] * 1e3
 
 
-def measure_cost_curve(model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), prefix=128, trials=5,
-                       ar_ms: Optional[List[float]] = None) -> Dict[int, float]:
+def measure_cost_curve(
+    model, streams, sizes=(1, 2, 4, 8, 16, 32, 64, 128), prefix=128, trials=5, ar_ms: Optional[List[float]] = None
+) -> Dict[int, float]:
     """Median ms of one speculative step (verify + draft + accept + commit, as the decode loop
     runs it) per tree size, after ``prefix`` cached tokens; the cache is trimmed back after every
     step. ``ar_ms``: a list that receives the ms of one AR step (same prefix) timed right after
@@ -131,8 +132,17 @@ def measure_rank_acceptance(model, streams, tokenizer, prompts: List[List[int]],
     return (counts / np.maximum(n[:, None], 1)).tolist()
 
 
-def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=False, write_to=None,
-         streams=None, temp: float = 0.0) -> dict:
+def tune(
+    model_path=None,
+    *,
+    prompts="heldout",
+    n_prompts=6,
+    write=False,
+    quick=False,
+    write_to=None,
+    streams=None,
+    temp: float = 0.0,
+) -> dict:
     """Fit the stream config to this device: the cost model's tree from the measured cost curve
     and rank acceptance, then end-to-end decode speed of candidate (tree, lookup, τ) settings and
     of plain decoding, in interleaved rounds; ``write`` stores the fastest — plain decoding unless
@@ -145,8 +155,10 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     if temp < 0:
         raise UserError(f"temp must be >= 0, got {temp}")
     if streams is not None and write_to is not None and Path(str(streams)).resolve() != Path(write_to).resolve():
-        raise UserError(f"tune measures one adapter and writes its settings into it: --streams {streams} and "
-                         f"--write-to {write_to} name different files")
+        raise UserError(
+            f"tune measures one adapter and writes its settings into it: --streams {streams} and "
+            f"--write-to {write_to} name different files"
+        )
     write = write or write_to is not None
     model, tok = load(model_path, streams=streams if streams is not None else write_to)
     drafter = getattr(model, "drafter", None)
@@ -154,8 +166,10 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
         raise UserError(f"{model_path or 'the embedded model'} has no stream adapter to tune")
     cfg_file = Path(write_to) if write_to else drafter.streams.source
     if write and not write_to and inside(cfg_file, ASSETS):
-        raise UserError(f"{cfg_file} is one of the package's own adapters: it is not overwritten by default; "
-                         "name it with --write-to to do so")
+        raise UserError(
+            f"{cfg_file} is one of the package's own adapters: it is not overwritten by default; "
+            "name it with --write-to to do so"
+        )
     if write and (cfg_file is None or not cfg_file.exists()):
         raise UserError(f"no stream config to write the tuned settings into ({cfg_file})")
     base, streams = model.base, drafter.streams
@@ -169,15 +183,19 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     # candidate trees: the cost model's pick, the two cheapest chains, and none (context drafts only)
     trees = dict.fromkeys([paths, chain(1), chain(2), ()])
     # settings with some drafts, and plain decoding: always a candidate
-    configs = [PLAIN] + [DecodeSetting(t, n, tau) for t in trees for n in (0, 3, 5, 8)
-                         for tau in ((0.0, 0.1) if t else (0.0,)) if t or n]
+    configs = [PLAIN] + [
+        DecodeSetting(t, n, tau) for t in trees for n in (0, 3, 5, 8) for tau in ((0.0, 0.1) if t else (0.0,)) if t or n
+    ]
 
     sampling = SamplingParams(temp=temp) if temp > 0 else None
 
     def decode_tps(setting: DecodeSetting):  # decode tokens/s (prefill excluded) over the prompts
         d = StreamDrafter(streams, prune_threshold=setting.prune_threshold)
-        kw = {"speculative": False} if setting == PLAIN else {
-            "drafter": d, "tree": setting.paths, "lookup": setting.lookup}
+        kw = (
+            {"speculative": False}
+            if setting == PLAIN
+            else {"drafter": d, "tree": setting.paths, "lookup": setting.lookup}
+        )
         n = secs = 0.0
         for i, p in enumerate(ids):
             mx.random.seed(i)  # sampled: every setting decodes from the same seeds
@@ -197,14 +215,29 @@ def tune(model_path=None, *, prompts="heldout", n_prompts=6, write=False, quick=
     # faster than plain decoding's fastest. Otherwise plain decoding is the tuned setting.
     margin_ok = best == PLAIN or min(runs[best]) > max(runs[PLAIN])
     chosen = (best if margin_ok else PLAIN).replace(tuned_on=tuned_on(), temp=temp if temp > 0 else None)
-    result = {"fingerprint": fingerprint(), "tuned_on": chosen.tuned_on, "temp": temp, "adapter": str(streams.source),
-              "cost_ms": {str(k): v for k, v in cost.items()},
-              "rank_acceptance": acc, "tree": [list(p) for p in chosen.paths], "tree_size": len(chosen.paths) + 1,
-              "expected_tokens_per_s": rate, "prune_threshold": chosen.prune_threshold, "lookup": chosen.lookup,
-              "plain_decoding": chosen.drafts_nothing,
-              "beats_plain_beyond_noise": margin_ok and best != PLAIN,
-              "measured_tps": {f"tree={[list(p) for p in c.paths]} lookup={c.lookup} tau={c.prune_threshold}":
-                               {"median": measured[c], "min": min(v), "max": max(v)} for c, v in runs.items()}}
+    result = {
+        "fingerprint": fingerprint(),
+        "tuned_on": chosen.tuned_on,
+        "temp": temp,
+        "adapter": str(streams.source),
+        "cost_ms": {str(k): v for k, v in cost.items()},
+        "rank_acceptance": acc,
+        "tree": [list(p) for p in chosen.paths],
+        "tree_size": len(chosen.paths) + 1,
+        "expected_tokens_per_s": rate,
+        "prune_threshold": chosen.prune_threshold,
+        "lookup": chosen.lookup,
+        "plain_decoding": chosen.drafts_nothing,
+        "beats_plain_beyond_noise": margin_ok and best != PLAIN,
+        "measured_tps": {
+            f"tree={[list(p) for p in c.paths]} lookup={c.lookup} tau={c.prune_threshold}": {
+                "median": measured[c],
+                "min": min(v),
+                "max": max(v),
+            }
+            for c, v in runs.items()
+        },
+    }
     if write:
         cfg = StreamConfig.from_dict(read_json(cfg_file)).with_setting(chosen)
         cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -17,6 +17,21 @@ from .medusa import MedusaConfig, MedusaDrafter, MedusaHeads, load_medusa, save_
 from .plain import Verifier
 from .streams import StreamDrafter
 
-__all__ = ["Drafter", "DraftState", "Verified", "DraftedModel", "verify_tree", "top_candidates", "ContextDrafts",
-           "Verifier", "StreamDrafter", "MedusaDrafter", "MedusaHeads", "MedusaConfig", "load_medusa",
-           "save_medusa", "DraftModelDrafter", "DEFAULT_NUM_DRAFT"]
+__all__ = [
+    "Drafter",
+    "DraftState",
+    "Verified",
+    "DraftedModel",
+    "verify_tree",
+    "top_candidates",
+    "ContextDrafts",
+    "Verifier",
+    "StreamDrafter",
+    "MedusaDrafter",
+    "MedusaHeads",
+    "MedusaConfig",
+    "load_medusa",
+    "save_medusa",
+    "DraftModelDrafter",
+    "DEFAULT_NUM_DRAFT",
+]

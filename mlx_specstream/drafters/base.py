@@ -90,7 +90,9 @@ def verify_tree(model: nn.Module, plan: TreePlan, state: DraftState, cache: list
     """The plain target over the tree: (tokens (T,), final-normed hidden states (T, h))."""
     tokens = plan.tokens(state.root, state.candidates)
     # mask columns: the rows held; positions: tokens seen (they differ once a window evicted rows)
-    h = model.hidden(tokens[None], cache, mask=plan.attention_mask(cache[0].rows), positions=plan.positions(cache[0].offset))
+    h = model.hidden(
+        tokens[None], cache, mask=plan.attention_mask(cache[0].rows), positions=plan.positions(cache[0].offset)
+    )
     return tokens, h[0]
 
 
@@ -146,6 +148,8 @@ class DraftedModel(nn.Module):
         """The target's logits. Exactly the base model's unless the drafter changes them (a
         shared-mode stream adapter): then decode with ``stream_generate``."""
         if self.drafter.changes_main:
-            raise UserError("this model's main stream depends on its stream adapter: decode it with "
-                             "stream_generate (speculative or not), not a plain forward")
+            raise UserError(
+                "this model's main stream depends on its stream adapter: decode it with "
+                "stream_generate (speculative or not), not a plain forward"
+            )
         return self.base(inputs, cache, mask=mask, positions=positions)

@@ -25,8 +25,13 @@ DEFAULT_NUM_DRAFT = 3  # as mlx-lm's --num-draft-tokens
 
 
 class DraftModelDrafter(Drafter):
-    def __init__(self, draft_model: nn.Module, num_draft: int = DEFAULT_NUM_DRAFT, *,
-                 prefill_step_size: int = DEFAULT_PREFILL_STEP):
+    def __init__(
+        self,
+        draft_model: nn.Module,
+        num_draft: int = DEFAULT_NUM_DRAFT,
+        *,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    ):
         if num_draft < 1:
             raise UserError(f"num_draft must be >= 1, got {num_draft}")
         self.model, self.levels = draft_model, num_draft
@@ -41,8 +46,9 @@ class DraftModelDrafter(Drafter):
     def reset(self, context: Sequence[int]) -> None:
         """Bring the draft cache to ``context[:-1]``, reusing its common prefix (chat turns)."""
         rest = self.pc.prepare([int(t) for t in context])  # keeps at least the last token to feed
-        prefill(lambda t, c: self.model(t, cache=c), mx.array(rest[:-1], mx.int32), self.pc.cache,
-                self.prefill_step_size)
+        prefill(
+            lambda t, c: self.model(t, cache=c), mx.array(rest[:-1], mx.int32), self.pc.cache, self.prefill_step_size
+        )
         self.pc.tokens += rest[:-1]
         self.todo, self.spec = rest[-1:], []
 

@@ -88,7 +88,10 @@ class MedusaDrafter(Drafter):
 
     def __init__(self, heads: MedusaHeads):
         self.heads = heads
-        self.levels, self.setting = heads.config.num_heads, DecodeSetting(heads.config.tree_auto or heads.config.tree_paths)
+        self.levels, self.setting = (
+            heads.config.num_heads,
+            DecodeSetting(heads.config.tree_auto or heads.config.tree_paths),
+        )
         self.num_params = heads.num_params
 
     def forward(self, model, plan, state: DraftState, cache) -> Verified:
@@ -96,8 +99,15 @@ class MedusaDrafter(Drafter):
         return Verified(plan, tokens, model.head(h), lambda best, correction: self.heads(h[best]))
 
 
-def medusa_loss(model, medusa: MedusaHeads, tokens: mx.array, mask: mx.array, max_positions: Optional[int] = None,
-                sample_seed: int = 0, hidden: Optional[mx.array] = None):
+def medusa_loss(
+    model,
+    medusa: MedusaHeads,
+    tokens: mx.array,
+    mask: mx.array,
+    max_positions: Optional[int] = None,
+    sample_seed: int = 0,
+    hidden: Optional[mx.array] = None,
+):
     """Σ_k CE(head_k(h_t), y[t+1+k]) over target positions; the base is frozen (no gradient).
 
     ``max_positions`` and ``sample_seed`` sample the positions the heads train on exactly as

@@ -90,8 +90,14 @@ class StreamDrafter(Drafter):
         tokens = plan.tokens(state.root, state.candidates)
         positions = plan.depth + prefix
         bottom_pos = plan.positions(prefix) if n_bottom else positions  # None: contiguous from the bottom caches
-        h = bottom_forward(model, streams, tokens[None], mask=plan.attention_mask(cache[0].rows), positions=bottom_pos,
-                           caches=cache[:n_bottom] + [None] * c.num_msa_layers)
+        h = bottom_forward(
+            model,
+            streams,
+            tokens[None],
+            mask=plan.attention_mask(cache[0].rows),
+            positions=bottom_pos,
+            caches=cache[:n_bottom] + [None] * c.num_msa_layers,
+        )
         sel = None
         if self.prune_threshold > 0 and plan.size > 1:
             # Parallel tree pruning: a child's early-exit probability under its parent. The surviving
@@ -105,10 +111,21 @@ class StreamDrafter(Drafter):
                 idx = mx.array(sel.astype(np.int32))
                 h, tokens, positions = h[:, idx], tokens[idx], positions[idx]
                 plan = plan.subplan(sel)
-        mask = plan.cached(("msa", g, c.main_sees_streams),
-                           lambda: msa_mask(plan.ancestors, mx.arange(plan.size), g, c.main_sees_streams))
-        h_main, h_str = msa_forward(model, streams, h, anc=plan.ancestors, owners=mx.arange(plan.size),
-                                    positions=positions, caches=cache[n_bottom:], full_mask=mask, num_streams=g)
+        mask = plan.cached(
+            ("msa", g, c.main_sees_streams),
+            lambda: msa_mask(plan.ancestors, mx.arange(plan.size), g, c.main_sees_streams),
+        )
+        h_main, h_str = msa_forward(
+            model,
+            streams,
+            h,
+            anc=plan.ancestors,
+            owners=mx.arange(plan.size),
+            positions=positions,
+            caches=cache[n_bottom:],
+            full_mask=mask,
+            num_streams=g,
+        )
         T = plan.size
         states = h_str[0].reshape(T, g, -1)
         if T * g <= JOINT_HEAD_ROWS:

@@ -33,7 +33,8 @@ def build_model(config: dict):
     if mlxlm.model_class(model_type) is None:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}: mlx-lm {_mlx_lm_version()} does not implement it and there is "
-            f"no local plugin ({', '.join(sorted(LOCAL_TYPES))})")
+            f"no local plugin ({', '.join(sorted(LOCAL_TYPES))})"
+        )
     return mlxlm.build(config)
 
 

@@ -31,9 +31,7 @@ class BaseModelArgs:
     @classmethod
     def from_dict(cls, params: dict) -> "BaseModelArgs":
         names = inspect.signature(cls).parameters
-        missing = [
-            n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in params
-        ]
+        missing = [n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in params]
         if missing:
             raise UserError(f"config.json is missing required keys for {cls.__module__}: {missing}")
         args = {k: v for k, v in params.items() if k in names}
@@ -44,10 +42,17 @@ class BaseModelArgs:
 
 # Bounds for sizes read from a config: what any model can use, so that a hostile or broken
 # config fails by name instead of allocating without end.
-_SIZE_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
-                "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1 << 12,
-                "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24,
-                "rope_scaling.original_max_position_embeddings": 1 << 24}
+_SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1 << 12,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+    "rope_scaling.original_max_position_embeddings": 1 << 24,
+}
 
 
 def _check(key: str, v, annotation: str) -> None:
@@ -71,8 +76,14 @@ def _check(key: str, v, annotation: str) -> None:
         raise UserError(f"{key} must be an object, got {v!r}")
 
 
-_FLOAT_KEYS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps",
-               "partial_rotary_factor")
+_FLOAT_KEYS = (
+    "rope_theta",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "norm_eps",
+    "partial_rotary_factor",
+)
 _BOOL_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 _SILU_ONLY = ("llama", "mistral", "qwen2", "qwen3")  # mlx-lm runs these with SiLU whatever the config says
 
@@ -167,8 +178,9 @@ class CausalLM:
         """Block ``i`` (or ``layer``, a view of it, e.g. with stream LoRA) over ``x``."""
         return (self.layers[i] if layer is None else layer)(x, mask, cache, positions)
 
-    def __call__(self, inputs: mx.array, cache: Optional[list] = None, *, mask: Any = None,
-                 positions: Optional[mx.array] = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: Optional[list] = None, *, mask: Any = None, positions: Optional[mx.array] = None
+    ) -> mx.array:
         return self.head(self.hidden(inputs, cache, mask=mask, positions=positions))
 
     def sanitize(self, weights: dict) -> dict:
@@ -185,8 +197,9 @@ def head_scores(model, h: mx.array, ids: mx.array, *, shared: bool = False) -> m
     ``shared``: ``ids`` (V,) is one set for every state, giving (…, V) (a restricted softmax)."""
     module, post = model.head_module()
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        w = mx.dequantize(module.weight[ids], module.scales[ids], module.biases[ids],
-                          group_size=module.group_size, bits=module.bits)
+        w = mx.dequantize(
+            module.weight[ids], module.scales[ids], module.biases[ids], group_size=module.group_size, bits=module.bits
+        )
     else:
         w = module.weight[ids]
     w = w.astype(h.dtype)

@@ -98,8 +98,11 @@ def _softcap(cap: float, x: mx.array) -> mx.array:
 
 FAMILIES: Dict[str, Family] = {
     "gemma": Family(embed_scale=lambda a, dt: a.hidden_size**0.5),
-    "gemma2": Family(embed_scale=lambda a, dt: a.hidden_size**0.5, array_masks=True,
-                     logits=lambda a, x: _softcap(a.final_logit_softcapping, x)),
+    "gemma2": Family(
+        embed_scale=lambda a, dt: a.hidden_size**0.5,
+        array_masks=True,
+        logits=lambda a, x: _softcap(a.final_logit_softcapping, x),
+    ),
     "gemma3_text": Family(embed_scale=lambda a, dt: mx.array(a.hidden_size**0.5, mx.bfloat16).astype(dt)),
     "granite": Family(embed_scale=lambda a, dt: a.embedding_multiplier, logits=lambda a, x: x / a.logits_scaling),
     "cohere": Family(logits=lambda a, x: x * a.logit_scale),
@@ -107,8 +110,24 @@ FAMILIES: Dict[str, Family] = {
 
 # Families whose seams are tested against mlx-lm's own generate in CI (tests/test_mlx_lm_families.py);
 # any other is checked once at load.
-VERIFIED = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3",
-                      "starcoder2", "olmo2", "granite", "qwen2_moe", "mixtral"})
+VERIFIED = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi",
+        "phi3",
+        "starcoder2",
+        "olmo2",
+        "granite",
+        "qwen2_moe",
+        "mixtral",
+    }
+)
 
 _FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_norm")
 
@@ -125,8 +144,10 @@ def _windows(model) -> list:
         elif type(c) is MlxLmKVCache:
             out.append(None)
         else:
-            raise UserError(f"{model.model_type}: layer {i} keeps a {type(c).__name__} (not attention over a "
-                            "key/value cache): tree decoding cannot run on this family")
+            raise UserError(
+                f"{model.model_type}: layer {i} keeps a {type(c).__name__} (not attention over a "
+                "key/value cache): tree decoding cannot run on this family"
+            )
     return out
 
 
@@ -241,12 +262,16 @@ IGNORED_OPTIONS = {"phi": {"qk_layernorm": True}}
 def build(config: dict):
     for key, value in IGNORED_OPTIONS.get(config["model_type"], {}).items():
         if config.get(key) == value:
-            raise UserError(f"{config['model_type']}: {key}={value!r} is not implemented by mlx-lm's {config['model_type']} "
-                            "(its weights would be ignored)")
+            raise UserError(
+                f"{config['model_type']}: {key}={value!r} is not implemented by mlx-lm's {config['model_type']} "
+                "(its weights would be ignored)"
+            )
     cls, args_cls = model_class(config["model_type"])
     model = cls(args_cls.from_dict(config))
     if not hasattr(model, "args"):
-        model.args = model.model.args if "model" in model and hasattr(model.model, "args") else args_cls.from_dict(config)
+        model.args = (
+            model.model.args if "model" in model and hasattr(model.model, "args") else args_cls.from_dict(config)
+        )
     model._tree_init()
     return model
 
@@ -266,7 +291,10 @@ def protocol_problem(model, n: int = 8) -> Optional[str]:
         mask = mx.arange(n)[None] <= mx.arange(m, n)[:, None]
         tree = model(ids[:, m:], cache=cache, mask=mask, positions=mx.arange(m, n).astype(mx.int32))
         whole = model.head(model.hidden(ids))
-        close = [bool(mx.allclose(a.astype(mx.float32), b, atol=1e-2, rtol=1e-2)) for a, b in ((tree, ref[:, m:]), (whole, ref))]
+        close = [
+            bool(mx.allclose(a.astype(mx.float32), b, atol=1e-2, rtol=1e-2))
+            for a, b in ((tree, ref[:, m:]), (whole, ref))
+        ]
     except Exception as e:  # any failure of the seams on this family is the same verdict
         return f"{model.model_type}: tree decoding fails on this family ({type(e).__name__}: {e})"
     if not all(close):

@@ -58,8 +58,7 @@ class Attention(nn.Module):
     def __call__(self, x, mask=None, cache=None, positions=None):
         B, L, _ = x.shape
         q, k, v = (
-            p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
+            p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)
         )
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)

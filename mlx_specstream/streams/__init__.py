@@ -7,6 +7,19 @@ from .files import STREAMS_CONFIG, find_stream_file, load_streams, read_stream_c
 from .msa import bottom_forward, early_exit_logits, forward_with_streams, main_forward, msa_forward, msa_mask
 from .params import SpeculativeStreams
 
-__all__ = ["StreamConfig", "SpeculativeStreams", "STREAMS_CONFIG", "find_stream_file", "load_streams",
-           "read_stream_config", "save_streams", "shipped_stream_file", "bottom_forward", "early_exit_logits", "forward_with_streams",
-           "main_forward", "msa_forward", "msa_mask"]
+__all__ = [
+    "StreamConfig",
+    "SpeculativeStreams",
+    "STREAMS_CONFIG",
+    "find_stream_file",
+    "load_streams",
+    "read_stream_config",
+    "save_streams",
+    "shipped_stream_file",
+    "bottom_forward",
+    "early_exit_logits",
+    "forward_with_streams",
+    "main_forward",
+    "msa_forward",
+    "msa_mask",
+]

@@ -62,16 +62,27 @@ class StreamConfig(TreeSetting):
         if self.stream_positions not in POSITION_POLICIES:
             raise UserError(f"stream_positions must be one of {POSITION_POLICIES}")
         check_lookup_tau("", self.lookup, self.prune_threshold)
-        for name, lo, hi in (("num_streams", 1, 64), ("num_msa_layers", 1, 1024), ("tree_budget", 1, MAX_TREE_NODES),
-                             ("pruning_rank", 1, 4096), ("lora_rank", 0, 4096), ("token_head_rank", 0, 4096),
-                             ("token_head_topk", 0, 1 << 16)):
+        for name, lo, hi in (
+            ("num_streams", 1, 64),
+            ("num_msa_layers", 1, 1024),
+            ("tree_budget", 1, MAX_TREE_NODES),
+            ("pruning_rank", 1, 4096),
+            ("lora_rank", 0, 4096),
+            ("token_head_rank", 0, 4096),
+            ("token_head_topk", 0, 1 << 16),
+        ):
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"{name} {getattr(self, name)} is out of range ({lo}..{hi})")
         if not (isinstance(self.lora_scale, (int, float)) and math.isfinite(self.lora_scale)):
             raise UserError(f"lora_scale must be a finite number, got {self.lora_scale!r}")
-        if self.lora_targets is not None and not (isinstance(self.lora_targets, list) and self.lora_targets
-                                                  and all(isinstance(t, str) and t for t in self.lora_targets)):
-            raise UserError(f"lora_targets must be a non-empty list of layer paths (strings), got {self.lora_targets!r}")
+        if self.lora_targets is not None and not (
+            isinstance(self.lora_targets, list)
+            and self.lora_targets
+            and all(isinstance(t, str) and t for t in self.lora_targets)
+        ):
+            raise UserError(
+                f"lora_targets must be a non-empty list of layer paths (strings), got {self.lora_targets!r}"
+            )
         self.check_tree()
         if self.sampled is not None:
             self.sampled = self.check_sampled(self.sampled)
@@ -99,8 +110,9 @@ class StreamConfig(TreeSetting):
         if setting.temp is not None:
             return replace(self, sampled=setting.to_json())
         tree = setting.tree if setting.auto else [list(p) for p in setting.tree]
-        return replace(self, tree=tree, lookup=setting.lookup, prune_threshold=setting.prune_threshold,
-                       tuned_on=setting.tuned_on)
+        return replace(
+            self, tree=tree, lookup=setting.lookup, prune_threshold=setting.prune_threshold, tuned_on=setting.tuned_on
+        )
 
     @property
     def draft_depth(self) -> int:

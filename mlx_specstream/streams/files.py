@@ -9,8 +9,16 @@ from typing import Optional
 
 from mlx.utils import tree_flatten
 
-from ..checkpoint import (ASSETS, CheckpointError, base_fingerprint, fingerprint_mismatch, load_adapter_weights,
-                          model_dtype, read_json, save_adapter)
+from ..checkpoint import (
+    ASSETS,
+    CheckpointError,
+    base_fingerprint,
+    fingerprint_mismatch,
+    load_adapter_weights,
+    model_dtype,
+    read_json,
+    save_adapter,
+)
 from ..errors import UserError
 from .config import StreamConfig
 from .params import SpeculativeStreams
@@ -87,10 +95,13 @@ def load_streams(config_file: Path, model, force: bool = False, **overrides) -> 
     config_file = Path(config_file)
     cfg = read_stream_config(config_file, **overrides)
     if cfg.base is not None and not force and (why := fingerprint_mismatch(cfg.base, base_fingerprint(model))):
-        raise CheckpointError(f"{config_file} was trained on another base model ({why}): attaching it would only "
-                              "slow decoding down; pass --force-streams (force_streams=True) to attach it anyway")
+        raise CheckpointError(
+            f"{config_file} was trained on another base model ({why}): attaching it would only "
+            "slow decoding down; pass --force-streams (force_streams=True) to attach it anyway"
+        )
     streams = SpeculativeStreams(cfg, model)
-    load_adapter_weights(streams, config_file.with_suffix(".safetensors"),
-                         f"{config_file.name} and the base model", model_dtype(model))
+    load_adapter_weights(
+        streams, config_file.with_suffix(".safetensors"), f"{config_file.name} and the base model", model_dtype(model)
+    )
     streams.source = config_file
     return streams

@@ -48,9 +48,19 @@ def head_vocabulary(targets: np.ndarray, probs: np.ndarray, n: int, seed: int) -
     return mx.array(ids), mx.array(remap)
 
 
-def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int = 64, train_streams: bool = True,
-                max_positions: Optional[int] = None, sample_seed: int = 0, bottom: Optional[mx.array] = None,
-                vocab: Optional[Tuple[mx.array, mx.array]] = None):
+def stream_loss(
+    model,
+    streams,
+    tokens,
+    mask,
+    weights: LossWeights,
+    segment: int = 64,
+    train_streams: bool = True,
+    max_positions: Optional[int] = None,
+    sample_seed: int = 0,
+    bottom: Optional[mx.array] = None,
+    vocab: Optional[Tuple[mx.array, mx.array]] = None,
+):
     """Loss of one batch. ``tokens``/``mask`` (B, L+1): inputs are ``tokens[:, :-1]``, the target
     of position t is ``tokens[:, t+1]`` with weight ``mask[:, t+1]``. ``max_positions``: attach
     streams to at most that many target positions, sampled (seeded) — an unbiased estimate of the
@@ -99,6 +109,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
         hits[j, kind] = hits.get((j, kind), 0.0) + mx.stop_gradient(acc).sum()
         if kind == "":
             counts[j] = counts[j] + w.sum()
+
     main_logits = None
 
     def head(hn):  # stream logits: the full head, or the restricted one
@@ -106,6 +117,7 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
 
     def column(t):
         return t if vocab is None else vocab[1][t]
+
     for s in range(0, max(len(owners_np), 1), segment):
         owners = mx.array(owners_np[s : s + segment])
         if owners.size == 0:
@@ -131,7 +143,9 @@ def stream_loss(model, streams, tokens, mask, weights: LossWeights, segment: int
                 add(j, "_cond", nn.losses.cross_entropy(cond, tgt) * w, (mx.argmax(cond, axis=-1) == tgt) * w, w)
                 if topk and vocab is None:  # what decoding reads: the conditioned best of the unconditioned top-K
                     ids = mx.argpartition(-mx.stop_gradient(logits[:, :, j]), kth=topk - 1, axis=-1)[..., :topk]
-                    pick = mx.take_along_axis(ids, mx.argmax(mx.take_along_axis(cond, ids, axis=-1), axis=-1)[..., None], -1)
+                    pick = mx.take_along_axis(
+                        ids, mx.argmax(mx.take_along_axis(cond, ids, axis=-1), axis=-1)[..., None], -1
+                    )
                     add(j, "_decode", None, (pick[..., 0] == tgt) * w, w)
     for j in range(g):
         for kind in ("", "_cond"):

@@ -53,8 +53,9 @@ def stream_positions(pos_main: mx.array, owners: mx.array, num_streams: int, pol
     return pos
 
 
-def insert_streams(streams: SpeculativeStreams, h: mx.array, owners: mx.array,
-                   num_streams: Optional[int] = None) -> mx.array:
+def insert_streams(
+    streams: SpeculativeStreams, h: mx.array, owners: mx.array, num_streams: Optional[int] = None
+) -> mx.array:
     """(B, T, h) main hidden states -> (B, K·γ, h) stream states ``H_t + P_j``, owner-major
     (the first ``num_streams`` streams only, when given)."""
     B, _, d = h.shape
@@ -80,8 +81,10 @@ class _MainRowsCache:
         if isinstance(ck, tuple):  # a quantized cache: the stream rows quantized alike, for this call only
             g, b = self.cache.group_size, self.cache.bits
             qk, qv = mx.quantize(ks, group_size=g, bits=b), mx.quantize(vs, group_size=g, bits=b)
-            return (tuple(mx.concatenate([a, x], axis=2) for a, x in zip(ck, qk)),
-                    tuple(mx.concatenate([a, x], axis=2) for a, x in zip(cv, qv)))
+            return (
+                tuple(mx.concatenate([a, x], axis=2) for a, x in zip(ck, qk)),
+                tuple(mx.concatenate([a, x], axis=2) for a, x in zip(cv, qv)),
+            )
         return mx.concatenate([ck, ks], axis=2), mx.concatenate([cv, vs], axis=2)
 
     def __getattr__(self, name):  # ``bits``/``group_size`` of a quantized cache, for mlx-lm's attention
@@ -137,8 +140,14 @@ def msa_forward(
         row_scale = (mx.arange(x.shape[1]) >= T).astype(x.dtype)[:, None] * c.lora_scale
     n_bottom = len(model.layers) - c.num_msa_layers
     for i, (layer, cache) in enumerate(zip(layers, caches)):
-        x = model.run_layer(n_bottom + i, x, joint_mask, _MainRowsCache(cache, T, lossless), pos_joint,
-                            layer=streams.stream_layer(layer, i, row_scale))
+        x = model.run_layer(
+            n_bottom + i,
+            x,
+            joint_mask,
+            _MainRowsCache(cache, T, lossless),
+            pos_joint,
+            layer=streams.stream_layer(layer, i, row_scale),
+        )
     h_main, h_str = x[:, :T], x[:, T:]
     return h_main, h_str
 

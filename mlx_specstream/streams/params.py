@@ -59,8 +59,11 @@ def _linears(layer: nn.Module, targets: Optional[Sequence[str]]) -> Dict[str, nn
     at that linear's path, so a stream adapter attaches to a base with or without a kept LoRA."""
     modules = dict(layer.named_modules())
     kept = {n for n, m in modules.items() if isinstance(m, _KEPT_LORA)}
-    found = {n: m for n, m in modules.items()
-             if n in kept or (isinstance(m, (nn.Linear, nn.QuantizedLinear)) and n.rsplit(".", 1)[0] not in kept)}
+    found = {
+        n: m
+        for n, m in modules.items()
+        if n in kept or (isinstance(m, (nn.Linear, nn.QuantizedLinear)) and n.rsplit(".", 1)[0] not in kept)
+    }
     if targets is None:
         return found
     missing = [t for t in targets if t not in found]
@@ -157,7 +160,7 @@ class SpeculativeStreams(nn.Module):
                 if not isinstance(lin, nn.Linear):
                     raise UserError("cannot fuse LoRA into a quantized layer; fuse before quantizing")
                 delta = (self.config.lora_scale * (ad.lora_a @ ad.lora_b)).T
-                lin.weight = (lin.weight + delta.astype(lin.weight.dtype))
+                lin.weight = lin.weight + delta.astype(lin.weight.dtype)
         self.config.lora_rank = 0
         del self["lora"]
 

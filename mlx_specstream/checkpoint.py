@@ -24,6 +24,8 @@ from mlx_lm.utils import save_model as save_mlx_lm_weights
 from .models import UnsupportedModelError, build_model, normalize_rope_config
 from .errors import UserError
 
+DEFAULT_Q_BITS = 4  # weight quantization (convert -q, load(quantize=...)), as mlx-lm's
+DEFAULT_Q_GROUP_SIZE = 64
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -372,7 +374,12 @@ def cast_floats(model: nn.Module, dtype: Union[str, mx.Dtype]) -> nn.Module:
 
 
 def quantize_model(
-    model: nn.Module, config: dict, *, bits: int = 4, group_size: int = 64, recipe: Optional[str] = None
+    model: nn.Module,
+    config: dict,
+    *,
+    bits: int = DEFAULT_Q_BITS,
+    group_size: int = DEFAULT_Q_GROUP_SIZE,
+    recipe: Optional[str] = None,
 ) -> dict:
     """Affine-quantize ``model`` in place; return the config with mlx-lm's ``quantization`` keys.
 

@@ -26,6 +26,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .checkpoint import (
+    DEFAULT_Q_BITS,
+    DEFAULT_Q_GROUP_SIZE,
     DTYPES,
     CheckpointError,
     build_checked,
@@ -274,7 +276,14 @@ def write_atomically(dst: Path, write) -> None:
 
 
 def convert_gguf(
-    src, dst, *, dtype: Optional[str] = None, quantize=False, q_bits=4, q_group_size=64, force=False
+    src,
+    dst,
+    *,
+    dtype: Optional[str] = None,
+    quantize=False,
+    q_bits=DEFAULT_Q_BITS,
+    q_group_size=DEFAULT_Q_GROUP_SIZE,
+    force=False,
 ) -> Path:
     """A GGUF file -> a checkpoint folder that we and mlx-lm load: Q4_0/Q4_1/Q8_0 kept as MLX
     affine quantization (group 32); ``dtype`` dequantizes to it; ``quantize`` re-quantizes the
@@ -326,8 +335,8 @@ def convert(
     dst,
     *,
     quantize=False,
-    q_bits=4,
-    q_group_size=64,
+    q_bits=DEFAULT_Q_BITS,
+    q_group_size=DEFAULT_Q_GROUP_SIZE,
     dtype: Optional[str] = None,
     adapter_path=None,
     keep_lora=False,
@@ -430,8 +439,8 @@ def setup_arg_parser(parser=None):
     src.add_argument("--gguf", help="a GGUF file (Q4_0, Q4_1, Q8_0, F16, BF16, F32 tensors)")
     p.add_argument("--mlx-path", required=True, help="destination folder")
     p.add_argument("-q", "--quantize", action="store_true")
-    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
+    p.add_argument("--q-bits", type=int, default=DEFAULT_Q_BITS, choices=[4, 8])
+    p.add_argument("--q-group-size", type=int, default=DEFAULT_Q_GROUP_SIZE, choices=[32, 64, 128])
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the source's dtype")
     p.add_argument("--adapter-path", default=None, help="PEFT LoRA adapter folder (default: in --torch-path)")
     g = p.add_mutually_exclusive_group()

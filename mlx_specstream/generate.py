@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.sample_utils import greedy_sampler
 
+from .checkpoint import DEFAULT_Q_BITS, DEFAULT_Q_GROUP_SIZE
 from .cache import DEFAULT_PREFILL_STEP, KVCache, KVSettings, PromptCache
 from .cli import add_cache_args, add_model_args, add_sampling_args, check_args, kv_settings, load_from_args
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
@@ -270,8 +271,8 @@ def setup_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpar
     )
     parser.add_argument("--system-prompt", default=None, help="system message (with the chat template)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize at load time")
-    parser.add_argument("--q-bits", type=int, default=4)
-    parser.add_argument("--q-group-size", type=int, default=64)
+    parser.add_argument("--q-bits", type=int, default=DEFAULT_Q_BITS)
+    parser.add_argument("--q-group-size", type=int, default=DEFAULT_Q_GROUP_SIZE)
     parser.add_argument("--json", action="store_true", help="print one JSON object with text and stats")
     parser.add_argument(
         "--no-speculate", action="store_true", help="decode autoregressively (same model, its drafter unused)"

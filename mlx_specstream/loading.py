@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import (
+    DEFAULT_Q_GROUP_SIZE,
     CheckpointError,
     DTYPES,
     cast_floats,
@@ -145,7 +146,7 @@ def load(
     revision: Optional[str] = None,
     lazy: bool = False,
     quantize: Optional[int] = None,
-    q_group_size: int = 64,
+    q_group_size: int = DEFAULT_Q_GROUP_SIZE,
     streams: Union[str, bool, None] = None,
     medusa: Union[str, bool, None] = None,
     draft_model: Union[str, Path, None] = None,

@@ -13,6 +13,13 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sa
 
 from .acceptance import GreedyAcceptance, SamplingAcceptance
 
+SEED_STRIDE = 1_000_003  # a prime: the seeds derived from two run seeds never meet for k < stride
+
+
+def derived_seed(seed: int, k: int) -> int:
+    """The ``k``-th seed derived from a run's ``seed`` (a micro-batch's, a prompt's, a batch's)."""
+    return seed * SEED_STRIDE + k
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -37,6 +37,7 @@ from .convert import mlx_lm_model
 from .loading import load, resolve_model
 from .stdlib_data import parse_source, split_files
 from .tokenizer import chat_ids
+from .sample import derived_seed
 
 VALID_EVERY = 20
 KINDS = (
@@ -265,7 +266,7 @@ def run(
             recs = [dict(j, messages=[{"role": "user", "content": j["message"]}]) for j in batch if "message" in j]
             write = [j for j in batch if "message" not in j]
             if write:
-                mx.random.seed(seed * 1_000_003 + write[0]["id"])
+                mx.random.seed(derived_seed(seed, write[0]["id"]))
                 prompts = [
                     tokenizer.encode(SHOTS[j["shot"]] + f"Topic: {j['topic']}\nKind: {j['kind']}\nMessage:")
                     for j in write
@@ -312,7 +313,7 @@ def run(
             and answered[j["id"]]["completion_ids"]
         ]
         for batch in _batches(todo, batch_size):
-            mx.random.seed(seed * 1_000_003 + 7 + batch[0]["id"])
+            mx.random.seed(derived_seed(seed, 7 + batch[0]["id"]))
             convs = [
                 r["messages"] + [{"role": "assistant", "content": tokenizer.decode(r["completion_ids"])}] for r in batch
             ]

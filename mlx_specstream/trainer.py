@@ -36,9 +36,17 @@ from .cli import progress_bar
 from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.files import stream_stem
-from .streams.loss import LossWeights, drawing_probabilities, head_vocabulary, stream_loss
+from .streams.loss import (
+    DEFAULT_ALPHA,
+    DEFAULT_SEGMENT,
+    LossWeights,
+    drawing_probabilities,
+    head_vocabulary,
+    stream_loss,
+)
 from .chat_template import template_ids
 from .errors import UserError
+from .sample import derived_seed
 
 TRAIN_MODES = ("lossless", "shared", "pruning")
 
@@ -290,13 +298,13 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int = 256
-    segment: int = 64
+    segment: int = DEFAULT_SEGMENT
     lr: float = 5e-4
     warmup: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     alpha0: Optional[float] = None  # default: 0 lossless, 1 shared
-    alpha: float = 0.1
+    alpha: float = DEFAULT_ALPHA
     seed: int = 0
     val_every: int = 100
     val_batches: int = 8
@@ -417,7 +425,7 @@ def train(
 
     def loss(tr, toks, mask, bottom, seed):
         vocab = None
-        it = (seed - cfg.seed * 1_000_003) // cfg.grad_accum + 1  # the iteration (1-based) this micro-batch is in
+        it = (seed - derived_seed(cfg.seed, 0)) // cfg.grad_accum + 1  # the iteration (1-based) this micro-batch is in
         if freq is not None and not (cfg.full_every and it % cfg.full_every == 0):
             vocab = head_vocabulary(np.array(toks[:, 1:])[np.array(mask[:, 1:]) > 0], freq, cfg.head_sample, seed)
         return stream_loss(
@@ -564,7 +572,7 @@ def _loop(
         for a in range(cfg.grad_accum):
             toks, mask, b = next(it)
             # the micro-batch's own seed for the target positions it samples (streams and Medusa alike)
-            loss, grads = value_and_grad(trainable, toks, mask, b, cfg.seed * 1_000_003 + i * cfg.grad_accum + a)
+            loss, grads = value_and_grad(trainable, toks, mask, b, derived_seed(cfg.seed, i * cfg.grad_accum + a))
             grads_acc = grads if grads_acc is None else tree_map(lambda a, b: a + b, grads_acc, grads)
             loss_acc = loss_acc + loss
             tokens_seen += int(mask.sum())  # target tokens, not padding

@@ -105,7 +105,24 @@ def test_each_default_declared_once():
         ("DEFAULT_TREE_BUDGET", "mlx_specstream.tree"),
         ("DEFAULT_MAX_TOKENS", "mlx_specstream.decode"),
         ("DEFAULT_NUM_DRAFT", "mlx_specstream.drafters.draft_model"),
+        ("DEFAULT_Q_BITS", "mlx_specstream.checkpoint"),
+        ("DEFAULT_Q_GROUP_SIZE", "mlx_specstream.checkpoint"),
+        ("DEFAULT_KV_GROUP_SIZE", "mlx_specstream.cache"),
+        ("DEFAULT_SEGMENT", "mlx_specstream.streams.loss"),
+        ("DEFAULT_ALPHA", "mlx_specstream.streams.loss"),
+        ("SEED_STRIDE", "mlx_specstream.sample"),
     ):
         assert [n for n, s in src.items() if re.search(rf"^{const} = ", s, re.M)] == [where], const
-    literal = re.compile(r"\b(prefill_step_size|tree_budget|num_draft)\s*(:\s*\w+)?\s*=\s*\d")
+    # a default a signature, a config field or a call spells as a number instead of the constant
+    literal = re.compile(
+        r"\b(prefill_step_size|tree_budget|num_draft|q_bits|q_group_size|segment|alpha|kv_group_size)"
+        r"\s*(:\s*\w+)?\s*=\s*\d"
+    )
     assert not [(n, m.group(0)) for n, s in src.items() for m in literal.finditer(s)]
+    # a CLI flag sharing one of those defaults takes the constant (or the config's field) too
+    flag = re.compile(
+        r"\"--(q-bits|q-group-size|segment|alpha|kv-group-size|num-draft|prefill-step-size)\"[^)]*default=\d"
+    )
+    assert not [(n, m.group(0)) for n, s in src.items() for m in flag.finditer(s)]
+    # the seed mixer: one function (``sample.derived_seed``)
+    assert [n for n, s in src.items() if "1_000_003" in s] == ["mlx_specstream.sample"]

@@ -29,7 +29,7 @@ from ..decode import levels_reached
 from ..drafters import DEFAULT_NUM_DRAFT, MedusaDrafter, StreamDrafter, load_medusa
 from ..generate import stream_generate
 from ..loading import load, load_draft_model, resolve_model
-from ..sample import SamplingParams
+from ..sample import SamplingParams, derived_seed
 from ..streams import find_stream_file, load_streams
 from ..sizing import AUTO
 from ..tree import parse_tree_spec
@@ -340,7 +340,7 @@ def run_bench(
         for j, p in enumerate(ids):
             for name, fn, _, t in rows:
                 if t:
-                    mx.random.seed(seed * 1_000_003 + k * 1_009 + j)
+                    mx.random.seed(derived_seed(seed, k * 1_009 + j))
                 mx.reset_peak_memory()
                 resident = mx.get_active_memory()
                 trial_runs[name][k].append(fn(p, t))

@@ -14,10 +14,14 @@ from ..models.base import head_scores
 from .msa import bottom_forward, early_exit_logits, msa_forward
 
 
+DEFAULT_SEGMENT = 64  # positions per stream segment in training (memory vs. speed)
+DEFAULT_ALPHA = 0.1  # α_j: the stream losses' weight
+
+
 @dataclass
 class LossWeights:
     ntp: float = 0.0  # α0
-    stream: float = 0.1  # α_j, every stream
+    stream: float = DEFAULT_ALPHA  # α_j, every stream
     pruning: float = 1.0
 
 
@@ -54,7 +58,7 @@ def stream_loss(
     tokens,
     mask,
     weights: LossWeights,
-    segment: int = 64,
+    segment: int = DEFAULT_SEGMENT,
     train_streams: bool = True,
     max_positions: Optional[int] = None,
     sample_seed: int = 0,

@@ -23,7 +23,8 @@ import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -116,6 +117,21 @@ class _DeadlineReader(io.RawIOBase):
                 self.sock.settimeout(self.timeout)  # writes keep the per-operation timeout
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A chat or completions request, parsed and checked once (:meth:`ModelServer.parse`)."""
+
+    prompt: List[int]  # token ids (a chat: its template applied)
+    max_tokens: int
+    stop: List[str]
+    stream: bool
+    seed: Optional[int]
+    sampling: SamplingParams
+    include_usage: bool  # stream_options.include_usage
+    logprobs: bool
+    top_logprobs: int
+
+
 class _Job:
     def __init__(self, req):
         self.req = req
@@ -152,7 +168,7 @@ class ModelServer:
 
     # ---- request parsing
 
-    def parse(self, body: bytes, chat: bool) -> Dict[str, Any]:
+    def parse(self, body: bytes, chat: bool) -> "GenerationRequest":
         try:
             req = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -248,7 +264,7 @@ class ModelServer:
                 code="context_length_exceeded",
                 param="messages" if chat else "prompt",
             )
-        return dict(
+        return GenerationRequest(
             prompt=prompt,
             max_tokens=max_tokens,
             stop=stop,
@@ -340,17 +356,17 @@ class ModelServer:
 
     def _generate(self, job):
         req = job.req
-        if req["seed"] is not None:
-            mx.random.seed(req["seed"])
-        text, emitted, last, finish, entries = "", [], None, None, [] if req["logprobs"] else None
+        if req.seed is not None:
+            mx.random.seed(req.seed)
+        text, emitted, last, finish, entries = "", [], None, None, [] if req.logprobs else None
         gen = cached_stream_generate(
             self.model,
             self.tokenizer,
             self.pcache,
-            req["prompt"],
-            max_tokens=req["max_tokens"],
-            sampling=req["sampling"],
-            stop=req["stop"],
+            req.prompt,
+            max_tokens=req.max_tokens,
+            sampling=req.sampling,
+            stop=req.stop,
             speculative=self.speculative,
             kv=self.kv,
         )
@@ -362,7 +378,7 @@ class ModelServer:
                 if job.cancelled:
                     finish = "cancelled"
                     break
-                ents = self._entries(r, req["top_logprobs"]) if entries is not None and r.tokens else None
+                ents = self._entries(r, req.top_logprobs) if entries is not None and r.tokens else None
                 if ents:
                     entries += ents
                 if r.text or ents:
@@ -371,9 +387,9 @@ class ModelServer:
             gen.close()  # records what the cache kept
             mx.clear_cache()  # mlx-lm's practice between requests: the buffer cache back to the system
         usage = {
-            "prompt_tokens": len(req["prompt"]),
+            "prompt_tokens": len(req.prompt),
             "completion_tokens": len(emitted),
-            "total_tokens": len(req["prompt"]) + len(emitted),
+            "total_tokens": len(req.prompt) + len(emitted),
             "speculative": {
                 "steps": last.steps if last else 0,
                 "mean_accepted_tokens": round(last.tokens_per_step, 4) if last else 0.0,
@@ -423,228 +439,234 @@ def completion_logprobs(entries: Optional[List[dict]], offset: int = 0) -> Optio
     }
 
 
-def make_handler(server: ModelServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "specstream"
-        timeout = server.timeout  # partial headers, a short body or a stalled reader cannot hold a thread
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP connection of the OpenAI API; ``model_server`` (and the timeout) is the
+    :class:`ModelServer` a subclass per server binds (:func:`make_handler`)."""
 
-        def log_message(self, fmt, *args):  # quiet by default
+    model_server: ModelServer
+    protocol_version = "HTTP/1.1"
+    server_version = "specstream"
+    # set per server (make_handler): partial headers, a short body or a stalled reader cannot hold a thread
+    timeout: float
+
+    def log_message(self, fmt, *args):  # quiet by default
+        pass
+
+    def setup(self):
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout, self.server.stopping, self.server.stop_time)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        if self.server.stopping.is_set() and self.server.stop_time[0] + SHUTDOWN_GRACE <= time.monotonic():
+            self.close_connection = True  # a kept-alive connection after the grace period: closed, not read
+            return
+        self._reader.deadline = time.monotonic() + self.timeout  # each request (and the idle wait before it)
+        super().handle_one_request()
+
+    def _send_json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """The base handler's own errors (unknown method 501, URI too long 414, headers too
+        large 431, bad request line 400) as JSON like every other error, then close."""
+        self.close_connection = True
+        try:
+            self._send_json(
+                code, RequestError(code, message or explain or "bad request", code="invalid_request_error").body()
+            )
+        except _GONE:
             pass
 
-        def setup(self):
-            super().setup()
-            self._reader = _DeadlineReader(self.connection, self.timeout, self.server.stopping, self.server.stop_time)
-            self.rfile = io.BufferedReader(self._reader)
+    def _error(self, e: RequestError):
+        try:
+            self._send_json(e.status, e.body())
+        except _GONE:
+            pass
 
-        def handle_one_request(self):
-            if self.server.stopping.is_set() and self.server.stop_time[0] + SHUTDOWN_GRACE <= time.monotonic():
-                self.close_connection = True  # a kept-alive connection after the grace period: closed, not read
-                return
-            self._reader.deadline = time.monotonic() + self.timeout  # each request (and the idle wait before it)
-            super().handle_one_request()
+    def _drain(self, length: int):
+        left = min(length, DRAIN_LIMIT)
+        try:
+            while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
+                left -= len(got)
+        except _GONE:
+            pass
 
-        def _send_json(self, status: int, obj: dict):
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def _client_gone(self) -> bool:
+        """The peer closed its end (readable with nothing to read) while we generate."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
-        def send_error(self, code, message=None, explain=None):
-            """The base handler's own errors (unknown method 501, URI too long 414, headers too
-            large 431, bad request line 400) as JSON like every other error, then close."""
-            self.close_connection = True
-            try:
-                self._send_json(
-                    code, RequestError(code, message or explain or "bad request", code="invalid_request_error").body()
-                )
-            except _GONE:
-                pass
+    def _authorized(self) -> bool:
+        if self.model_server.api_key is None:
+            return True
+        scheme, _, key = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and key.strip() == self.model_server.api_key  # the scheme is case-insensitive
 
-        def _error(self, e: RequestError):
-            try:
-                self._send_json(e.status, e.body())
-            except _GONE:
-                pass
-
-        def _drain(self, length: int):
-            left = min(length, DRAIN_LIMIT)
-            try:
-                while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
-                    left -= len(got)
-            except _GONE:
-                pass
-
-        def _client_gone(self) -> bool:
-            """The peer closed its end (readable with nothing to read) while we generate."""
-            try:
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-            except (OSError, ValueError):
-                return True
-
-        def _authorized(self) -> bool:
-            if server.api_key is None:
-                return True
-            scheme, _, key = self.headers.get("Authorization", "").partition(" ")
-            return scheme.lower() == "bearer" and key.strip() == server.api_key  # the scheme is case-insensitive
-
-        def do_GET(self):
-            if self.path == "/health":
-                return self._send_json(200, {"status": "ok"})
-            if not self._authorized():
-                return self._error(RequestError(401, "missing or wrong API key", code="invalid_api_key"))
-            if self.path == "/v1/models":
-                return self._send_json(
-                    200,
-                    {
-                        "object": "list",
-                        "data": [
-                            {
-                                "id": server.model_id,
-                                "object": "model",
-                                "created": server.created,
-                                "owned_by": "specstream",
-                            }
-                        ],
-                    },
-                )
-            self._error(RequestError(404, f"unknown path {self.path}", code="not_found"))
-
-        def do_POST(self):
-            try:
-                if self.path not in ("/v1/chat/completions", "/v1/completions"):
-                    # Drain nothing: close the connection after an unknown path.
-                    self.close_connection = True
-                    raise RequestError(404, f"unknown path {self.path}", code="not_found")
-                if not self._authorized():
-                    self.close_connection = True
-                    raise RequestError(401, "missing or wrong API key", code="invalid_api_key")
-                lengths = self.headers.get_all("Content-Length") or []
-                if (
-                    len(lengths) != 1
-                    or not lengths[0].strip().isdigit()
-                    or len(lengths[0].strip()) > 18
-                    or self.headers.get("Transfer-Encoding")
-                ):
-                    self.close_connection = True  # "3_6", "+36", duplicates, or with Transfer-Encoding: refused
-                    raise RequestError(
-                        411 if not lengths else 400,
-                        "exactly one Content-Length of digits is required (no Transfer-Encoding)",
-                    )
-                length = int(lengths[0])
-                if length > server.max_body:
-                    self.close_connection = True
-                    self._error(
-                        RequestError(413, f"request body of {length} bytes exceeds the limit of {server.max_body}")
-                    )
-                    self._drain(length)  # so the client, still sending, can read the 413 (not a reset)
-                    return
-                try:
-                    body = self.rfile.read(length)
-                except TimeoutError as e:  # trickled or stalled past the request deadline
-                    self.close_connection = True
-                    raise RequestError(408, f"{e}: {length}-byte body not received") from None
-                chat = self.path == "/v1/chat/completions"
-                req = server.parse(body, chat)
-            except RequestError as e:
-                return self._error(e)
-            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            if req["stream"]:
-                return self._stream(req, chat, rid)
-            try:  # a client that has gone stops its generation, streamed or not
-                text, finish, usage, entries = server.generate(req, on_piece=lambda *_: not self._client_gone())
-            except Exception as e:  # noqa: BLE001 - the client gets a JSON error, the server lives on
-                return self._error(error_of(e, rid))
-            if finish == "cancelled":
-                self.close_connection = True
-                return
-            choice = (
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                    "logprobs": chat_logprobs(entries),
-                }
-                if chat
-                else {"index": 0, "text": text, "finish_reason": finish, "logprobs": completion_logprobs(entries)}
-            )
-            self._send_json(
+    def do_GET(self):
+        if self.path == "/health":
+            return self._send_json(200, {"status": "ok"})
+        if not self._authorized():
+            return self._error(RequestError(401, "missing or wrong API key", code="invalid_api_key"))
+        if self.path == "/v1/models":
+            return self._send_json(
                 200,
                 {
-                    "id": rid,
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": int(time.time()),
-                    "model": server.model_id,
-                    "choices": [choice],
-                    "usage": usage,
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": self.model_server.model_id,
+                            "object": "model",
+                            "created": self.model_server.created,
+                            "owned_by": "specstream",
+                        }
+                    ],
                 },
             )
+        self._error(RequestError(404, f"unknown path {self.path}", code="not_found"))
 
-        def _stream(self, req, chat, rid):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            created = int(time.time())
-
-            offset = [0]  # completions' text_offset continues across chunks
-
-            def chunk(delta_text=None, finish=None, role=False, usage=None, entries=None):
-                if chat:
-                    delta = {}
-                    if role:
-                        delta["role"] = "assistant"
-                    if delta_text is not None:
-                        delta["content"] = delta_text
-                    choices = [
-                        {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(entries)}
-                    ]
-                else:
-                    lp = completion_logprobs(entries, offset[0])
-                    offset[0] += len(delta_text or "")
-                    choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": lp}]
-                c = {"id": rid, "object": obj, "created": created, "model": server.model_id, "choices": choices}
-                if usage is not None:
-                    c = {**c, "choices": [], "usage": usage}
-                return c
-
-            def send(obj_):
-                try:
-                    self.wfile.write(f"data: {json.dumps(obj_)}\n\n".encode())
-                    self.wfile.flush()
-                    return True
-                except OSError:
-                    return False
-
-            if chat and not send(chunk(role=True, delta_text="")):
-                return
-            try:
-                text, finish, usage, _ = server.generate(
-                    req, on_piece=lambda t, ents: send(chunk(delta_text=t, entries=ents))
+    def do_POST(self):
+        try:
+            if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                # Drain nothing: close the connection after an unknown path.
+                self.close_connection = True
+                raise RequestError(404, f"unknown path {self.path}", code="not_found")
+            if not self._authorized():
+                self.close_connection = True
+                raise RequestError(401, "missing or wrong API key", code="invalid_api_key")
+            lengths = self.headers.get_all("Content-Length") or []
+            if (
+                len(lengths) != 1
+                or not lengths[0].strip().isdigit()
+                or len(lengths[0].strip()) > 18
+                or self.headers.get("Transfer-Encoding")
+            ):
+                self.close_connection = True  # "3_6", "+36", duplicates, or with Transfer-Encoding: refused
+                raise RequestError(
+                    411 if not lengths else 400,
+                    "exactly one Content-Length of digits is required (no Transfer-Encoding)",
                 )
-            except Exception as e:  # noqa: BLE001 - headers are sent: an SSE error event, then [DONE]
-                err = error_of(e, rid)
-                finish = usage = None
-                send({"error": err.body()["error"]})
-            if finish == "cancelled":
+            length = int(lengths[0])
+            if length > self.model_server.max_body:
+                self.close_connection = True
+                self._error(
+                    RequestError(
+                        413, f"request body of {length} bytes exceeds the limit of {self.model_server.max_body}"
+                    )
+                )
+                self._drain(length)  # so the client, still sending, can read the 413 (not a reset)
                 return
-            if finish is not None:
-                send(chunk(finish=finish, delta_text=None if chat else ""))
-                if req["include_usage"]:
-                    send(chunk(usage=usage))
             try:
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except OSError:
-                pass
+                body = self.rfile.read(length)
+            except TimeoutError as e:  # trickled or stalled past the request deadline
+                self.close_connection = True
+                raise RequestError(408, f"{e}: {length}-byte body not received") from None
+            chat = self.path == "/v1/chat/completions"
+            req = self.model_server.parse(body, chat)
+        except RequestError as e:
+            return self._error(e)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            return self._stream(req, chat, rid)
+        try:  # a client that has gone stops its generation, streamed or not
+            text, finish, usage, entries = self.model_server.generate(req, on_piece=lambda *_: not self._client_gone())
+        except Exception as e:  # noqa: BLE001 - the client gets a JSON error, the server lives on
+            return self._error(error_of(e, rid))
+        if finish == "cancelled":
+            self.close_connection = True
+            return
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": chat_logprobs(entries),
+            }
+            if chat
+            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": completion_logprobs(entries)}
+        )
+        self._send_json(
+            200,
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": self.model_server.model_id,
+                "choices": [choice],
+                "usage": usage,
+            },
+        )
 
-    return Handler
+    def _stream(self, req, chat, rid):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+
+        offset = [0]  # completions' text_offset continues across chunks
+
+        def chunk(delta_text=None, finish=None, role=False, usage=None, entries=None):
+            if chat:
+                delta = {}
+                if role:
+                    delta["role"] = "assistant"
+                if delta_text is not None:
+                    delta["content"] = delta_text
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": chat_logprobs(entries)}]
+            else:
+                lp = completion_logprobs(entries, offset[0])
+                offset[0] += len(delta_text or "")
+                choices = [{"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": lp}]
+            c = {"id": rid, "object": obj, "created": created, "model": self.model_server.model_id, "choices": choices}
+            if usage is not None:
+                c = {**c, "choices": [], "usage": usage}
+            return c
+
+        def send(obj_):
+            try:
+                self.wfile.write(f"data: {json.dumps(obj_)}\n\n".encode())
+                self.wfile.flush()
+                return True
+            except OSError:
+                return False
+
+        if chat and not send(chunk(role=True, delta_text="")):
+            return
+        try:
+            text, finish, usage, _ = self.model_server.generate(
+                req, on_piece=lambda t, ents: send(chunk(delta_text=t, entries=ents))
+            )
+        except Exception as e:  # noqa: BLE001 - headers are sent: an SSE error event, then [DONE]
+            err = error_of(e, rid)
+            finish = usage = None
+            send({"error": err.body()["error"]})
+        if finish == "cancelled":
+            return
+        if finish is not None:
+            send(chunk(finish=finish, delta_text=None if chat else ""))
+            if req.include_usage:
+                send(chunk(usage=usage))
+        try:
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except OSError:
+            pass
+
+
+def make_handler(model_server: ModelServer) -> type:
+    return type("Handler", (Handler,), {"model_server": model_server, "timeout": model_server.timeout})
 
 
 class _Server(ThreadingHTTPServer):

@@ -291,15 +291,15 @@ def small_server(served):
         finishes = []
 
         def _generate(self, job):
-            if job.req["prompt"] and job.req.get("max_tokens") == 16:
+            if job.req.prompt and job.req.max_tokens == 16:
                 from mlx_lm.sample_utils import apply_top_k
 
                 apply_top_k(mx.zeros((1, 4)), 10)  # raises while tracing: the random state is left traced
-            if job.req["prompt"] and job.req.get("max_tokens") == 13:
+            if job.req.prompt and job.req.max_tokens == 13:
                 raise RuntimeError("boom")  # a generation that fails after the request was accepted
-            if job.req["prompt"] and job.req.get("max_tokens") == 14:
+            if job.req.prompt and job.req.max_tokens == 14:
                 raise ValueError("[matmul] Last dimension of first input with shape (1,8) must match")  # MLX's
-            if job.req["prompt"] and job.req.get("max_tokens") == 15:
+            if job.req.prompt and job.req.max_tokens == 15:
                 raise UserError("the request names something wrong")
             out = super()._generate(job)
             self.finishes.append(out[1])

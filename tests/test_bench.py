@@ -435,3 +435,15 @@ def test_prompt_files_take_texts_or_chat_messages(tmp_path):
     f.write_text(json.dumps({"text": "abc"}) + "\n")
     with pytest.raises(ValueError, match="p.jsonl:1: records need a 'prompt' string or a 'messages' list"):
         load_prompts(str(f), 5, Tok(), 100)
+
+
+def test_methods_are_selected_by_whole_name_or_family_never_by_prefix():
+    from mlx_specstream.bench.runners import Method, select
+
+    rows = [Method(n, None) for n in ("ours_ar", "mlx_lm_ar", "ss[default]", "ss[default]+lookup[5]", "lookup[5]")]
+    names = lambda sel: [m.name for m in sel]  # noqa: E731
+    assert names(select(rows, ["ss[default]"])) == ["ss[default]"]  # not its +lookup row
+    assert names(select(rows, ["ss", "ours_ar"])) == ["ours_ar", "ss[default]", "ss[default]+lookup[5]"]
+    with pytest.raises(ValueError, match=r"no bench row \['ss\[chain\]'\]"):
+        select(rows, ["ss[chain]"])
+    assert names(select(rows, ["ss[chain]", "lookup"], None)) == ["lookup[5]"]  # the default list: absent rows skipped

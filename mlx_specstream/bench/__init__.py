@@ -49,7 +49,11 @@ def setup_arg_parser(parser=None):
         "(the whole setting a user gets: tree and context drafts, the `sampled` one when sampling); "
         "default: `default`",
     )
-    p.add_argument("--methods", default=None, help="comma list of method prefixes to run")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of rows to run: a whole name (ss[default]: that row only) or a family (ss, lookup, medusa, draft: all its rows)",
+    )
     p.add_argument(
         "--draft-model",
         default=None,
@@ -73,7 +77,9 @@ def setup_arg_parser(parser=None):
         help="also run sampled rows at this temperature (our AR, mlx-lm AR and the stream config's tree, "
         "alone and with its context drafts; --temp-methods to choose)",
     )
-    p.add_argument("--temp-methods", default=None, help="comma list of method prefixes the sampled rows run")
+    p.add_argument(
+        "--temp-methods", default=None, help="comma list of rows the sampled rows run (names or families, as --methods)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",

@@ -186,6 +186,83 @@ def summarize(runs_by_trial: List[List[Run]], n_prompt_tokens: List[int]) -> dic
     }
 
 
+@dataclass(frozen=True)
+class Method:
+    """A bench row: its name, how it decodes one prompt at a temperature, the parameters it adds,
+    and whose weights it runs (mlx-lm's copy or ours: its memory is counted from them)."""
+
+    name: str
+    run: Callable[[List[int], float], Run]
+    extra_params: int = 0
+    mlx_lm_weights: bool = False
+    temp: float = 0.0
+
+    @property
+    def family(self) -> str:
+        return self.name.split("[", 1)[0]
+
+    def at(self, temp: float) -> "Method":
+        return Method(f"{self.name}@{temp:g}", self.run, self.extra_params, self.mlx_lm_weights, temp)
+
+
+def select(methods: List[Method], wanted: Sequence[str], what: Optional[str] = "--methods") -> List[Method]:
+    """The rows ``wanted`` names: a whole name (``ss[default]``: that row only, not
+    ``ss[default]+lookup[5]``) or a bare family (``ss``, ``lookup``: every row of it)."""
+    unknown = [w for w in wanted if not any(m.name == w or ("[" not in w and m.family == w) for m in methods)]
+    if unknown and what:  # what=None: the default list, rows that are absent here are skipped
+        raise UserError(f"{what}: no bench row {unknown}; rows here: {[m.name for m in methods]}")
+    return [m for m in methods if any(m.name == w or ("[" not in w and m.family == w) for w in wanted)]
+
+
+@dataclass
+class Measured:
+    """Every row's runs ``runs[name][trial][prompt]`` and its peak memory (GB): what it would
+    need alone — its weights, extra parameters in the base's dtype, and the most its runs
+    allocated above what was resident — and the process's."""
+
+    runs: Dict[str, List[List[Run]]]
+    peak: Dict[str, float]
+    process_peak: Dict[str, float]
+
+
+def measure(rows: List[Method], ids, *, trials: int, warmup: int, seed: int, weight_bytes, progress) -> Measured:
+    """Methods interleave: each prompt runs under every method back to back, so load drift on a
+    shared machine hits all alike. Sampled rows draw from one seed per (trial, prompt), the same
+    for every method. ``weight_bytes(method)``: the resident weights it uses."""
+    total, done = len(rows) * (warmup + trials), 0
+    for m in rows:
+        for _ in range(warmup):
+            m.run(ids[0], m.temp)
+            done += 1
+    out = Measured({m.name: [] for m in rows}, {}, {})
+    own = {m.name: weight_bytes(m) for m in rows}
+    for k in range(trials):
+        for m in rows:
+            out.runs[m.name].append([])
+        for j, p in enumerate(ids):
+            for m in rows:
+                if m.temp:
+                    mx.random.seed(derived_seed(seed, k * 1_009 + j))
+                mx.reset_peak_memory()
+                resident = mx.get_active_memory()
+                out.runs[m.name][k].append(m.run(p, m.temp))
+                top = mx.get_peak_memory()
+                out.peak[m.name] = max(out.peak.get(m.name, 0.0), (own[m.name] + top - resident) / 1e9)
+                out.process_peak[m.name] = max(out.process_peak.get(m.name, 0.0), top / 1e9)
+        for m in rows:
+            done += 1
+            if progress:
+                print(
+                    f"\r{progress_bar(done, total)} trial {k + 1}/{trials} {m.name:<28}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if progress:
+        print(file=sys.stderr)
+    return out
+
+
 def run_bench(
     model_path=None,
     *,
@@ -243,15 +320,14 @@ def run_bench(
         got = load_prompts(spec, n_prompts, tok, base.args.vocab_size)
         ids += got
         set_of += [spec] * len(got)
-    # (name, fn(prompt, temperature) -> Run, extra params)
-    plan: List[Tuple[str, Callable[[List[int], float], Run], int]] = []
-    plan.append(("ours_ar", lambda p, t: _ours(base, tok, p, max_tokens, t, speculative=False), 0))
-    plan.append(("mlx_lm_ar", lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, temp=t), 0))
+    plan: List[Method] = []
+    plan.append(Method("ours_ar", lambda p, t: _ours(base, tok, p, max_tokens, t, speculative=False)))
+    plan.append(Method("mlx_lm_ar", lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, temp=t), mlx_lm_weights=True))
     own = [n for n in ([streams.config.lookup] if streams is not None else []) if n and n not in lookups]
     if streams is not None:
         for spec in trees:
             if spec == "config":  # the adapter as a user gets it: its own setting, greedy or sampled
-                plan.append(("ss[config]", lambda p, t: _ours(model, tok, p, max_tokens, t), streams.num_params))
+                plan.append(Method("ss[config]", lambda p, t: _ours(model, tok, p, max_tokens, t), streams.num_params))
                 continue
             paths = (
                 None
@@ -264,7 +340,7 @@ def run_bench(
             # stream config's own number joins the default tree — what a user of it gets — and
             # runs alone below, so the shipped setting always has its two components beside it)
             plan.append(
-                (
+                Method(
                     f"ss[{spec}]",
                     lambda p, t, paths=paths: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=0),
                     streams.num_params,
@@ -272,22 +348,22 @@ def run_bench(
             )
             for n in list(lookups) + (own if spec == "default" else []):
                 plan.append(
-                    (
+                    Method(
                         f"ss[{spec}]+lookup[{n}]",
                         lambda p, t, paths=paths, n=n: _ours(model, tok, p, max_tokens, t, tree=paths, lookup=n),
                         streams.num_params,
                     )
                 )
     for n in list(lookups) + own:  # context drafts alone (prompt lookup decoding): no trained parameters
-        plan.append((f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n), 0))
+        plan.append(Method(f"lookup[{n}]", lambda p, t, n=n: _ours(base, tok, p, max_tokens, t, lookup=n)))
     if AUTO in trees:  # context drafts alone, each step's chain sized from their running acceptance
-        plan.append((f"lookup[{AUTO}]", lambda p, t: _ours(base, tok, p, max_tokens, t, tree=AUTO), 0))
+        plan.append(Method(f"lookup[{AUTO}]", lambda p, t: _ours(base, tok, p, max_tokens, t, tree=AUTO)))
     if medusa:
         md = MedusaDrafter(load_medusa(Path(medusa), base))  # cast to the base's dtype
         for spec in (t for t in trees if t != "config"):  # the streams' trees: tokens per step compare like for like
             paths = None if spec == "default" else AUTO if spec == AUTO else parse_tree_spec(spec, md.levels)
             plan.append(
-                (
+                Method(
                     "medusa" if spec == "default" else f"medusa[{spec}]",
                     lambda p, t, paths=paths: _ours(base, tok, p, max_tokens, t, drafter=md, tree=paths),
                     md.num_params,
@@ -296,70 +372,39 @@ def run_bench(
     if draft:
         # Two-model decoding: our loop with the draft model as its drafter, beside mlx-lm's own.
         dd = load_draft_model(draft, base, num_draft=num_draft)
-        plan.append((f"draft[{num_draft}]", lambda p, t: _ours(base, tok, p, max_tokens, t, drafter=dd), dd.num_params))
+        plan.append(
+            Method(f"draft[{num_draft}]", lambda p, t: _ours(base, tok, p, max_tokens, t, drafter=dd), dd.num_params)
+        )
         d_model = mlx_lm_model(resolve_model(draft), dtype)
         plan.append(
-            (
+            Method(
                 f"mlx_lm_draft[{num_draft}]",
                 lambda p, t: _mlx_lm(lm_model, tok, p, max_tokens, d_model, num_draft, temp=t),
                 dd.num_params,
+                mlx_lm_weights=True,
             )
         )
     if methods:
-        plan = [x for x in plan if any(x[0].startswith(m) for m in methods)]
-    # (row name, fn, extra params, temperature)
-    rows = [(name, fn, extra, 0.0) for name, fn, extra in plan]
-    for t in temps:
-        rows += [
-            (f"{name}@{t:g}", fn, extra, t) for name, fn, extra in plan if any(name.startswith(m) for m in temp_methods)
-        ]
-    results = {}
+        plan = select(plan, methods)
+    rows = plan + [
+        m.at(t)
+        for t in temps
+        for m in select(plan, temp_methods, "--temp-methods" if temp_methods != DEFAULT_TEMP_METHODS else None)
+    ]
     npt = [len(p) for p in ids]
-    total_runs = len(rows) * (warmup + trials)
-    done = 0
-    for _, fn, _, t in rows:
-        for _ in range(warmup):
-            fn(ids[0], t)
-            done += 1
-    # Methods interleave: each prompt runs under every method back to back, so load drift on a
-    # shared machine hits all alike; speedups are the median of per-trial ratios (paired runs).
-    # Sampled rows draw from one seed per (trial, prompt), the same for every method.
-    trial_runs: Dict[str, List[List[Run]]] = {name: [] for name, _, _, _ in rows}
-    # Every peer's weights stay loaded for the whole run, so the process's peak holds them all. A
-    # row's peak memory is what it would need alone: the weights it uses (its base, plus its extra
-    # parameters in the base's dtype) and the most its runs allocated above what was resident.
-    peak: Dict[str, float] = {}
-    process_peak: Dict[str, float] = {}
     itemsize = next(v for _, v in tree_flatten(base.parameters())).dtype.size
-    own_bytes = {
-        name: _nbytes(lm_model if name.startswith("mlx_lm") else base) + extra * itemsize for name, _, extra, _ in rows
-    }
-    for k in range(trials):
-        for name in trial_runs:
-            trial_runs[name].append([])
-        for j, p in enumerate(ids):
-            for name, fn, _, t in rows:
-                if t:
-                    mx.random.seed(derived_seed(seed, k * 1_009 + j))
-                mx.reset_peak_memory()
-                resident = mx.get_active_memory()
-                trial_runs[name][k].append(fn(p, t))
-                top = mx.get_peak_memory()
-                peak[name] = max(peak.get(name, 0.0), (own_bytes[name] + top - resident) / 1e9)
-                process_peak[name] = max(process_peak.get(name, 0.0), top / 1e9)
-        for name, _, _, _ in rows:
-            done += 1
-            if progress:
-                print(
-                    f"\r{progress_bar(done, total_runs)} trial {k + 1}/{trials} {name:<28}",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    if progress:
-        print(file=sys.stderr)
-    temp_of = {name: t for name, _, _, t in rows}
-    extra_of = {name: e for name, _, e, _ in rows}
+    measured = measure(
+        rows,
+        ids,
+        trials=trials,
+        warmup=warmup,
+        seed=seed,
+        progress=progress,
+        weight_bytes=lambda m: _nbytes(lm_model if m.mlx_lm_weights else base) + m.extra_params * itemsize,
+    )
+    trial_runs, peak, process_peak = measured.runs, measured.peak, measured.process_peak
+    temp_of = {m.name: m.temp for m in rows}
+    extra_of = {m.name: m.extra_params for m in rows}
 
     def report(idx: List[int]) -> Dict[str, dict]:
         """The rows' metrics over the prompts ``idx``."""

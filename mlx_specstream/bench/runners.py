@@ -208,10 +208,14 @@ class Method:
 def select(methods: List[Method], wanted: Sequence[str], what: Optional[str] = "--methods") -> List[Method]:
     """The rows ``wanted`` names: a whole name (``ss[default]``: that row only, not
     ``ss[default]+lookup[5]``) or a bare family (``ss``, ``lookup``: every row of it)."""
-    unknown = [w for w in wanted if not any(m.name == w or ("[" not in w and m.family == w) for m in methods)]
+
+    def named(m: Method, w: str) -> bool:
+        return m.name == w or ("[" not in w and m.family == w)
+
+    unknown = [w for w in wanted if not any(named(m, w) for m in methods)]
     if unknown and what:  # what=None: the default list, rows that are absent here are skipped
         raise UserError(f"{what}: no bench row {unknown}; rows here: {[m.name for m in methods]}")
-    return [m for m in methods if any(m.name == w or ("[" not in w and m.family == w) for w in wanted)]
+    return [m for m in methods if any(named(m, w) for w in wanted)]
 
 
 @dataclass

@@ -44,6 +44,7 @@ from .checkpoint import (
     weight_files,
 )
 from .cli import progress_bar
+from .errors import notice
 from .gguf import load_gguf, read_gguf, tensor_types
 from .loading import resolve_model
 from .models import normalize_rope_config
@@ -299,6 +300,14 @@ def convert_gguf(
     try:
         config["torch_dtype"] = dtype or "float16"
         if quantize:
+            if requantized := [t for t in tensor_types(g) if t not in ("F32", "F16", "BF16")]:
+                # Measured: SmolLM2-135M's Q4_1 file re-quantized to 4 bits, group 64, decodes
+                # garbage ('Blo...b...b') where its kept Q4_1 weights answer; 8 bits keeps it.
+                notice(
+                    f"[{src.name} is already quantized ({', '.join(requantized)}): re-quantizing "
+                    f"compounds the error ({q_bits} bits, group {q_group_size}); a small model can "
+                    "lose its answers. Omit -q to keep the file's own quantization]"
+                )
             config = quantize_model(model, config, bits=q_bits, group_size=q_group_size)
 
         def write(tmp: Path) -> None:

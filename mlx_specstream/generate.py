@@ -19,7 +19,7 @@ from .cli import add_cache_args, add_model_args, add_sampling_args, check_args, 
 from .decode import DEFAULT_MAX_TOKENS, generate_step, tree_generate_step
 from .calibrate import cost_curve
 from .drafters import DraftModelDrafter, Drafter, Verifier
-from .sizing import AUTO_CONTEXT, AUTO_LOOKUP, AUTO_SPECS, AUTO_WIDTH, AutoTree
+from .sizing import AUTO_CONTEXT, AUTO_LOOKUP, AUTO_SPECS, AUTO_WIDTH, AutoTree, ContextStats, context_priors
 from .responses import GenerationResponse, responses
 from .sample import SamplingParams
 from .setting import PLAIN
@@ -158,7 +158,8 @@ def stream_generate(
         if logits_processors:
             raise UserError("logits_processors are not supported with speculative decoding")
         auto = setting.auto
-        sizer = auto_tree(base, None if auto == AUTO_CONTEXT else drafter, setting.lookup) if auto else None
+        temp = sampling.temp if sampling is not None else 0.0
+        sizer = auto_tree(base, None if auto == AUTO_CONTEXT else drafter, setting.lookup, temp) if auto else None
         steps = (
             (r.tokens, r.depth, r.tree_size, r.logprobs)
             for r in tree_generate_step(
@@ -209,9 +210,10 @@ def on_generation_stream(steps, model):
             yield step
 
 
-def auto_tree(base: nn.Module, drafter: Optional[Drafter], lookup: Optional[int]) -> AutoTree:
+def auto_tree(base: nn.Module, drafter: Optional[Drafter], lookup: Optional[int], temp: float = 0.0) -> AutoTree:
     """Per-step tree sizing for ``drafter`` (None: context drafts alone) on this device: up to
-    ``lookup`` context drafts (default :data:`AUTO_LOOKUP`) beside the drafter's candidates."""
+    ``lookup`` context drafts (default :data:`AUTO_LOOKUP`) beside the drafter's candidates, their
+    acceptance first estimated from the priors fitted at the temperature nearest ``temp``."""
     if isinstance(drafter, DraftModelDrafter):
         raise UserError(
             "tree 'auto' sizes trees from drafts computed in the verify pass (streams, Medusa "
@@ -221,7 +223,7 @@ def auto_tree(base: nn.Module, drafter: Optional[Drafter], lookup: Optional[int]
     lookup = AUTO_LOOKUP if lookup is None else lookup
     width = AUTO_WIDTH if levels else 1
     cost = cost_curve(base, drafter if drafter is not None else Verifier(), width=width, levels=levels)
-    return AutoTree(cost, width=width, levels=levels, lookup=lookup)
+    return AutoTree(cost, width=width, levels=levels, lookup=lookup, context=ContextStats(context_priors(temp)))
 
 
 def generate(model: nn.Module, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:

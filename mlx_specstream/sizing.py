@@ -80,6 +80,17 @@ class Calibration:
 
 
 RUN_BINS = (1, 2, 3, 4, 8, 16)  # a match's run length (ContextDrafts.match): bin i holds RUN_BINS[i]..
+# Per-draft continuation rates of context drafts by run bin, fitted by benchmarks/context_runs.py
+# on the in-distribution sets (chat, code; 10 prompts each, 128 tokens), by temperature (its
+# --temp: the expected acceptance of a point-mass draft under the exact sampling rule). Only the
+# greedy fit exists so far; sampling uses the nearest fit and the running statistics correct it.
+CONTEXT_PRIORS = {
+    0.0: (0.39, 0.65, 0.7, 0.79, 0.85, 0.96),
+}
+
+
+def context_priors(temp: float) -> Tuple[float, ...]:
+    return CONTEXT_PRIORS[min(CONTEXT_PRIORS, key=lambda t: abs(t - temp))]
 
 
 @dataclass
@@ -88,9 +99,10 @@ class ContextStats:
     :data:`RUN_BINS`): of steps that verified a chain reaching depth ``d``, how many accepted
     ``d`` or more. A Beta prior, ``prior[bin]`` per draft, keeps an unseen depth worth trying. The
     priors are per-draft continuation rates measured on the in-distribution sets (``chat``,
-    ``code``: the stdlib generator's prompts), never on the held-out sets the bench reports."""
+    ``code``: the stdlib generator's prompts), never on the held-out sets the bench reports
+    (:data:`CONTEXT_PRIORS`, per temperature)."""
 
-    prior: Tuple[float, ...] = (0.39, 0.65, 0.7, 0.79, 0.85, 0.96)  # fitted: benchmarks/context_runs.py
+    prior: Tuple[float, ...] = CONTEXT_PRIORS[0.0]  # greedy's; context_priors(temp) when sampling
     weight: float = 2.0
     tried: Dict[Tuple[int, int], float] = field(default_factory=dict)
     hit: Dict[Tuple[int, int], float] = field(default_factory=dict)

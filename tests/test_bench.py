@@ -129,7 +129,9 @@ def test_tune_writes_a_measured_choice(bench_result, tmp_path):
     m = tmp_path / "m"
     shutil.copytree(d, m)
     res = tune(str(m), prompts="random:12", n_prompts=3, write=True, quick=True)
-    assert len(res["measured_tps"]) in (1 + 2 * 4 * 2 + 3, 1 + 3 * 4 * 2 + 3)  # plain + (tree, lookup, τ) tried
+    # plain + (tree, lookup, τ) tried + the two trees sized every step
+    assert len(res["measured_tps"]) in (1 + 2 * 4 * 2 + 3 + 2, 1 + 3 * 4 * 2 + 3 + 2)
+    assert {"tree=auto lookup=8 tau=0.0", "tree=auto:context lookup=8 tau=0.0"} <= set(res["measured_tps"])
     cfg = json.loads((m / "speculative_streams.json").read_text())
     assert cfg["lookup"] == res["lookup"] in (0, 3, 5, 8) and cfg["prune_threshold"] == res["prune_threshold"]
     assert cfg["tree"] == res["tree"] and cfg["tuned_on"] == res["tuned_on"]

@@ -180,6 +180,16 @@ def test_convert_gguf_writes_a_folder_mlx_lm_loads(gguf_file, tmp_path):
         convert_gguf(path, tmp_path / "out-None")
 
 
+def test_requantizing_a_quantized_gguf_says_it_compounds_the_error(gguf_file, tmp_path, notices):
+    path, _ = gguf_file("llama", "Q4_1")
+    dst = convert_gguf(path, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=64)
+    assert json.loads((dst / "config.json").read_text())["quantization"]["group_size"] == 64
+    said = [m for m in notices() if "already quantized (Q4_1" in m]
+    assert said and "Omit -q" in said[0]
+    convert_gguf(gguf_file("llama", "F32")[0], tmp_path / "f", quantize=True)  # float weights: nothing to say
+    assert len([m for m in notices() if "already quantized" in m]) == 1
+
+
 def mlx_lm_greedy(model, prompt, n):
     from mlx_lm.generate import generate_step as lm_step
     from mlx_lm.sample_utils import make_sampler

@@ -24,6 +24,7 @@ from ..loading import load
 from ..plan import TreePlan
 from ..sample import SamplingParams
 from ..setting import PLAIN, DecodeSetting
+from ..sizing import AUTO, AUTO_CONTEXT, AUTO_LOOKUP
 from ..streams import forward_with_streams
 from ..streams.config import StreamConfig
 from ..tree import chain, sparse
@@ -186,6 +187,8 @@ def tune(
     configs = [PLAIN] + [
         DecodeSetting(t, n, tau) for t in trees for n in (0, 3, 5, 8) for tau in ((0.0, 0.1) if t else (0.0,)) if t or n
     ]
+    # and trees sized every step (streams and context drafts, or context drafts alone)
+    configs += [DecodeSetting(spec, AUTO_LOOKUP) for spec in (AUTO, AUTO_CONTEXT)]
 
     sampling = SamplingParams(temp=temp) if temp > 0 else None
 
@@ -194,7 +197,7 @@ def tune(
         kw = (
             {"speculative": False}
             if setting == PLAIN
-            else {"drafter": d, "tree": setting.paths, "lookup": setting.lookup}
+            else {"drafter": d, "tree": setting.auto or setting.paths, "lookup": setting.lookup}
         )
         n = secs = 0.0
         for i, p in enumerate(ids):
@@ -222,15 +225,15 @@ def tune(
         "adapter": str(streams.source),
         "cost_ms": {str(k): v for k, v in cost.items()},
         "rank_acceptance": acc,
-        "tree": [list(p) for p in chosen.paths],
-        "tree_size": len(chosen.paths) + 1,
+        "tree": chosen.auto or [list(p) for p in chosen.paths],
+        "tree_size": "per step" if chosen.auto else len(chosen.paths) + 1,
         "expected_tokens_per_s": rate,
         "prune_threshold": chosen.prune_threshold,
         "lookup": chosen.lookup,
         "plain_decoding": chosen.drafts_nothing,
         "beats_plain_beyond_noise": margin_ok and best != PLAIN,
         "measured_tps": {
-            f"tree={[list(p) for p in c.paths]} lookup={c.lookup} tau={c.prune_threshold}": {
+            f"tree={c.auto or [list(p) for p in c.paths]} lookup={c.lookup} tau={c.prune_threshold}": {
                 "median": measured[c],
                 "min": min(v),
                 "max": max(v),

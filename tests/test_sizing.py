@@ -103,3 +103,18 @@ def test_context_drafts_measure_how_long_the_match_runs():
     long = list(range(100, 160))
     ctx = ContextDrafts(long + long[:50], 1)
     assert ctx.propose() == [150] and ctx.match == 32  # measured up to MAX_RUN
+
+
+def test_sampling_reads_the_context_priors_fitted_nearest_its_temperature(monkeypatch):
+    from mlx_specstream import sizing
+
+    monkeypatch.setattr(sizing, "CONTEXT_PRIORS", {0.0: (0.4,) * 6, 0.7: (0.2,) * 6})
+    assert sizing.context_priors(0.0) == (0.4,) * 6
+    assert sizing.context_priors(0.6) == sizing.context_priors(1.5) == (0.2,) * 6
+    # fewer expected acceptances, fewer drafts verified: the lower prior sizes a shorter chain
+    cost = sizing.CostCurve((1, 2, 4, 8), (1.0, 1.2, 1.5, 1.8))
+    k = [
+        sizing.choose_tree(None, sizing.ContextStats(sizing.context_priors(t)).estimate(4, 8), cost)[1]
+        for t in (0.0, 0.7)
+    ]
+    assert k[0] > k[1]

@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .cli import progress_bar
 from .errors import notice
+from .ggml_types import FLOAT_TYPES
 from .gguf import load_gguf, read_gguf, tensor_types
 from .loading import resolve_model
 from .models import normalize_rope_config
@@ -300,7 +301,7 @@ def convert_gguf(
     try:
         config["torch_dtype"] = dtype or "float16"
         if quantize:
-            if requantized := [t for t in tensor_types(g) if t not in ("F32", "F16", "BF16")]:
+            if requantized := [t for t in tensor_types(g) if t not in FLOAT_TYPES]:
                 # Measured: SmolLM2-135M's Q4_1 file re-quantized to 4 bits, group 64, decodes
                 # garbage ('Blo...b...b') where its kept Q4_1 weights answer; 8 bits keeps it.
                 notice(

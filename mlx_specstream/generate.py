@@ -98,7 +98,8 @@ def stream_generate(
         raise UserError("a tree needs a drafter to fill it (stream adapter, Medusa heads or draft model)")
     # The drafter's default setting at this temperature (sampling's when `bench tune --temp T`
     # fitted one) fills what the caller left unset.
-    setting = drafter.setting_for(sampling.temp if sampling else 0.0) if drafter is not None else PLAIN
+    temp = sampling.temp if sampling is not None else 0.0
+    setting = drafter.setting_for(temp) if drafter is not None else PLAIN
     if tree is not None:
         setting = setting.replace(tree=tree if isinstance(tree, str) else tuple(tuple(p) for p in tree))
         if isinstance(tree, str) and lookup is None:
@@ -158,7 +159,6 @@ def stream_generate(
         if logits_processors:
             raise UserError("logits_processors are not supported with speculative decoding")
         auto = setting.auto
-        temp = sampling.temp if sampling is not None else 0.0
         sizer = auto_tree(base, None if auto == AUTO_CONTEXT else drafter, setting.lookup, temp) if auto else None
         steps = (
             (r.tokens, r.depth, r.tree_size, r.logprobs)

@@ -47,6 +47,7 @@ TYPES: Dict[int, GGMLType] = {
     10: GGMLType("Q2_K", QK_K, 84),
     20: GGMLType("IQ4_NL", 32, 18),
 }
+FLOAT_TYPES = frozenset(t.name for t in TYPES.values() if t.block == 1)  # stored as values, not quantized
 OTHER_TYPES = {
     9: "Q8_1",
     15: "Q8_K",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from .acceptance import GreedyAcceptance, SamplingAcceptance
 
@@ -43,9 +43,9 @@ class SamplingParams:
         return logprobs * (1.0 / self.temp)
 
     def sampler(self):
-        if self.temp == 0:
-            return greedy_sampler
-        return lambda logprobs: mx.random.categorical(self.law(logprobs))
+        """Plain decoding's draw from :meth:`law`: mlx-lm's own sampler for these settings, so plain
+        sampling runs what mlx-lm runs (its categorical draw compiled)."""
+        return make_sampler(self.temp, self.top_p, self.min_p, top_k=self.top_k)
 
     def acceptance(self):
         if self.temp == 0:

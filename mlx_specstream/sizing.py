@@ -81,11 +81,12 @@ class Calibration:
 
 RUN_BINS = (1, 2, 3, 4, 8, 16)  # a match's run length (ContextDrafts.match): bin i holds RUN_BINS[i]..
 # Per-draft continuation rates of context drafts by run bin, fitted by benchmarks/context_runs.py
-# on the in-distribution sets (chat, code; 10 prompts each, 128 tokens), by temperature (its
-# --temp: the expected acceptance of a point-mass draft under the exact sampling rule). Only the
-# greedy fit exists so far; sampling uses the nearest fit and the running statistics correct it.
+# on the in-distribution sets (chat, code; 128 tokens), by temperature (its --temp: the expected
+# acceptance of a point-mass draft under the exact sampling rule): greedy on 10 prompts each, 0.7 on
+# 8. Sampling uses the nearest fit; the running statistics correct it.
 CONTEXT_PRIORS = {
     0.0: (0.39, 0.65, 0.7, 0.79, 0.85, 0.96),
+    0.7: (0.304, 0.54, 0.642, 0.732, 0.834, 0.914),
 }
 
 

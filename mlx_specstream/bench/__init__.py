@@ -22,7 +22,7 @@ from ..cli import check_args
 from ..drafters import DEFAULT_NUM_DRAFT
 from .report import compare, markdown, plots, table, write_csv
 from .runners import run_bench
-from .tune import tune
+from .tune import CANDIDATES, tune
 from ..errors import UserError
 from ..tree import MAX_LOOKUP
 
@@ -134,6 +134,13 @@ def main(argv=None) -> int:
             help="tune sampled decoding at this temperature; written as the config's `sampled` "
             "setting, used whenever generation samples (default 0: greedy)",
         )
+        ap.add_argument(
+            "--candidates",
+            default=",".join(CANDIDATES),
+            help=f"comma list of the settings measured beside plain decoding: {', '.join(CANDIDATES)} "
+            "(fixed: the cost model's tree, two chains and none, with context drafts and τ; auto, "
+            "auto:context: trees sized every step); default: all",
+        )
         ap.add_argument("--json", default=None)
         a = ap.parse_args(argv[1:])
         check_args(a)
@@ -146,6 +153,7 @@ def main(argv=None) -> int:
             write_to=a.write_to,
             streams=a.streams,
             temp=a.temp,
+            candidates=[c.strip() for c in a.candidates.split(",") if c.strip()],
         )
         print(json.dumps({k: v for k, v in res.items() if k != "fingerprint"}, indent=1))
         if a.json:

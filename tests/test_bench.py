@@ -145,7 +145,7 @@ def test_tune_writes_a_measured_choice(bench_result, tmp_path):
     chosen = res["measured_tps"][f"tree={res['tree']} lookup={res['lookup']} tau={res['prune_threshold']}"]
     best = max(v["median"] for v in res["measured_tps"].values())
     if res["beats_plain_beyond_noise"]:  # the fastest, and faster than plain decoding in every round
-        assert chosen["median"] == best and all(c > p for c, p in zip(chosen["rounds"], plain["rounds"]))
+        assert chosen["median"] == best and beats(chosen["rounds"], plain["rounds"])
     else:  # nothing beat plain decoding beyond the noise: plain decoding is written
         assert res["plain_decoding"] and cfg["tree"] == [] and cfg["lookup"] == 0
     model, tok = load(str(m))
@@ -181,7 +181,7 @@ def test_tune_for_sampling_writes_the_sampled_setting_and_keeps_greedys(bench_re
     plain = res["measured_tps"]["tree=[] lookup=0 tau=0.0"]
     chosen = res["measured_tps"][f"tree={res['tree']} lookup={res['lookup']} tau={res['prune_threshold']}"]
     if res["beats_plain_beyond_noise"]:
-        assert all(c > p for c, p in zip(chosen["rounds"], plain["rounds"]))
+        assert beats(chosen["rounds"], plain["rounds"])
     else:
         assert s["tree"] == [] and s["lookup"] == 0
     model, _ = load(str(m))

@@ -93,6 +93,7 @@ def tree_generate_step(
     overlap: bool = True,
     sizer: Optional[AutoTree] = None,
     kv: Optional[KVSettings] = None,
+    pipeline: Optional[bool] = None,
 ) -> Generator[StepResult, None, None]:
     """Tree decoding with any drafter; yields one :class:`StepResult` per forward pass.
 
@@ -105,7 +106,11 @@ def tree_generate_step(
     queues each step only after the caller took the previous one (for measuring what the
     overlap buys: ``benchmarks/async_overlap.py``). ``sizer``: every step's tree chosen from the
     drafts' confidence and the cost curve (:class:`mlx_specstream.sizing.AutoTree`; ``tree`` and
-    ``lookup`` are then its layout's).
+    ``lookup`` are then its layout's). ``pipeline``: while steps are plain, queue the next
+    plain step before syncing on the current one, as mlx-lm's loop does (default:
+    :func:`pipelines_plain_steps`); a plain step accepts nothing, so its commit is known before
+    the sync. The price: when a plain step's drafts call for a tree, the step after it is
+    already queued plain, so the tree comes one step later.
     """
     if (problem := getattr(model, "tree_problem", None)) is not None:  # found at load (models.mlxlm)
         raise UserError(f"{problem}: speculative decoding is not available for this model; decode with --no-speculate")
@@ -130,11 +135,31 @@ def tree_generate_step(
     prefill(lambda t, c: drafter.prefill(model, t, c), prompt[:-1], cache, prefill_step_size, kv)
     state = DraftState(prompt[-1].astype(mx.int32), plan.empty_candidates())
     confidence = sizer is not None
+    pipeline = pipelines_plain_steps(model) if pipeline is None else pipeline
+    pipeline = pipeline and overlap and not drafter.drafts_after_commit
     step_plan, match = plan.root_only, 0
     pending = launch(model, drafter, step_plan, state, cache, accept, confidence)
+    plain_next = False  # the latest drafts called for a plain step: the one after is queued early
     n = 0
     while True:
-        result, cand, conf = finish_step(pending, drafter, cache)
+        ahead = None  # a plain step queued behind ``pending`` before its sync
+        if (
+            pipeline
+            and plain_next
+            and n + 1 < max_tokens
+            and committed_plain(pending, cache)
+            and (max_context is None or cache[0].offset + 1 <= max_context)
+        ):
+            ahead = launch(
+                model,
+                drafter,
+                plan.root_only,
+                DraftState(pending.correction, state.candidates),
+                cache,
+                accept,
+                confidence,
+            )
+        result, cand, conf = finish_step(pending, drafter, cache, committed=ahead is not None)
         if sizer is not None:
             sizer.observe(step_plan, match, result.path)
         drafts = []
@@ -143,13 +168,21 @@ def tree_generate_step(
             drafts, match = ctx.propose(), ctx.match
             cand = plan.with_context(cand, drafts)
         if sizer is not None:
-            step_plan = sizer.next_plan(conf, drafts, match)
+            next_plan = sizer.next_plan(conf, drafts, match)
         elif ctx is not None:
-            step_plan = plan.with_lookup(len(drafts))  # context rows only for drafts found, never padding
+            next_plan = plan.with_lookup(len(drafts))  # context rows only for drafts found, never padding
         else:
-            step_plan = plan
-        state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
+            next_plan = plan
         n += len(result.tokens)
+        plain_next = next_plan.size == 1
+        if ahead is not None:  # the next step is already on the device, plain: these drafts are passed over
+            pending, step_plan, match = ahead, plan.root_only, 0
+            yield result
+            if n >= max_tokens:
+                return
+            continue
+        step_plan = next_plan
+        state = DraftState(mx.array(result.tokens[-1], mx.int32), cand)
         if max_context is not None and cache[0].offset + max(plan.max_depth, step_plan.max_depth) + 1 > max_context:
             step_plan = plan.root_only  # near the end of the context: the root alone
         if n < max_tokens and overlap:
@@ -161,6 +194,28 @@ def tree_generate_step(
             return
         if not overlap:
             pending = launch(model, drafter, step_plan, state, cache, accept, confidence)
+
+
+def pipelines_plain_steps(model: nn.Module) -> bool:
+    """Whether queueing plain steps early pays on this device: on the CPU only for quantized
+    weights. Measured on SmolLM2 (2-core CPU, plain steps, ``benchmarks/plain_pipeline.py``): a
+    4-bit folder's plain step 114.5 vs 125.3 ms unpipelined (mlx-lm 118.8); float32 57.4 vs
+    56.3 ms (no gain, so the one-step delay of trees would be a pure loss). On a GPU the step's
+    host work (~5 ms of graph building) is of the order of the step itself (unmeasured here)."""
+    if mx.default_device() != mx.cpu:
+        return True
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def committed_plain(p: "_Pending", cache: List[KVCache]) -> bool:
+    """Commit a launched one-node step before its sync (its path is the root whatever the
+    verification says); False, committing nothing, for a larger tree."""
+    v = p.verified
+    if v.plan.size != 1 or (v.bottom_rows is not None and int(v.bottom_rows[0]) != 0):
+        return False
+    for kv in cache:
+        kv.compact(p.prefix, [0])
+    return True
 
 
 def _kept(launch: Callable, kv: KVSettings) -> Callable:
@@ -208,24 +263,26 @@ def launch_step(
             conf = mx.exp(mx.take_along_axis(lp, cand, axis=-1) - mx.logsumexp(lp, axis=-1, keepdims=True))
     else:
         cand = mx.zeros((0, plan.width), mx.int32)
-    correction = correction.astype(mx.int32)
+    correction = correction.astype(mx.int32).reshape(())
     mx.async_eval(best, correction, v.tokens, cand, *(() if conf is None else (conf,)))
     return _Pending(v, best, correction, cand, prefix, conf)
 
 
 def finish_step(
-    p: _Pending, drafter: Drafter, cache: List[KVCache]
+    p: _Pending, drafter: Drafter, cache: List[KVCache], committed: bool = False
 ) -> Tuple[StepResult, mx.array, Optional[np.ndarray]]:
-    """Wait for a launched step, commit the accepted path's K/V; returns the step, the
-    drafter's candidates for the next tree and their probabilities (when asked for)."""
+    """Wait for a launched step, commit the accepted path's K/V (``committed``: done before the
+    sync, :func:`committed_plain`); returns the step, the drafter's candidates for the next tree
+    and their probabilities (when asked for)."""
     v = p.verified
     path = v.plan.tree.path_to(p.best.item())  # the one host sync of the step
     toks = np.array(v.tokens)
     accepted = [int(toks[i]) for i in path[1:]]
     keep = np.array(path, np.int32)
     keep_bottom = keep if v.bottom_rows is None else v.bottom_rows[path].astype(np.int32)
-    for i, kv in enumerate(cache):
-        kv.compact(p.prefix, keep_bottom if i < v.n_bottom else keep)
+    if not committed:
+        for i, kv in enumerate(cache):
+            kv.compact(p.prefix, keep_bottom if i < v.n_bottom else keep)
     rows = v.logits[mx.array(keep)].astype(mx.float32)
     logprobs = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
     mx.async_eval(logprobs)  # computed now (no sync): the tree's logits are then released

@@ -491,3 +491,60 @@ def test_a_stream_config_can_size_every_step(hf_model, tmp_path, monkeypatch, se
     assert [t for r in rs for t in r.tokens] == ar and max(r.tree_size for r in rs) > 1
     with pytest.raises(ValueError, match="tree must be rank paths or one of"):
         StreamConfig(tree="big")
+
+
+@pytest.mark.parametrize("setup", ["streams sized", "context sized", "context fixed", "streams sampled"])
+def test_plain_steps_queued_early_give_the_same_tokens_and_cache(hf_model, setup, monkeypatch):
+    """Pipelined plain steps (the next plain step queued before the sync on the current one)
+    commit before the sync; tokens and the cache's rows must be those of the unpipelined loop,
+    greedy; sampled, the output stays seeded and the pipelining really happened."""
+    import mlx_specstream.decode as decode
+    from mlx_specstream.sizing import AutoTree, CostCurve
+
+    model, tok = _ss_model(hf_model, "qwen3", num_streams=3, num_msa_layers=2)
+    early = []
+    real = decode.committed_plain
+    monkeypatch.setattr(decode, "committed_plain", lambda p, c: early.append(real(p, c)) or early[-1])
+    prompt = mx.array(list(range(3, 60, 4)))  # greedy output varied (17 tokens): a stale root would show
+    dear = CostCurve((1, 2, 16), (1.0, 1.9, 20.0))  # mostly plain steps, some trees
+    accept = SamplingParams(temp=0.8).acceptance() if setup == "streams sampled" else None
+
+    def run(pipeline):
+        early.clear()
+        drafter = None if setup.startswith("context") else model.drafter
+        kw = dict(tree=[], lookup=4) if setup == "context fixed" else {}
+        if "sized" in setup or "sampled" in setup:
+            levels = 0 if drafter is None else 3
+            kw["sizer"] = AutoTree(dear, width=2 if levels else 1, levels=levels, lookup=4)
+        cache = make_cache(model.base)
+        mx.random.seed(7)
+        steps = list(
+            tree_generate_step(
+                prompt, model.base, drafter, max_tokens=41, prompt_cache=cache, pipeline=pipeline, accept=accept, **kw
+            )
+        )
+        toks = [t for r in steps for t in r.tokens]
+        rows = [np.array(c.keys[..., : c.offset, :]) for c in cache]
+        return toks, rows, sum(early), [r.tree_size for r in steps], cache[0].offset
+
+    toks, rows, n_early, sizes, offset = run(True)
+    assert n_early > 0 and sizes.count(1) > n_early / 2  # plain steps were queued early
+    assert offset == prompt.size - 1 + len(toks)  # the cache holds the context and no uncommitted row
+    if setup == "streams sampled":
+        assert run(True)[0] == toks and len(toks) >= 41
+        return
+    ref_toks, ref_rows, none_early, _, _ = run(False)
+    assert none_early == 0 and len(set(ref_toks)) > 8
+    assert toks[:41] == ref_toks[:41] == ar_tokens(model.base, prompt, 41)
+    for a, b in zip(rows, ref_rows):
+        np.testing.assert_array_equal(a[..., : prompt.size + 40, :], b[..., : prompt.size + 40, :])
+
+
+def test_plain_steps_are_queued_early_by_default_only_where_it_pays(hf_model):
+    from mlx_specstream.decode import pipelines_plain_steps
+
+    model, _ = load_model(hf_model("llama")[0])
+    assert pipelines_plain_steps(model) == (mx.default_device() != mx.cpu)
+    nn_q = __import__("mlx.nn", fromlist=["quantize"])
+    nn_q.quantize(model, group_size=32, bits=4)
+    assert pipelines_plain_steps(model)

@@ -53,6 +53,7 @@ class Drafter(ABC):
     setting: DecodeSetting = PLAIN  # its default tree, context drafts and τ (greedy decoding)
     sampled: Optional[DecodeSetting] = None  # the one tuned for sampling (temp > 0), if any
     changes_main: bool = False  # True: the target's own logits need this drafter's forward
+    drafts_after_commit: bool = False  # True: its candidates need the accepted path (:meth:`after_commit`)
     num_params: int = 0  # parameters it adds to the target
 
     def prefill(self, model: nn.Module, tokens: mx.array, cache: list) -> None:

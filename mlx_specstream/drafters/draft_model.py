@@ -25,6 +25,8 @@ DEFAULT_NUM_DRAFT = 3  # as mlx-lm's --num-draft-tokens
 
 
 class DraftModelDrafter(Drafter):
+    drafts_after_commit = True
+
     def __init__(
         self,
         draft_model: nn.Module,

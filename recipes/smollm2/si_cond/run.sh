@@ -2,7 +2,7 @@
 # #23: token-conditioned streams (head rank 64, decode re-scoring the top 64) trained on the
 # self-instruct data (11,320 train / 614 valid records packed from recipes/smollm2/selfinstruct),
 # 400 iterations of batch 8, checkpoints every 25. Kept here: the adapter, trainer state and history
-# at the last checkpoint (session 15), not the frozen states (1.9 GB for the 3,200 records the
+# at iteration 200 (session 15), not the frozen states (1.9 GB for the 3,200 records the
 # run reads; ~33 min to recompute here). Resume (also makes the data, idempotent):
 #   bash recipes/smollm2/si_cond/run.sh
 # Next: the paper's independent streams on the same data and schedule (NAME=indep HEAD=0) for the

@@ -199,8 +199,9 @@ def tree_generate_step(
 def pipelines_plain_steps(model: nn.Module) -> bool:
     """Whether queueing plain steps early pays on this device: on the CPU only for quantized
     weights. Measured on SmolLM2 (2-core CPU, plain steps, ``benchmarks/plain_pipeline.py``): a
-    4-bit folder's plain step 114.5 vs 125.3 ms unpipelined (mlx-lm 118.8); float32 57.4 vs
-    56.3 ms (no gain, so the one-step delay of trees would be a pure loss). On a GPU the step's
+    4-bit folder's plain step 110.1 vs 120.5 ms unpipelined (mlx-lm 112.0); float32 57.4 vs
+    56.9 ms (no gain, so the one-step delay of trees would be a pure loss;
+    ``benchmarks/results/cpu-epyc-2core/plain_pipeline_*_s15.txt``). On a GPU the step's
     host work (~5 ms of graph building) is of the order of the step itself (unmeasured here)."""
     if mx.default_device() != mx.cpu:
         return True

@@ -147,8 +147,8 @@ def tree_generate_step(
             pipeline
             and plain_next
             and n + 1 < max_tokens
-            and committed_plain(pending, cache)
             and (max_context is None or cache[0].offset + 1 <= max_context)
+            and committed_plain(pending, cache)
         ):
             ahead = launch(
                 model,

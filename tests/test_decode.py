@@ -541,10 +541,11 @@ def test_plain_steps_queued_early_give_the_same_tokens_and_cache(hf_model, setup
 
 
 def test_plain_steps_are_queued_early_by_default_only_where_it_pays(hf_model):
+    import mlx.nn as nn
+
     from mlx_specstream.decode import pipelines_plain_steps
 
     model, _ = load_model(hf_model("llama")[0])
     assert pipelines_plain_steps(model) == (mx.default_device() != mx.cpu)
-    nn_q = __import__("mlx.nn", fromlist=["quantize"])
-    nn_q.quantize(model, group_size=32, bits=4)
+    nn.quantize(model, group_size=32, bits=4)
     assert pipelines_plain_steps(model)

@@ -536,8 +536,10 @@ def test_plain_steps_queued_early_give_the_same_tokens_and_cache(hf_model, setup
     ref_toks, ref_rows, none_early, _, _ = run(False)
     assert none_early == 0 and len(set(ref_toks)) > 8
     assert toks[:41] == ref_toks[:41] == ar_tokens(model.base, prompt, 41)
+    # Equal up to float rounding: a row computed in a one-node forward here and in a tree there
+    # (pipelining delays a tree) differs in the last bits under OpenBLAS; a stale root's row by O(1).
     for a, b in zip(rows, ref_rows):
-        np.testing.assert_array_equal(a[..., : prompt.size + 40, :], b[..., : prompt.size + 40, :])
+        np.testing.assert_allclose(a[..., : prompt.size + 40, :], b[..., : prompt.size + 40, :], rtol=1e-4, atol=1e-5)
 
 
 def test_plain_steps_are_queued_early_by_default_only_where_it_pays(hf_model):

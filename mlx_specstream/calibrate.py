@@ -18,13 +18,14 @@ import mlx.nn as nn
 
 from .acceptance import GreedyAcceptance
 from .cache import make_cache
-from .decode import tree_step
+from .decode import pipelines_plain_steps, tree_generate_step, tree_step
 from .device import tuned_on
 from .drafters import Drafter, DraftState, Verifier
 from .plan import TreePlan
-from .sizing import CostCurve
+from .sizing import AutoTree, CostCurve
 
 COST_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+PLAIN_RUN = 6  # plain steps per calibration round when the loop pipelines them
 
 
 def _cache_dir() -> Path:
@@ -68,9 +69,12 @@ def measure_cost(
     sizes: Sequence[int] = COST_SIZES,
     prefix: int = 128,
     trials: int = 7,
+    pipelined: bool = False,
 ) -> CostCurve:
     """Median time of one tree step (verify, accept, draft, commit, as the decode loop runs it)
-    per size, over the median of AR steps timed between them, after ``prefix`` cached tokens."""
+    per size, over the median of AR steps timed between them, after ``prefix`` cached tokens.
+    ``pipelined``: also a plain step's time in the decode loop queueing plain steps early (a few
+    plain steps per round; :attr:`CostCurve.plain`)."""
     prompt = mx.random.randint(3, model.args.vocab_size, (prefix,), key=mx.random.key(0)).astype(mx.int32)
     cache = make_cache(model)
     for c in cache:
@@ -89,8 +93,20 @@ def measure_cost(
             plans[T] = TreePlan((), lookup=T - 1, width=width) if T > 1 else TreePlan((), width=width)
         else:  # the drafter's nodes, best-first over ranks (the shapes sizing picks)
             plans[T] = TreePlan(_first_paths(T - 1, width, levels), width=width, levels=levels)
-    step, ar = {T: [] for T in sizes}, []
+    never = CostCurve((1, 2), (1.0, 1e9))  # a sizer that always picks the plain step
+    step, ar, plain = {T: [] for T in sizes}, [], []
     for i in range(trials + 2):  # sizes interleaved within each round: drift hits all alike
+        if pipelined:
+            sizer = AutoTree(never, width=width, levels=levels)
+            t = [
+                time.perf_counter()
+                for _ in tree_generate_step(
+                    prompt[-1:], model, drafter, max_tokens=PLAIN_RUN, prompt_cache=cache, sizer=sizer, pipeline=True
+                )
+            ]
+            if i >= 2:
+                plain += [b - a for a, b in zip(t[1:], t[2:])]  # from the second step: the first is unqueued
+            trim()
         for T, plan in plans.items():
             cand = mx.zeros((max(plan.levels, 1), plan.width + (1 if plan.lookup else 0)), mx.int32)
             tic = time.perf_counter()
@@ -108,7 +124,7 @@ def measure_cost(
     costs = [step[T] / base for T in sizes]
     for i in range(1, len(costs)):  # a larger tree never costs less (timing noise aside)
         costs[i] = max(costs[i], costs[i - 1])
-    return CostCurve(tuple(sizes), tuple(costs))
+    return CostCurve(tuple(sizes), tuple(costs), statistics.median(plain) / base if plain else None)
 
 
 def _first_paths(n: int, width: int, levels: int):
@@ -128,14 +144,17 @@ def cost_curve(model: nn.Module, drafter: Drafter, *, width: int, levels: int) -
     """The cached curve for this device, model shape and drafter, measured (and kept) if none."""
     drafter = drafter if levels else Verifier()
     file = _cache_dir() / f"cost-{_shape_key(model, drafter, width, levels)}.json"
+    pipelined = pipelines_plain_steps(model)
     try:
-        return CostCurve.from_dict(json.loads(file.read_text()))
+        curve = CostCurve.from_dict(json.loads(file.read_text()))
+        if curve.plain is not None or not pipelined:  # a curve from before plain steps were pipelined: again
+            return curve
     except (OSError, ValueError):
         pass
     print(
         "[measuring this device's step cost per tree size, once for this model shape (a few seconds)]", file=sys.stderr
     )
-    curve = measure_cost(model, drafter, width=width, levels=levels)
+    curve = measure_cost(model, drafter, width=width, levels=levels, pipelined=pipelined)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".tmp{os.getpid()}")

@@ -137,6 +137,8 @@ def tree_generate_step(
     confidence = sizer is not None
     pipeline = pipelines_plain_steps(model) if pipeline is None else pipeline
     pipeline = pipeline and overlap and not drafter.drafts_after_commit
+    if sizer is not None:
+        sizer.pipelined = pipeline  # a plain step then costs what its pipelined timing says
     step_plan, match = plan.root_only, 0
     pending = launch(model, drafter, step_plan, state, cache, accept, confidence)
     plain_next = False  # the latest drafts called for a plain step: the one after is queued early

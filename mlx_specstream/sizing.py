@@ -30,10 +30,13 @@ AUTO_LOOKUP = 8  # context drafts a step may verify
 @dataclass(frozen=True)
 class CostCurve:
     """A step's time per tree size ``T`` (nodes verified), relative to one plain AR step;
-    linear between measured sizes and proportional beyond the largest."""
+    linear between measured sizes and proportional beyond the largest. ``plain``: a plain step's
+    time when the loop queues plain steps early (``decode.pipelines_plain_steps``), which
+    ``cost(1)``, timed step by step, overprices (None: not measured)."""
 
     sizes: Tuple[int, ...]
     cost: Tuple[float, ...]  # step time / AR step time
+    plain: Optional[float] = None
 
     def __post_init__(self):
         if (
@@ -41,10 +44,11 @@ class CostCurve:
             or len(self.sizes) != len(self.cost)
             or list(self.sizes) != sorted(set(self.sizes))
             or self.sizes[0] != 1
-            or not all(np.isfinite(c) and c > 0 for c in self.cost)
+            or not all(np.isfinite(c) and c > 0 for c in self.cost + ((self.plain,) if self.plain is not None else ()))
         ):
             raise UserError(
-                f"a cost curve needs increasing sizes from 1 and positive finite costs, got {self.sizes} / {self.cost}"
+                "a cost curve needs increasing sizes from 1 and positive finite costs, got "
+                f"{self.sizes} / {self.cost} (plain {self.plain})"
             )
 
     def __call__(self, t: int) -> float:
@@ -54,12 +58,20 @@ class CostCurve:
         return float(np.interp(t, s, c))
 
     def to_dict(self) -> dict:
-        return {"sizes": list(self.sizes), "cost": [round(x, 4) for x in self.cost]}
+        d = {"sizes": list(self.sizes), "cost": [round(x, 4) for x in self.cost]}
+        if self.plain is not None:
+            d["plain"] = round(self.plain, 4)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostCurve":
         try:
-            return cls(tuple(int(x) for x in d["sizes"]), tuple(float(x) for x in d["cost"]))
+            plain = d.get("plain")
+            return cls(
+                tuple(int(x) for x in d["sizes"]),
+                tuple(float(x) for x in d["cost"]),
+                None if plain is None else float(plain),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"malformed cost curve {d!r}: {e}") from None
 
@@ -161,14 +173,20 @@ class DraftStats:
 
 
 def choose_tree(
-    conf: Optional[np.ndarray], context: Sequence[float], cost: CostCurve, *, max_nodes: int = 16
+    conf: Optional[np.ndarray],
+    context: Sequence[float],
+    cost: CostCurve,
+    *,
+    max_nodes: int = 16,
+    plain: Optional[float] = None,
 ) -> Tuple[Tuple[Path, ...], int]:
     """The nodes worth verifying: ``(drafter paths, context drafts)``.
 
     ``conf`` (levels, K): calibrated probability that the drafter's rank-r candidate at level g is
     right given the level before it was (None: no drafter nodes). ``context``: P(≥ d context drafts
     accepted), d = 1.. (non-increasing). Nodes are added best first while the rate
-    ``(1 + Σ a) / cost(1 + n)`` rises; the best prefix wins (possibly none: a plain step).
+    ``(1 + Σ a) / cost(1 + n)`` rises; the best prefix wins (possibly none: a plain step, costing
+    ``plain`` when given, else ``cost(1)``).
 
     Example: conf ``[[0.9, 0.05]]``, context ``[0.2]``, cost 1, 1.1, 1.2 for T = 1, 2, 3 → rates
     1.0, 1.73, 1.75: both nodes, ``(((0,),), 1)``.
@@ -179,7 +197,7 @@ def choose_tree(
             heapq.heappush(heap, (-float(conf[0, r]), 1, ("d", (r,))))
     for d, a in enumerate(context[:1], 1):
         heapq.heappush(heap, (-float(a), d, ("c", d)))
-    total, best, picked = 1.0, (1.0 / cost(1), 0), []
+    total, best, picked = 1.0, (1.0 / (plain or cost(1)), 0), []
     while heap and len(picked) < max_nodes - 1:
         neg_a, depth, node = heapq.heappop(heap)
         a = -neg_a
@@ -234,6 +252,7 @@ class AutoTree:
         self.layout = TreePlan((), lookup=lookup, width=width, levels=levels)
         self._plans: "OrderedDict[tuple, object]" = OrderedDict()
         self.sizes: Dict[int, int] = {}  # tree size -> steps (the bench's distribution)
+        self.pipelined = False  # the loop queues plain steps early (it sets this): plain steps cost cost.plain
 
     def plan(self, paths: Tuple[Path, ...], k: int):
         return lru_get(
@@ -255,7 +274,8 @@ class AutoTree:
                 [self.drafts(self.calibration(conf[g], g), g) for g in range(min(self.levels, conf.shape[0]))]
             )
         ctx = self.context.estimate(match, min(len(drafts), self.lookup)) if drafts else []
-        paths, k = choose_tree(cal, ctx, self.cost, max_nodes=self.max_nodes)
+        plain = self.cost.plain if self.pipelined else None
+        paths, k = choose_tree(cal, ctx, self.cost, max_nodes=self.max_nodes, plain=plain)
         plan = self.plan(paths, k)
         self.sizes[plan.size] = self.sizes.get(plan.size, 0) + 1
         return plan

@@ -118,3 +118,54 @@ def test_sampling_reads_the_context_priors_fitted_nearest_its_temperature(monkey
         for t in (0.0, 0.7)
     ]
     assert k[0] > k[1]
+
+
+def test_a_pipelined_plain_step_prices_trees_against_its_own_cost():
+    # 4-bit SmolLM2 on the 2-core CPU: cost(1) timed step by step 1.06, a tree of 2 1.78; the loop
+    # queueing plain steps early runs them at ~0.97. A draft right 70% of the time pays against the
+    # former (1.7 / 1.78 > 1 / 1.06) and not against the latter (1 / 0.97).
+    c = CostCurve((1, 2, 3), (1.06, 1.78, 2.62), plain=0.97)
+    conf = np.array([[0.7, 0.0]])
+    assert choose_tree(conf, [], c) == (((0,),), 0)
+    assert choose_tree(conf, [], c, plain=c.plain) == ((), 0)
+    assert CostCurve.from_dict(c.to_dict()) == c and "plain" not in CostCurve((1,), (1.0,)).to_dict()
+    with pytest.raises(UserError):
+        CostCurve((1,), (1.0,), plain=0.0)
+    sizer = AutoTree(c, width=2, levels=1)
+    assert sizer.next_plan(conf[:, :2], [], 0).size == 2
+    sizer.pipelined = True  # what the loop sets when it queues plain steps early
+    assert sizer.next_plan(conf[:, :2], [], 0).size == 1
+
+
+def test_the_calibration_times_pipelined_plain_steps_where_the_loop_runs_them(monkeypatch, tmp_path):
+    import mlx.core as mx
+
+    from mlx_lm_families import tiny_model
+    from mlx_specstream import calibrate, decode
+    from mlx_specstream.drafters import Verifier
+
+    model = tiny_model("llama")
+    curve = calibrate.measure_cost(
+        model, Verifier(), width=1, levels=0, sizes=(1, 2), prefix=16, trials=1, pipelined=True
+    )
+    assert curve.plain is not None and curve.plain > 0
+    assert calibrate.measure_cost(model, Verifier(), width=1, levels=0, sizes=(1, 2), prefix=16, trials=1).plain is None
+    # a cached curve without the plain entry is measured again where plain steps are pipelined
+    monkeypatch.setattr(calibrate, "_cache_dir", lambda: tmp_path)
+    seen = []
+    monkeypatch.setattr(calibrate, "measure_cost", lambda *a, **k: seen.append(k["pipelined"]) or curve)
+    key = calibrate._shape_key(model, Verifier(), 1, 0)
+    (tmp_path / f"cost-{key}.json").write_text('{"sizes": [1, 2], "cost": [1.0, 1.5]}')
+    monkeypatch.setattr(calibrate, "pipelines_plain_steps", lambda m: False)
+    assert calibrate.cost_curve(model, Verifier(), width=1, levels=0).plain is None and seen == []
+    monkeypatch.setattr(calibrate, "pipelines_plain_steps", lambda m: True)
+    assert calibrate.cost_curve(model, Verifier(), width=1, levels=0) == curve and seen == [True]
+    kept = CostCurve.from_dict(curve.to_dict())
+    assert calibrate.cost_curve(model, Verifier(), width=1, levels=0) == kept and seen == [True]
+    # the loop tells its sizer whether plain steps are queued early
+    for pipe in (True, False):
+        sizer = AutoTree(curve, width=1, levels=0)
+        list(
+            decode.tree_generate_step(mx.array([5, 6, 7]), model, Verifier(), max_tokens=3, sizer=sizer, pipeline=pipe)
+        )
+        assert sizer.pipelined is pipe

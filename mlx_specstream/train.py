@@ -13,6 +13,7 @@ from mlx.utils import tree_map
 from .loading import load_base
 from .drafters.medusa import MEDUSA_STEM
 from .streams import StreamConfig, find_stream_file, load_streams
+from .streams.config import TOKEN_HEAD_SPACES
 from .streams.files import stream_stem
 from .tokenizer import load_tokenizer
 from .trainer import TRAIN_MODES, TrainConfig, load_data, train
@@ -66,6 +67,12 @@ def setup_arg_parser(parser=None):
         "target (0: the paper's independent streams)",
     )
     p.add_argument(
+        "--token-head-space",
+        choices=TOKEN_HEAD_SPACES,
+        default=s.token_head_space,
+        help="where the head adds: the final norm's output (normed) or the state before it (residual)",
+    )
+    p.add_argument(
         "--token-head-topk",
         type=int,
         default=s.token_head_topk,
@@ -116,6 +123,7 @@ def main(argv=None) -> int:
         main_sees_streams=args.main_sees_streams,
         token_head_rank=args.token_head_rank,
         token_head_topk=args.token_head_topk,
+        token_head_space=args.token_head_space,
     )
     cfg = TrainConfig(
         mode=args.mode,

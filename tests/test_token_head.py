@@ -48,7 +48,7 @@ def test_conditioned_drafts_follow_the_chain_and_head_scores_equal_a_head_pass()
     got = conditioned_drafts(model, s, states, free, mx.array(7))
     tok, want = mx.array([7]), []
     for j in range(3):  # by hand: stream j conditioned on the previous stream's top draft
-        row = model.head(model.final_norm(s.token_head(states[j : j + 1], model.token_embedding(tok[None])[0])))[0]
+        row = model.head(s.token_head(states[j : j + 1], model.token_embedding(tok[None])[0], model.final_norm))[0]
         want.append(row)
         tok = mx.argmax(row).reshape(1)
     np.testing.assert_allclose(np.array(got), np.array(mx.stack(want)), rtol=1e-5, atol=1e-5)
@@ -91,3 +91,34 @@ def test_training_reports_top1_per_stream_and_the_head_learns():
     _, m1 = stream_loss(model, s, toks, mask, weights)
     assert float(m1["stream2_cond"]) < float(m0["stream2_cond"]) - 0.5
     assert float(m1["top1_stream2_cond"]) > float(m0["top1_stream2_cond"])
+
+
+def test_the_normed_head_reads_the_token_whatever_the_state_scale():
+    # The base's top-layer residuals run to ~1,500 on SmolLM2 against ~3 for an embedding: a head
+    # added before the final norm is drowned there ("residual", sessions 10-15). "normed" adds after
+    # it, so scaling the state changes nothing and the token still moves the drafts.
+    model = tiny_model("llama")
+    states = mx.random.normal((1, 64))
+    e1, e2 = model.token_embedding(mx.array([[5]]))[0], model.token_embedding(mx.array([[77]]))[0]
+    for space, invariant in (("normed", True), ("residual", False)):
+        s = _streams(model, token_head_space=space)
+        a = s.token_head(states, e1, model.final_norm)
+        b = s.token_head(states * 1000, e1, model.final_norm)
+        assert np.allclose(np.array(a), np.array(b), atol=1e-4) == invariant, space
+        moved = float(mx.abs(s.token_head(states * 1000, e2, model.final_norm) - b).max())
+        assert (moved > 1e-2) == invariant, (space, moved)
+
+
+def test_files_without_a_head_space_load_the_residual_head(tmp_path):
+    import json
+
+    from mlx_specstream.streams.files import read_stream_config
+
+    f = tmp_path / "speculative_streams.json"
+    f.write_text(json.dumps({"num_streams": 2, "token_head_rank": 8}))
+    assert read_stream_config(f).token_head_space == "residual"
+    f.write_text(json.dumps({"num_streams": 2, "token_head_rank": 8, "token_head_space": "normed"}))
+    assert read_stream_config(f).token_head_space == "normed"
+    assert StreamConfig().token_head_space == "normed"
+    with pytest.raises(Exception, match="token_head_space"):
+        StreamConfig(token_head_space="after")

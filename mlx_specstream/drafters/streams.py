@@ -31,13 +31,13 @@ def conditioned_drafts(model, streams, states: mx.array, free: mx.array, correct
     c = streams.config
     out, tok = [], correction.reshape(1)
     for j in range(states.shape[0]):
-        s = streams.token_head(states[j : j + 1], model.token_embedding(tok[None])[0])
+        x = streams.token_head(states[j : j + 1], model.token_embedding(tok[None])[0], model.final_norm)
         if c.token_head_topk:
             ids = mx.argpartition(-free[j], kth=c.token_head_topk - 1)[: c.token_head_topk]
-            scores = head_scores(model, model.final_norm(s)[0], ids)
+            scores = head_scores(model, x[0], ids)
             row = mx.put_along_axis(free[j] - _BELOW, ids, scores.astype(free.dtype), axis=0)
         else:
-            row = model.head(model.final_norm(s))[0]
+            row = model.head(x)[0]
         out.append(row)
         tok = mx.argmax(row).reshape(1).astype(mx.int32)
     return mx.stack(out)

@@ -13,6 +13,7 @@ from ..tree import MAX_TREE_NODES, TreeSetting
 
 MODES = ("lossless", "shared")
 POSITION_POLICIES = ("parent", "parent_plus_j")
+TOKEN_HEAD_SPACES = ("normed", "residual")
 
 
 @dataclass
@@ -28,10 +29,13 @@ class StreamConfig(TreeSetting):
     lora_scale: float = 1.0
     lora_targets: Optional[List[str]] = None  # paths inside a layer; None = every Linear
     lookup: int = 0  # context drafts (prompt lookup) added to every tree; 0 = off
-    # Token-conditioned streams: stream j's state, before the final norm, gets a low-rank MLP of
-    # itself and the embedding of the token before its target (the correction token for stream 1,
-    # stream j-1's draft after). 0: the paper's independent streams.
+    # Token-conditioned streams: stream j's state gets a low-rank MLP of itself and the embedding
+    # of the token before its target (the correction token for stream 1, stream j-1's draft after).
+    # 0: the paper's independent streams.
     token_head_rank: int = 0
+    # Where the head adds: "normed" (the final norm's output) or "residual" (before it; files
+    # written before this field, see TokenHead).
+    token_head_space: str = "normed"
     # At decode, the conditioned scores of the tokens the unconditioned stream ranks first (this
     # many; the LM head's rows gathered): no second full-vocabulary pass. 0: the whole vocabulary.
     token_head_topk: int = 64
@@ -59,6 +63,8 @@ class StreamConfig(TreeSetting):
             raise UserError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.main_sees_streams and self.mode != "shared":
             raise UserError("main_sees_streams is only possible in shared mode (lossless main rows never see streams)")
+        if self.token_head_space not in TOKEN_HEAD_SPACES:
+            raise UserError(f"token_head_space must be one of {TOKEN_HEAD_SPACES}, got {self.token_head_space!r}")
         if self.stream_positions not in POSITION_POLICIES:
             raise UserError(f"stream_positions must be one of {POSITION_POLICIES}")
         check_lookup_tau("", self.lookup, self.prune_threshold)

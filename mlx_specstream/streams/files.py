@@ -82,6 +82,8 @@ def read_stream_config(config_file: Path, **overrides) -> StreamConfig:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{config_file} must hold a JSON object")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if cfg.get("token_head_rank") and "token_head_space" not in cfg:
+        cfg["token_head_space"] = "residual"  # written before the field: the head of sessions 10-15
     try:
         return StreamConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:

@@ -143,7 +143,7 @@ def stream_loss(
             if conditioned:
                 # teacher-forced: conditioned on the true token before the target, y[t+j]
                 prev = y[:, mx.minimum(owners + j, L - 1)]
-                cond = head(model.final_norm(streams.token_head(states[:, :, j], model.token_embedding(prev))))
+                cond = head(streams.token_head(states[:, :, j], model.token_embedding(prev), model.final_norm))
                 add(j, "_cond", nn.losses.cross_entropy(cond, tgt) * w, (mx.argmax(cond, axis=-1) == tgt) * w, w)
                 if topk and vocab is None:  # what decoding reads: the conditioned best of the unconditioned top-K
                     ids = mx.argpartition(-mx.stop_gradient(logits[:, :, j]), kth=topk - 1, axis=-1)[..., :topk]

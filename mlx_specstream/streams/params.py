@@ -86,19 +86,30 @@ class PruningAdapter(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """Conditions a stream's state on the token before its target:
-    ``s + up(silu(from_state(s) + from_token(e)))``, ``e`` the base's (frozen) embedding of that
-    token. ``up`` starts at zero, so an untrained head leaves the paper's independent streams."""
+    """Conditions a stream's state on the token before its target, ``e`` the base's (frozen)
+    embedding of that token: ``x + up(silu(from_state(x) + from_token(e)))`` where ``x`` is the
+    final norm's output (``space="normed"``): what the LM head reads. ``space="residual"`` (adapters
+    of sessions 10-15) adds it to the state before the final norm instead, where the base's
+    residual norms (~1,500 on SmolLM2's top layer against ~3 for an embedding) drown the token's
+    term. ``up`` starts at zero, so an untrained head leaves the paper's independent streams."""
 
-    def __init__(self, hidden: int, rank: int):
+    def __init__(self, hidden: int, rank: int, space: str = "normed"):
         super().__init__()
         self.from_state = nn.Linear(hidden, rank, bias=False)
         self.from_token = nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(rank, hidden, bias=False)
         self.up.weight = mx.zeros_like(self.up.weight)
+        self.space = space
 
-    def __call__(self, s: mx.array, e: mx.array) -> mx.array:
-        return s + self.up(nn.silu(self.from_state(s) + self.from_token(e.astype(s.dtype))))
+    def _delta(self, x: mx.array, e: mx.array) -> mx.array:
+        return self.up(nn.silu(self.from_state(x) + self.from_token(e.astype(x.dtype))))
+
+    def __call__(self, s: mx.array, e: mx.array, final_norm) -> mx.array:
+        """The LM head's input for stream state ``s`` (before the final norm) given token ``e``."""
+        if self.space == "residual":
+            return final_norm(s + self._delta(s, e))
+        x = final_norm(s)
+        return x + self._delta(x, e)
 
 
 class SpeculativeStreams(nn.Module):
@@ -115,7 +126,7 @@ class SpeculativeStreams(nn.Module):
         self.stream_embeddings = mx.random.normal((config.num_streams, h)) * 0.02
         self.pruning = PruningAdapter(h, config.pruning_rank)
         if config.token_head_rank:
-            self.token_head = TokenHead(h, config.token_head_rank)
+            self.token_head = TokenHead(h, config.token_head_rank, config.token_head_space)
         if config.lora_rank:
             self.lora = []
             for layer in model.layers[n_layers - config.num_msa_layers :]:

@@ -34,7 +34,7 @@ OPT_INT = (
     "head_sample",
     "full_every",
 )
-OPT_FLOAT = ("lr", "min_lr_ratio", "weight_decay", "alpha", "time_limit")
+OPT_FLOAT = ("lr", "min_lr_ratio", "weight_decay", "alpha", "time_limit", "embedding_lr")
 
 
 def setup_arg_parser(parser=None):

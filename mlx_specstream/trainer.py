@@ -35,7 +35,7 @@ from .checkpoint import base_fingerprint, read_json, read_safetensors, save_safe
 from .cli import progress_bar
 from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
-from .streams.files import stream_stem
+from .streams.files import read_stream_config, stream_stem
 from .streams.loss import (
     DEFAULT_ALPHA,
     DEFAULT_SEGMENT,
@@ -316,6 +316,11 @@ class TrainConfig:
     time_limit: float = 0.0  # seconds (0 = none): the schedule runs on whichever of iters / time ends first
     head_sample: int = 0  # > 0: stream CE over the batch's targets + this many sampled tokens (0: full vocabulary)
     full_every: int = 0  # with head_sample: every this-many-th iteration over the full vocabulary (0: never)
+    # The stream embeddings' learning rate relative to lr; 0: the RMS of the states they are added
+    # to. Adam moves a weight ~lr per step whatever its gradient, and on SmolLM2 those states run
+    # ~15 per dimension against P's 0.07: at lr 1e-3 P would need ~10^4 steps to tell the streams
+    # apart (the session-15 adapters' three streams agree on 94-99% of their top drafts).
+    embedding_lr: float = 0.0
 
     def __post_init__(self):
         ints = {
@@ -345,6 +350,7 @@ class TrainConfig:
             "weight_decay": (0.0, True),
             "alpha": (0.0, True),
             "time_limit": (0.0, True),
+            "embedding_lr": (0.0, True),
         }
         for name, (lo, closed) in floats.items():
             v = getattr(self, name)
@@ -381,6 +387,7 @@ class _Job:
     state: "_State"
     what: str
     frozen_by: Optional[SpeculativeStreams]  # kept states: these streams' bottom layers; None: final states
+    lr_scales: Dict[str, float] = field(default_factory=dict)  # parameter path -> learning-rate multiplier
 
 
 def train(
@@ -414,6 +421,8 @@ def train(
         streams = SpeculativeStreams(cfg.streams, model)
     streams.config.base = base_fingerprint(model)  # recorded in the stream file: it attaches to this base only
     shape = {k: v for k, v in streams.config.to_dict().items() if k in _SHAPE_KEYS}
+    if streams.config.token_head_rank:  # the same parameters mean another function in the other space
+        shape["token_head_space"] = streams.config.token_head_space
     trainable = _Trainable(streams)
     if cfg.mode == "pruning":
         trainable.freeze()
@@ -445,6 +454,8 @@ def train(
     def metrics(toks, mask, bottom):
         return stream_loss(model, streams, toks, mask, weights, cfg.segment, train_streams, bottom=bottom)[1]
 
+    scale = cfg.embedding_lr or insertion_rms(model, streams, train_data, cfg.batch_size)
+    log(f"stream embeddings' learning rate: {scale:.3g} x lr")
     job = _Job(
         trainable,
         loss,
@@ -453,8 +464,21 @@ def train(
         _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base),
         f"{cfg.mode} streams",
         streams,
+        {} if cfg.mode == "pruning" or scale == 1 else {"streams.stream_embeddings": scale},
     )
     return streams, _run(model, job, train_data, valid_data, cfg, out, resume, log, stop_at)
+
+
+def insertion_rms(model, streams: SpeculativeStreams, train_data, n: int = 8) -> float:
+    """Mean RMS of the states the stream embeddings are added to (the insertion layer's input), over
+    the target positions of the first ``n`` training records: deterministic, so a resumed run gets it
+    again."""
+    toks, mask = np.asarray(train_data[0][:n]), np.asarray(train_data[1][:n])
+    L = toks.shape[1] - 1
+    h = bottom_forward(model, streams, mx.array(toks[:, :-1]), mask="causal", positions=mx.arange(L))
+    rms = np.sqrt(np.mean(np.square(np.array(h.astype(mx.float32))), axis=-1))
+    at = mask[:, 1:] > 0
+    return float(rms[at].mean()) if at.any() else 1.0
 
 
 def _target_counts(train_data, vocab_size: int) -> np.ndarray:
@@ -578,7 +602,11 @@ def _loop(
             tokens_seen += int(mask.sum())  # target tokens, not padding
         if cfg.grad_accum > 1:
             grads_acc = tree_map(lambda g: g / cfg.grad_accum, grads_acc)
+        before = {k: v for k, v in tree_flatten(trainable.trainable_parameters()) if k in job.lr_scales}
         opt.update(trainable, grads_acc)
+        if before:  # a multiplier on the step AdamW took (its state is untouched): that parameter's own rate
+            now = dict(tree_flatten(trainable.trainable_parameters()))
+            trainable.update(tree_unflatten([(k, v + job.lr_scales[k] * (now[k] - v)) for k, v in before.items()]))
         finite = mx.all(mx.array([mx.all(mx.isfinite(v)) for _, v in tree_flatten(trainable.trainable_parameters())]))
         mx.eval(trainable.parameters(), opt.state, loss_acc, finite)
         if not (finite.item() and math.isfinite(float(loss_acc))):
@@ -696,15 +724,14 @@ class _State:
             or not isinstance(meta.get("state"), str)
         ):
             raise UserError(f"{self.manifest} is not a trainer state manifest")
-        if meta.get("shape") != self.shape:
-            diff = sorted(
-                k
-                for k in set(self.shape) | set(meta.get("shape") or {})
-                if (meta.get("shape") or {}).get(k) != self.shape.get(k)
-            )
+        saved = dict(meta.get("shape") or {})
+        if "token_head_space" in self.shape and "token_head_space" not in saved and adapter.exists():
+            saved["token_head_space"] = read_stream_config(adapter).token_head_space  # saved before the key
+        if saved != self.shape:
+            diff = sorted(k for k in set(self.shape) | set(saved) if saved.get(k) != self.shape.get(k))
             raise UserError(
                 f"--resume: {self.manifest.name} was saved by a run with other settings ({', '.join(diff)}: "
-                f"{[(meta.get('shape') or {}).get(k) for k in diff]} there, {[self.shape.get(k) for k in diff]} "
+                f"{[saved.get(k) for k in diff]} there, {[self.shape.get(k) for k in diff]} "
                 "now): pass the same settings, or --force to start again"
             )
         if meta.get("base") != self.base:

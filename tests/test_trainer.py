@@ -3,7 +3,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_specstream.streams import SpeculativeStreams, StreamConfig
 from mlx_specstream.streams.loss import LossWeights, stream_loss
@@ -332,6 +332,7 @@ def test_an_adapter_with_non_finite_values_is_refused_at_load(hf_model, tmp_path
         ("warmup", -1),
         ("seq_len", 1),
         ("time_limit", float("inf")),
+        ("embedding_lr", -1.0),
     ],
 )
 def test_nonsense_training_settings_are_named(field, value):
@@ -469,3 +470,55 @@ def test_a_restricted_head_is_the_full_head_over_the_whole_vocabulary_and_cheape
     assert hist[-1]["valid"]["stream1"] < float(base)
     with pytest.raises(DataError, match="--head-sample"):
         TrainConfig(head_sample=-1)
+
+
+def test_the_stream_embeddings_step_at_their_own_rate(tiny):
+    """Adam steps ~lr per weight, far below the scale of the states the embeddings are added to:
+    their rate is lr times that scale (or --embedding-lr), every other parameter's step unchanged."""
+    from mlx_specstream.streams import bottom_forward
+    from mlx_specstream.trainer import insertion_rms
+
+    model, tok, data, tmp = tiny
+    start = SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=2), model)
+    init = {k: np.array(v) for k, v in tree_flatten(start.parameters())}
+    moved = {}
+    for scale in (1.0, 10.0, 0.0):
+        s = SpeculativeStreams(StreamConfig(num_streams=2, num_msa_layers=2), model)
+        s.update(tree_map(mx.array, tree_unflatten(list(init.items()))))
+        cfg = TrainConfig(iters=1, batch_size=4, seq_len=48, lr=1e-3, warmup=0, val_every=100, embedding_lr=scale)
+        out, _ = train(model, tok, data, None, cfg, tmp / f"e{scale}", streams=s, log=lambda *_: None)
+        moved[scale] = {k: np.array(v) - init[k] for k, v in tree_flatten(out.parameters())}
+    e = "stream_embeddings"
+    np.testing.assert_allclose(moved[10.0][e], 10 * moved[1.0][e], rtol=1e-4, atol=1e-9)
+    for k in moved[1.0]:
+        if k != e:
+            np.testing.assert_allclose(moved[10.0][k], moved[1.0][k], atol=1e-7, err_msg=k)
+    toks, mask = data
+    h = np.array(bottom_forward(model, start, mx.array(toks[:4, :-1]), mask="causal", positions=mx.arange(48)))
+    rms = np.sqrt((h**2).mean(-1))[mask[:4, 1:] > 0].mean()
+    assert insertion_rms(model, start, data, 4) == pytest.approx(float(rms), rel=1e-5)
+    auto = insertion_rms(model, start, data, 4)
+    np.testing.assert_allclose(moved[0.0][e], auto * moved[1.0][e], rtol=1e-3, atol=1e-9)
+
+
+def test_a_resumed_token_head_keeps_its_space(tiny):
+    """The head's parameters fit either space, so a resume that switched it would train another
+    function from the saved weights: refused by name; a manifest saved before the key reads the
+    space from its adapter file."""
+    model, tok, data, tmp = tiny
+
+    def cfg(space):
+        sc = StreamConfig(num_streams=2, num_msa_layers=2, token_head_rank=4, token_head_space=space)
+        return TrainConfig(streams=sc, iters=4, batch_size=4, seq_len=48, save_every=2, val_every=100)
+
+    train(model, tok, data, None, cfg("normed"), tmp / "h", log=lambda *_: None, stop_at=2)
+    with pytest.raises(Exception, match="token_head_space"):
+        train(model, tok, data, None, cfg("residual"), tmp / "h", resume=True, log=lambda *_: None)
+    man = tmp / "h" / "speculative_streams.trainer_state.json"
+    meta = json.loads(man.read_text())
+    del meta["shape"]["token_head_space"]  # as session 15's manifests were written
+    man.write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="token_head_space"):
+        train(model, tok, data, None, cfg("residual"), tmp / "h", resume=True, log=lambda *_: None)
+    _, hist = train(model, tok, data, None, cfg("normed"), tmp / "h", resume=True, log=lambda *_: None)
+    assert hist[-1]["iter"] == 4

@@ -5,7 +5,7 @@
 # at iteration 200 (session 15), not the frozen states (1.9 GB for the 3,200 records the
 # run reads; ~33 min to recompute here). Resume (also makes the data, idempotent):
 #   bash recipes/smollm2/si_cond/run.sh
-# Next: the paper's independent streams on the same data and schedule (NAME=indep HEAD=0) for the
+# Superseded by ../si_normed (the head after the final norm). Next here: the paper's independent streams on the same data and schedule (NAME=indep HEAD=0) for the
 # equal-iterations comparison.
 set -euo pipefail
 R=recipes/smollm2/si_cond; O=runs/si-cond; NAME=${NAME:-cond}; HEAD=${HEAD:-64}
@@ -14,7 +14,7 @@ R=recipes/smollm2/si_cond; O=runs/si-cond; NAME=${NAME:-cond}; HEAD=${HEAD:-64}
   python -m mlx_specstream.selfinstruct --out runs/selfinstruct --pack runs/si-pack
 }
 mkdir -p "$O" && cp -n $R/speculative_streams-* "$O"/ 2>/dev/null || true
-HEADOPTS=""; [ "$HEAD" = 0 ] || HEADOPTS="--token-head-rank $HEAD --token-head-topk 64"
+HEADOPTS=""; [ "$HEAD" = 0 ] || HEADOPTS="--token-head-rank $HEAD --token-head-topk 64 --token-head-space residual"
 specstream train --model smollm2 --data runs/si-pack --out "$O" --name "$NAME" --num-streams 3 --msa-layers 1 \
   --lora-rank 16 $HEADOPTS --lr 1e-3 --warmup 20 --iters 400 --batch-size 8 --val-every 50 --val-batches 8 \
-  --save-every 25 --keep-states --resume ${TIME_LIMIT:+--time-limit $TIME_LIMIT}
+  --save-every 25 --keep-states --embedding-lr 1 --resume ${TIME_LIMIT:+--time-limit $TIME_LIMIT}

@@ -10,6 +10,6 @@ set -euo pipefail
 R=recipes/smollm2/token_head; O=runs/cmp/out
 mkdir -p "$O" && cp -n $R/speculative_streams-* "$O"/
 gunzip -c $R/train.jsonl.gz > runs/cmp/train.jsonl && gunzip -c $R/valid.jsonl.gz > runs/cmp/valid.jsonl
-COMMON="--model smollm2 --data runs/cmp/train.jsonl --valid runs/cmp/valid.jsonl --out $O --num-streams 3 --msa-layers 1 --lora-rank 16 --lr 1e-3 --warmup 20 --iters 150 --batch-size 8 --val-every 50 --save-every 25 --keep-states --resume"
+COMMON="--model smollm2 --data runs/cmp/train.jsonl --valid runs/cmp/valid.jsonl --out $O --num-streams 3 --msa-layers 1 --lora-rank 16 --lr 1e-3 --warmup 20 --iters 150 --batch-size 8 --val-every 50 --save-every 25 --keep-states --embedding-lr 1 --resume"
 specstream train $COMMON --name indep
-specstream train $COMMON --name cond --token-head-rank 64 --token-head-topk 64
+specstream train $COMMON --name cond --token-head-rank 64 --token-head-topk 64 --token-head-space residual

@@ -47,6 +47,7 @@ DEFAULTS = dict(
     base=None,
     sampled=None,
     token_head_rank=0,
+    token_head_space="normed",
     token_head_topk=64,
 )
 

@@ -454,8 +454,10 @@ def train(
     def metrics(toks, mask, bottom):
         return stream_loss(model, streams, toks, mask, weights, cfg.segment, train_streams, bottom=bottom)[1]
 
-    scale = cfg.embedding_lr or insertion_rms(model, streams, train_data, cfg.batch_size)
-    log(f"stream embeddings' learning rate: {scale:.3g} x lr")
+    scale = 1.0  # pruning mode trains the pruning adapter alone
+    if cfg.mode != "pruning":
+        scale = cfg.embedding_lr or insertion_rms(model, streams, train_data, cfg.batch_size)
+        log(f"stream embeddings' learning rate: {scale:.3g} x lr")
     job = _Job(
         trainable,
         loss,
@@ -464,7 +466,7 @@ def train(
         _State(out, stream_stem(name), {"train_mode": cfg.mode, **shape}, streams.config.base),
         f"{cfg.mode} streams",
         streams,
-        {} if cfg.mode == "pruning" or scale == 1 else {"streams.stream_embeddings": scale},
+        {} if scale == 1 else {"streams.stream_embeddings": scale},
     )
     return streams, _run(model, job, train_data, valid_data, cfg, out, resume, log, stop_at)
 

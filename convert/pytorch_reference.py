@@ -49,6 +49,7 @@ DEFAULTS = dict(
     token_head_rank=0,
     token_head_space="normed",
     token_head_topk=64,
+    draft_vocab=0,
 )
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -464,11 +464,15 @@ def save_safetensors_atomically(file: Path, arrays: Mapping[str, mx.array], meta
     os.replace(tmp, file)
 
 
-def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dtype: mx.Dtype) -> None:
-    """Load an adapter's weights into ``module`` strictly, cast to the base's ``dtype``."""
+def load_adapter_weights(
+    module: nn.Module, weights_file: Path, against: str, dtype: mx.Dtype, extra: Sequence[str] = ()
+) -> Dict[str, mx.array]:
+    """Load an adapter's weights into ``module`` strictly, cast to the base's ``dtype``; returns
+    the tensors named in ``extra`` (not parameters, e.g. a token ranking) found in the file."""
     if not Path(weights_file).exists():
         raise CheckpointError(f"{weights_file} not found (adapter config without its weights)")
     weights = read_safetensors(weights_file)
+    found = {k: weights.pop(k) for k in extra if k in weights}
     check_names(dict(tree_flatten(module.parameters())), weights, weights_file, against)
     bad = [
         k
@@ -482,6 +486,7 @@ def load_adapter_weights(module: nn.Module, weights_file: Path, against: str, dt
         )
     module.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
     mx.eval(module.parameters())
+    return found
 
 
 # ---------------------------------------------------------------- base fingerprint

@@ -264,6 +264,8 @@ def launch_step(
         if confidence:
             lp = logits.astype(mx.float32)
             conf = mx.exp(mx.take_along_axis(lp, cand, axis=-1) - mx.logsumexp(lp, axis=-1, keepdims=True))
+        if v.draft_ids is not None:
+            cand = v.draft_ids[cand]  # positions in the draft vocabulary -> token ids
     else:
         cand = mx.zeros((0, plan.width), mx.int32)
     correction = correction.astype(mx.int32).reshape(())

@@ -36,6 +36,7 @@ from .cli import progress_bar
 from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
 from .streams.files import read_stream_config, stream_stem
+from .streams.vocab import vocab_ranking
 from .streams.loss import (
     DEFAULT_ALPHA,
     DEFAULT_SEGMENT,
@@ -431,6 +432,8 @@ def train(
     weights = LossWeights(ntp=a0, stream=cfg.alpha, pruning=1.0)
     train_streams = cfg.mode != "pruning"
     freq = drawing_probabilities(_target_counts(train_data, model.args.vocab_size)) if cfg.head_sample else None
+    if streams.vocab_ranking is None:  # saved with the adapter: what a draft vocabulary is cut from
+        streams.vocab_ranking = vocab_ranking(_target_counts(train_data, model.args.vocab_size) - 1)
 
     def loss(tr, toks, mask, bottom, seed):
         vocab = None

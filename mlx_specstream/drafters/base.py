@@ -43,6 +43,8 @@ class Verified:
     draft: Optional[Callable[[mx.array, mx.array], mx.array]] = None
     bottom_rows: Optional[np.ndarray] = None  # pruning: rows the first ``n_bottom`` layers wrote per node
     n_bottom: int = 0
+    # (V',) the token ids ``draft``'s columns stand for (a draft vocabulary); None: the whole vocabulary
+    draft_ids: Optional[mx.array] = None
 
 
 class Drafter(ABC):

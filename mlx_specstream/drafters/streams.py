@@ -9,7 +9,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from ..models.base import head_scores
+from ..models.base import head_scores, sub_head
 from ..plan import TreePlan
 from ..streams import SpeculativeStreams, bottom_forward, early_exit_logits, main_forward, msa_forward, msa_mask
 from ..tree import prune
@@ -20,26 +20,31 @@ from .base import Drafter, DraftState, Verified
 JOINT_HEAD_ROWS = 24  # stream rows up to which main and stream logits share one head pass
 
 
-def conditioned_drafts(model, streams, states: mx.array, free: mx.array, correction: mx.array) -> mx.array:
+def conditioned_drafts(
+    model, streams, states: mx.array, free: mx.array, correction: mx.array, ids: Optional[mx.array] = None, short=None
+) -> mx.array:
     """(g, V) draft logits of token-conditioned streams for one node: stream 1 conditioned on the
     correction token, stream j on stream j-1's top draft, in the step's graph (no host sync).
     ``states`` (g, h): the node's stream states before the final norm; ``free`` (g, V): their
     unconditioned logits. With ``token_head_topk`` K the conditioned scores are those of the K
     tokens each stream ranks first unconditioned (K gathered head rows, not a second head pass);
     every other token keeps its unconditioned logit minus a margin, so ranks below K stay the
-    unconditioned order."""
+    unconditioned order. ``ids`` (V',): drafts over that vocabulary (columns of ``free`` and of
+    the result are its positions), ``short`` its head (:func:`sub_head`)."""
     c = streams.config
     out, tok = [], correction.reshape(1)
     for j in range(states.shape[0]):
         x = streams.token_head(states[j : j + 1], model.token_embedding(tok[None])[0], model.final_norm)
-        if c.token_head_topk:
-            ids = mx.argpartition(-free[j], kth=c.token_head_topk - 1)[: c.token_head_topk]
-            scores = head_scores(model, x[0], ids)
-            row = mx.put_along_axis(free[j] - _BELOW, ids, scores.astype(free.dtype), axis=0)
+        if c.token_head_topk and c.token_head_topk < free.shape[-1]:
+            at = mx.argpartition(-free[j], kth=c.token_head_topk - 1)[: c.token_head_topk]
+            scores = head_scores(model, x[0], at if ids is None else ids[at])
+            row = mx.put_along_axis(free[j] - _BELOW, at, scores.astype(free.dtype), axis=0)
         else:
-            row = model.head(x)[0]
+            row = (model.head(x) if short is None else short(x))[0]
         out.append(row)
         tok = mx.argmax(row).reshape(1).astype(mx.int32)
+        if ids is not None:
+            tok = ids[tok]
     return mx.stack(out)
 
 
@@ -59,6 +64,8 @@ class StreamDrafter(Drafter):
         self.prune_threshold = self.setting.prune_threshold  # what forward() prunes with
         self.changes_main = c.changes_main
         self.num_params = streams.num_params
+        self.draft_ids = streams.draft_ids()  # None: drafts over the whole vocabulary
+        self._short = None
 
     def configured(self, setting: DecodeSetting) -> "StreamDrafter":
         if setting.prune_threshold == self.prune_threshold:
@@ -128,7 +135,17 @@ class StreamDrafter(Drafter):
         )
         T = plan.size
         states = h_str[0].reshape(T, g, -1)
-        if T * g <= JOINT_HEAD_ROWS:
+        ids, short = self.draft_ids, None
+        if ids is not None:
+            # A draft vocabulary: the main rows' full head, then the accepted node's stream rows
+            # over the shortlist alone (a fraction of the head's weights read per step).
+            logits = model.head(model.final_norm(h_main))[0]
+            short = self._sub_head(model)
+
+            def independent(best):
+                return short(model.final_norm(states[best]))
+
+        elif T * g <= JOINT_HEAD_ROWS:
             # Small trees: one pass of the LM head over main and stream rows. The head's weights
             # are read once (a step is memory-bound there); two passes cost ~20% of a step.
             out = model.head(model.final_norm(mx.concatenate([h_main, h_str], axis=1)))[0]
@@ -145,6 +162,12 @@ class StreamDrafter(Drafter):
         def draft(best, correction):
             if "token_head" not in streams:
                 return independent(best)
-            return conditioned_drafts(model, streams, states[best], independent(best), correction)
+            return conditioned_drafts(model, streams, states[best], independent(best), correction, ids, short)
 
-        return Verified(plan, tokens, logits, draft, sel, n_bottom)
+        return Verified(plan, tokens, logits, draft, sel, n_bottom, draft_ids=ids)
+
+    def _sub_head(self, model):
+        """The LM head over the draft vocabulary, built once per model (its rows copied)."""
+        if self._short is None or self._short[0] is not model:
+            self._short = (model, sub_head(model, self.draft_ids))
+        return self._short[1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -207,6 +207,40 @@ def head_scores(model, h: mx.array, ids: mx.array, *, shared: bool = False) -> m
     if "bias" in module:
         scores = scores + module.bias[ids]
     return scores if post is None else post(scores)
+
+
+def sub_head(model, ids: mx.array) -> Callable[[mx.array], mx.array]:
+    """The LM head restricted to tokens ``ids`` (K,), its rows copied once (kept quantized when
+    the head is): final-normed states (…, d) -> (…, K) logits, bias and logit transform applied.
+    A step then reads K rows of the head instead of all V (drafts over a shortlist)."""
+    module, post = model.head_module()
+    rows = {k: module[k][ids] for k in ("weight", "scales", "biases", "bias") if k in module}
+    mx.eval(rows)
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+
+        def matmul(h):
+            return mx.quantized_matmul(
+                h,
+                rows["weight"],
+                scales=rows["scales"],
+                biases=rows.get("biases"),
+                transpose=True,
+                group_size=module.group_size,
+                bits=module.bits,
+                mode=getattr(module, "mode", "affine"),
+            )
+    else:
+
+        def matmul(h):
+            return h @ rows["weight"].astype(h.dtype).T
+
+    def head(h: mx.array) -> mx.array:
+        scores = matmul(h)
+        if "bias" in rows:
+            scores = scores + rows["bias"]
+        return scores if post is None else post(scores)
+
+    return head
 
 
 def cache_offset(cache: Optional[list]) -> int:

@@ -39,6 +39,11 @@ class StreamConfig(TreeSetting):
     # At decode, the conditioned scores of the tokens the unconditioned stream ranks first (this
     # many; the LM head's rows gathered): no second full-vocabulary pass. 0: the whole vocabulary.
     token_head_topk: int = 64
+    # Drafts over the training data's N most frequent target tokens (their ranking is stored in the
+    # adapter file as ``draft_vocab``): stream rows read N rows of the LM head instead of all V
+    # (FR-Spec; EAGLE-3's reduced draft vocabulary). Lossless: the target still verifies over V.
+    # 0: the whole vocabulary.
+    draft_vocab: int = 0
     tuned_on: Optional[dict] = None  # backend, device, BLAS that `bench tune` fitted tree/lookup/τ on
     # The setting `bench tune --temp T` fitted for sampled decoding, used whenever temp > 0 (sampled
     # drafts are accepted less often, so greedy's tree can lose to plain decoding there):
@@ -76,6 +81,7 @@ class StreamConfig(TreeSetting):
             ("lora_rank", 0, 4096),
             ("token_head_rank", 0, 4096),
             ("token_head_topk", 0, 1 << 16),
+            ("draft_vocab", 0, 1 << 24),
         ):
             if not lo <= getattr(self, name) <= hi:
                 raise UserError(f"{name} {getattr(self, name)} is out of range ({lo}..{hi})")

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from ..checkpoint import (
@@ -38,9 +40,15 @@ def stream_stem(name: Optional[str] = None) -> str:
     return STREAMS_STEM + (f"-{name}" if name else "")
 
 
+RANKING = "draft_vocab"  # the adapter file's token ranking (int32, most frequent first), not a parameter
+
+
 def save_streams(path: Path, streams: SpeculativeStreams, name: Optional[str] = None) -> Path:
     """Write ``speculative_streams[-name].json/.safetensors`` into ``path``."""
-    return save_adapter(path, stream_stem(name), dict(tree_flatten(streams.parameters())), streams.config.to_dict())
+    weights = dict(tree_flatten(streams.parameters()))
+    if streams.vocab_ranking is not None:
+        weights[RANKING] = mx.array(streams.vocab_ranking.astype(np.int32))
+    return save_adapter(path, stream_stem(name), weights, streams.config.to_dict())
 
 
 def find_stream_file(model_path: Path, streams: Optional[str]) -> Optional[Path]:
@@ -102,8 +110,21 @@ def load_streams(config_file: Path, model, force: bool = False, **overrides) -> 
             "slow decoding down; pass --force-streams (force_streams=True) to attach it anyway"
         )
     streams = SpeculativeStreams(cfg, model)
-    load_adapter_weights(
-        streams, config_file.with_suffix(".safetensors"), f"{config_file.name} and the base model", model_dtype(model)
+    weights = config_file.with_suffix(".safetensors")
+    extra = load_adapter_weights(
+        streams, weights, f"{config_file.name} and the base model", model_dtype(model), extra=(RANKING,)
     )
+    if RANKING in extra:
+        streams.vocab_ranking = checked_ranking(np.array(extra[RANKING]), model.args.vocab_size, weights)
     streams.source = config_file
+    streams.draft_ids()  # a draft_vocab the file cannot serve is refused here, by name
     return streams
+
+
+def checked_ranking(r: np.ndarray, vocab_size: int, where) -> np.ndarray:
+    """A token ranking: distinct ids of the vocabulary, one dimension."""
+    if r.ndim != 1 or r.size == 0 or not np.issubdtype(r.dtype, np.integer):
+        raise CheckpointError(f"{where}: {RANKING} must be a non-empty 1-D integer array, got {r.dtype} {r.shape}")
+    if r.min() < 0 or r.max() >= vocab_size or np.unique(r).size != r.size:
+        raise CheckpointError(f"{where}: {RANKING} must hold distinct token ids below {vocab_size}")
+    return r.astype(np.int32)

@@ -7,6 +7,7 @@ import copy
 from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -122,6 +123,9 @@ class SpeculativeStreams(nn.Module):
             raise UserError(f"num_msa_layers {config.num_msa_layers} exceeds the model's {n_layers} layers")
         self.config = config
         self.source = None  # the stream config file it was loaded from, if any
+        # Token ids by how often the training data had them as targets, most frequent first
+        # (numpy, not a parameter): the first ``config.draft_vocab`` are what streams draft from.
+        self.vocab_ranking: Optional[np.ndarray] = None
         h = model.args.hidden_size
         self.stream_embeddings = mx.random.normal((config.num_streams, h)) * 0.02
         self.pruning = PruningAdapter(h, config.pruning_rank)
@@ -135,6 +139,20 @@ class SpeculativeStreams(nn.Module):
                     d_in, d_out = _linear_shape(m)
                     adapters[name.replace(".", "__")] = LoRAAdapter(d_in, d_out, config.lora_rank)
                 self.lora.append(adapters)
+
+    def draft_ids(self) -> Optional[mx.array]:
+        """The draft vocabulary (ascending ids) or None for the whole vocabulary."""
+        n = self.config.draft_vocab
+        if not n:
+            return None
+        r = self.vocab_ranking
+        if r is None or len(r) < n:
+            have = "no token ranking" if r is None else f"a ranking of {len(r)} tokens"
+            raise UserError(
+                f"draft_vocab {n} needs the adapter file to rank at least {n} tokens; it has {have} "
+                "(rank them from the training data: python -m mlx_specstream.streams.vocab)"
+            )
+        return mx.array(np.sort(r[:n]).astype(np.int32))
 
     @property
     def num_params(self) -> int:

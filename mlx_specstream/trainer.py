@@ -35,8 +35,7 @@ from .checkpoint import base_fingerprint, read_json, read_safetensors, save_safe
 from .cli import progress_bar
 from .drafters.medusa import MEDUSA_STEM, MedusaConfig, MedusaHeads, medusa_loss, save_medusa
 from .streams import SpeculativeStreams, StreamConfig, bottom_forward, save_streams
-from .streams.files import read_stream_config, stream_stem
-from .streams.vocab import vocab_ranking
+from .streams.files import read_stream_config, stream_stem, vocab_ranking
 from .streams.loss import (
     DEFAULT_ALPHA,
     DEFAULT_SEGMENT,

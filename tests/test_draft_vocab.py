@@ -17,7 +17,7 @@ from mlx_specstream.errors import UserError
 from mlx_specstream.models.base import sub_head
 from mlx_specstream.plan import TreePlan
 from mlx_specstream.streams import SpeculativeStreams, StreamConfig, load_streams, save_streams
-from mlx_specstream.streams.vocab import vocab_ranking
+from mlx_specstream.streams.files import vocab_ranking
 from mlx_specstream.tree import cartesian, chain
 
 

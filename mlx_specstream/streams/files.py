@@ -121,6 +121,13 @@ def load_streams(config_file: Path, model, force: bool = False, **overrides) -> 
     return streams
 
 
+def vocab_ranking(counts: np.ndarray) -> np.ndarray:
+    """Token ids seen (count > 0), most frequent first; ties by id (deterministic)."""
+    counts = np.asarray(counts)
+    seen = np.flatnonzero(counts > 0)
+    return seen[np.argsort(-counts[seen], kind="stable")].astype(np.int32)
+
+
 def checked_ranking(r: np.ndarray, vocab_size: int, where) -> np.ndarray:
     """A token ranking: distinct ids of the vocabulary, one dimension."""
     if r.ndim != 1 or r.size == 0 or not np.issubdtype(r.dtype, np.integer):

@@ -16,16 +16,17 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 import numpy as np
 
+from ..checkpoint import read_safetensors, save_safetensors_atomically, write_atomically
+from ..errors import UserError
+from ..loading import load
+from ..trainer import _target_counts, read_jsonl
+from .config import StreamConfig
+from .files import RANKING, vocab_ranking
+
 COVERAGE_SIZES = (2048, 4096, 8192, 16384, 32768)
-
-
-def vocab_ranking(counts: np.ndarray) -> np.ndarray:
-    """Token ids seen (count > 0), most frequent first; ties by id (deterministic)."""
-    counts = np.asarray(counts)
-    seen = np.flatnonzero(counts > 0)
-    return seen[np.argsort(-counts[seen], kind="stable")].astype(np.int32)
 
 
 def coverage(ranking: np.ndarray, targets: np.ndarray, n: int) -> float:
@@ -36,13 +37,6 @@ def coverage(ranking: np.ndarray, targets: np.ndarray, n: int) -> float:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from ..checkpoint import read_safetensors, save_safetensors_atomically, write_atomically
-    from ..errors import UserError
-    from ..loading import load
-    from ..trainer import _target_counts, read_jsonl
-    from .config import StreamConfig
-    from .files import RANKING
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the base the adapter was trained on (its tokenizer reads the data)")
     ap.add_argument("--data", required=True, help="training data folder (train.jsonl, optional valid.jsonl)")
@@ -76,8 +70,6 @@ def main(argv: Optional[list] = None) -> int:
         StreamConfig.from_dict(cfg)  # checked before anything is written
     weights_file = cfg_file.with_suffix(".safetensors")
     weights = read_safetensors(weights_file)
-    import mlx.core as mx
-
     weights[RANKING] = mx.array(ranking)
     save_safetensors_atomically(weights_file, weights, {"format": "mlx"})
     write_atomically(cfg_file, json.dumps(cfg, indent=2) + "\n")
